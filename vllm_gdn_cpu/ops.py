@@ -1,0 +1,110 @@
+"""Public Python API of the compiled GDN kernels (``torch.ops.vllm_gdn_cpu.*``).
+
+Each wrapper only fills defaults and allocates outputs; argument checking happens in C++ (cheap,
+and the same for callers that use ``torch.ops`` directly), raising ValueError/TypeError/IndexError
+with the argument's name.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from vllm_gdn_cpu import _C  # noqa: F401  (loads the extension, registers torch.ops.vllm_gdn_cpu)
+
+_ops = torch.ops.vllm_gdn_cpu
+
+
+def gdn_gating(
+    A_log: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    dt_bias: torch.Tensor,
+    *,
+    softplus_beta: float = 1.0,
+    softplus_threshold: float = 20.0,
+    allow_neg_eigval: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b) (x2 if allow_neg_eigval).
+
+    a, b: [T, Hv] any float dtype; A_log, dt_bias: [Hv]. Returns float32 (g, beta), each [T, Hv].
+    """
+    return _ops.gdn_gating(
+        A_log, a, b, dt_bias, float(softplus_beta), float(softplus_threshold), bool(allow_neg_eigval)
+    )
+
+
+def _out_like(q: torch.Tensor, v: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    if out is not None:
+        return out
+    return torch.empty(v.shape[0], v.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+
+
+def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:
+    return float(q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    state_indices: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    has_initial_state: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    use_qk_l2norm: bool = True,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Chunked prefill of a varlen batch; updates ``state[state_indices[i]]`` in place.
+
+    q, k [T, Hk, K]; v [T, Hv, V]; g, beta float32 [T, Hv]; state [slots, Hv, K, V] (fp32/bf16/fp16);
+    state_indices int32 [N] (< 0: padding, skipped, output zeroed); cu_seqlens int32 [N+1];
+    has_initial_state bool [N] (None: all True). Returns o [T, Hv, V] in q's dtype (or ``out``).
+    """
+    o = _out_like(q, v, out)
+    _ops.chunk_gated_delta_rule(
+        q, k, v, g, beta, state, state_indices, cu_seqlens, has_initial_state,
+        _default_scale(q, scale), bool(use_qk_l2norm), o,
+    )
+    return o
+
+
+def fused_recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor,
+    state_indices: torch.Tensor,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    use_qk_l2norm: bool = True,
+    allow_neg_eigval: bool = False,
+    softplus_beta: float = 1.0,
+    softplus_threshold: float = 20.0,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Decode step(s) with the gating fused in; updates ``state[state_indices[i]]`` in place.
+
+    Same layouts as ``chunk_gated_delta_rule``; a, b [T, Hv]; cu_seqlens None means one token per
+    sequence (T == N).
+    """
+    o = _out_like(q, v, out)
+    _ops.fused_recurrent_gated_delta_rule(
+        q, k, v, A_log, dt_bias, a, b, state, state_indices, cu_seqlens,
+        _default_scale(q, scale), bool(use_qk_l2norm), bool(allow_neg_eigval),
+        float(softplus_beta), float(softplus_threshold), o,
+    )
+    return o
+
+
+__all__ = ["gdn_gating", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]
