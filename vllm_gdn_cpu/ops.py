@@ -15,6 +15,37 @@ from vllm_gdn_cpu import _C  # noqa: F401  (loads the extension, registers torch
 
 _ops = torch.ops.vllm_gdn_cpu
 
+ISA_ENV = "VLLM_GDN_CPU_ISA"
+
+
+def runtime_info() -> dict:
+    """The kernel ISA in use (honours VLLM_GDN_CPU_ISA), the ISAs this CPU can run, and threads."""
+    fields = dict(item.split("=", 1) for item in _ops.runtime_info().split(";"))
+    return {
+        "isa": fields["isa"],
+        "available_isas": fields["available"].split(","),
+        "gemm": f"fp32-{fields['isa']}",
+        "threads": int(fields["threads"]),
+    }
+
+
+# Fake (meta) implementations: shapes and dtypes only, for torch.compile / FakeTensor tracing.
+@torch.library.register_fake("vllm_gdn_cpu::gdn_gating")
+def _gdn_gating_fake(A_log, a, b, dt_bias, softplus_beta, softplus_threshold, allow_neg_eigval):
+    return a.new_empty(a.shape, dtype=torch.float32), a.new_empty(a.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("vllm_gdn_cpu::chunk_gated_delta_rule")
+def _chunk_fake(q, k, v, g, beta, state, state_indices, cu_seqlens, has_initial_state, scale,
+                use_qk_l2norm, out):
+    return None
+
+
+@torch.library.register_fake("vllm_gdn_cpu::fused_recurrent_gated_delta_rule")
+def _recurrent_fake(q, k, v, A_log, dt_bias, a, b, state, state_indices, cu_seqlens, scale,
+                    use_qk_l2norm, allow_neg_eigval, softplus_beta, softplus_threshold, out):
+    return None
+
 
 def gdn_gating(
     A_log: torch.Tensor,
@@ -107,4 +138,4 @@ def fused_recurrent_gated_delta_rule(
     return o
 
 
-__all__ = ["gdn_gating", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]
+__all__ = ["runtime_info", "gdn_gating", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]

@@ -1,0 +1,19 @@
+// This ISA's entry in the run-time kernel table.
+#include "common/params.h"
+
+namespace gdn {
+namespace GDN_ISA {
+
+void gdn_gating(const GatingParams&);
+void fused_recurrent(const RecurrentParams&);
+void chunk_gated_delta_rule(const ChunkParams&);
+
+#define GDN_STR2(x) #x
+#define GDN_STR(x) GDN_STR2(x)
+const KernelTable& kernel_table() {
+  static const KernelTable table{GDN_STR(GDN_ISA), &gdn_gating, &fused_recurrent, &chunk_gated_delta_rule};
+  return table;
+}
+
+}  // namespace GDN_ISA
+}  // namespace gdn

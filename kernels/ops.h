@@ -1,0 +1,30 @@
+// Tensor-level entry points of the ops (argument checks, then the active ISA's kernel).
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace gdn {
+
+std::tuple<at::Tensor, at::Tensor> gdn_gating(const at::Tensor& A_log, const at::Tensor& a, const at::Tensor& b,
+                                              const at::Tensor& dt_bias, double softplus_beta,
+                                              double softplus_threshold, bool allow_neg_eigval);
+
+void chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+                            const at::Tensor& beta, at::Tensor& state, const at::Tensor& state_indices,
+                            const at::Tensor& cu_seqlens, const std::optional<at::Tensor>& has_initial_state,
+                            double scale, bool use_qk_l2norm, at::Tensor& out);
+
+void fused_recurrent_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& A_log, const at::Tensor& dt_bias, const at::Tensor& a,
+                                      const at::Tensor& b, at::Tensor& state, const at::Tensor& state_indices,
+                                      const std::optional<at::Tensor>& cu_seqlens, double scale,
+                                      bool use_qk_l2norm, bool allow_neg_eigval, double softplus_beta,
+                                      double softplus_threshold, at::Tensor& out);
+
+// "isa=...;available=...;threads=N" for vllm_gdn_cpu.ops.runtime_info().
+std::string runtime_info();
+
+}  // namespace gdn

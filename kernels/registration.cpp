@@ -1,0 +1,35 @@
+// The one place where ops are registered with the PyTorch dispatcher. Mutated arguments are
+// marked (a!) so torch.compile / functionalization see the in-place state updates.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(vllm_gdn_cpu, m) {
+  m.def(
+      "gdn_gating(Tensor A_log, Tensor a, Tensor b, Tensor dt_bias, float softplus_beta, "
+      "float softplus_threshold, bool allow_neg_eigval) -> (Tensor, Tensor)");
+  m.def(
+      "chunk_gated_delta_rule(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor(a!) state, "
+      "Tensor state_indices, Tensor cu_seqlens, Tensor? has_initial_state, float scale, bool use_qk_l2norm, "
+      "Tensor(b!) out) -> ()");
+  m.def(
+      "fused_recurrent_gated_delta_rule(Tensor q, Tensor k, Tensor v, Tensor A_log, Tensor dt_bias, Tensor a, "
+      "Tensor b, Tensor(a!) state, Tensor state_indices, Tensor? cu_seqlens, float scale, bool use_qk_l2norm, "
+      "bool allow_neg_eigval, float softplus_beta, float softplus_threshold, Tensor(b!) out) -> ()");
+  m.def("runtime_info() -> str");
+}
+
+TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CPU, m) {
+  m.impl("gdn_gating", &gdn::gdn_gating);
+  m.impl("chunk_gated_delta_rule", &gdn::chunk_gated_delta_rule);
+  m.impl("fused_recurrent_gated_delta_rule", &gdn::fused_recurrent_gated_delta_rule);
+}
+
+TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CompositeExplicitAutograd, m) { m.impl("runtime_info", &gdn::runtime_info); }
+
+// Importing vllm_gdn_cpu._C registers the ops above; the module itself has no attributes.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,113 @@
+"""Input builders and tolerances shared by the kernel tests (no vLLM needed)."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from vllm_gdn_cpu import ops
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+# Output tolerances, relative to the largest |reference output|. The kernel and the float64
+# reference read the same rounded inputs, so the gap is fp32 accumulation (~1e-6 relative) plus one
+# final rounding of the output to its dtype: 2^-8 for bf16, 2^-11 for fp16, with a 2x margin and a
+# floor for fp32 accumulation over long sequences.
+OUT_RTOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# Final states are rounded once to the state dtype (relative to the largest |state| entry).
+STATE_RTOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def isas() -> list[str]:
+    return ops.runtime_info()["available_isas"]
+
+
+@contextmanager
+def forced_isa(isa: str):
+    old = os.environ.get(ops.ISA_ENV)
+    os.environ[ops.ISA_ENV] = isa
+    try:
+        assert ops.runtime_info()["isa"] == isa
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ops.ISA_ENV, None)
+        else:
+            os.environ[ops.ISA_ENV] = old
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
+    actual, expected = actual.double(), expected.double()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    assert err <= rtol * max(scale, 1e-3), f"{what}: max abs err {err:.3e} > {rtol:.1e} x {scale:.3e}"
+
+
+@dataclass
+class Problem:
+    """One varlen batch of GDN inputs, with per-head distinct gates."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    A_log: torch.Tensor
+    dt_bias: torch.Tensor
+    state: torch.Tensor
+    state_indices: torch.Tensor
+    cu_seqlens: torch.Tensor
+
+    def gates(self, **kw):
+        return ops.gdn_gating(self.A_log, self.a, self.b, self.dt_bias, **kw)
+
+
+def make_problem(
+    seqlens: list[int],
+    Hk: int,
+    Hv: int,
+    K: int,
+    V: int,
+    dtype: torch.dtype,
+    state_dtype: torch.dtype,
+    *,
+    seed: int = 0,
+    extra_slots: int = 3,
+    strided: bool = False,
+) -> Problem:
+    """Random inputs; slots are scattered (sequence i uses slot 2*i+1 of a larger pool).
+
+    With strided=True, q/k/v are views into one [T, Hk*K*2 + Hv*V + pad] buffer, like vLLM's
+    split of the projected mixed_qkv.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    T, N = sum(seqlens), len(seqlens)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    if strided:
+        width = 2 * Hk * K + Hv * V + 7
+        mixed = randn(T, width).to(dtype)
+        q = mixed[:, : Hk * K].view(T, Hk, K)
+        k = mixed[:, Hk * K : 2 * Hk * K].view(T, Hk, K)
+        v = mixed[:, 2 * Hk * K : 2 * Hk * K + Hv * V].view(T, Hv, V)
+    else:
+        q, k, v = randn(T, Hk, K).to(dtype), randn(T, Hk, K).to(dtype), randn(T, Hv, V).to(dtype)
+    # Per-head offsets make every head's g and beta different, so a head-index bug cannot pass.
+    head = torch.arange(Hv, dtype=torch.float32)
+    a = (randn(T, Hv) + 0.3 * head - 1.0).to(dtype)
+    b = (randn(T, Hv) - 0.2 * head + 0.5).to(dtype)
+    A_log = torch.linspace(-1.5, 0.5, Hv)
+    dt_bias = torch.linspace(-0.5, 0.5, Hv)
+    num_slots = 2 * N + extra_slots
+    state = (0.3 * randn(num_slots, Hv, K, V)).to(state_dtype)
+    state_indices = (2 * torch.arange(N) + 1).to(torch.int32)
+    cu = torch.zeros(N + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(seqlens, dtype=torch.int32).cumsum(0)
+    return Problem(q, k, v, a, b, A_log, dt_bias, state, state_indices, cu)

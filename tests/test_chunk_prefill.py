@@ -1,0 +1,115 @@
+"""chunk_gated_delta_rule (prefill) against the float64 token-by-token reference."""
+
+import pytest
+import torch
+
+from gdn_cases import (DTYPE_IDS, DTYPES, OUT_RTOL, STATE_RTOL, assert_close_rel, forced_isa, isas,
+                       make_problem)
+from vllm_gdn_cpu import ops
+from vllm_gdn_cpu.reference import chunk_gated_delta_rule_ref
+
+# (seqlens, Hk, Hv, K, V): chunk boundaries (63/64/65, 200, 1000), varlen with length-1
+# sequences, GQA 1 and 2, K != V (64/128, 96/192).
+SHAPES = [
+    ([1], 2, 4, 64, 64),
+    ([63], 2, 2, 64, 64),
+    ([64], 2, 4, 64, 128),
+    ([65], 1, 2, 96, 192),
+    ([200], 2, 4, 32, 64),
+    ([1000], 1, 2, 64, 64),
+    ([1, 64, 5, 130, 1], 2, 4, 64, 128),
+    ([17, 1, 129], 1, 1, 96, 192),
+]
+
+
+def run_and_compare(p, dtype, state_dtype, has_initial_state=None, **kw):
+    g, beta = p.gates()
+    state_ref = p.state.double()
+    expected = chunk_gated_delta_rule_ref(
+        p.q, p.k, p.v, g, beta, state_ref, p.state_indices, p.cu_seqlens,
+        has_initial_state=has_initial_state, compute_dtype=torch.float64, **kw,
+    )
+    state = p.state.clone()
+    out = ops.chunk_gated_delta_rule(
+        p.q, p.k, p.v, g, beta, state, p.state_indices, p.cu_seqlens,
+        has_initial_state=has_initial_state, **kw,
+    )
+    assert out.dtype == dtype and out.shape == p.v.shape
+    assert_close_rel(out, expected, OUT_RTOL[dtype], "output")
+    assert_close_rel(state, state_ref, STATE_RTOL[state_dtype], "final state")
+    return state, out
+
+
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[0])) + f"-h{s[1]}/{s[2]}-k{s[3]}v{s[4]}")
+def test_prefill_fp32_all_isas(isa, shape):
+    seqlens, Hk, Hv, K, V = shape
+    p = make_problem(seqlens, Hk, Hv, K, V, torch.float32, torch.float32, strided=True)
+    with forced_isa(isa):
+        run_and_compare(p, torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("state_dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("seqlens", [[65], [1, 64, 130]], ids=["65", "varlen"])
+def test_prefill_dtypes(dtype, state_dtype, seqlens):
+    p = make_problem(seqlens, 2, 4, 64, 128, dtype, state_dtype, seed=1)
+    run_and_compare(p, dtype, state_dtype)
+
+
+@pytest.mark.parametrize("isa", isas())
+def test_prefill_without_initial_state_and_padding(isa):
+    """has_initial_state False starts from zeros; PAD entries (-1) touch nothing and output zeros."""
+    p = make_problem([70, 3, 64, 9], 2, 4, 64, 64, torch.float32, torch.float32, seed=2)
+    p.state_indices[1] = -1
+    has_init = torch.tensor([True, True, False, False])
+    untouched = [s for s in range(p.state.shape[0]) if s not in p.state_indices.tolist()]
+    with forced_isa(isa):
+        state, out = run_and_compare(p, torch.float32, torch.float32, has_initial_state=has_init)
+    cu = p.cu_seqlens.tolist()
+    assert (out[cu[1] : cu[2]] == 0).all(), "padded sequence output must be zero"
+    assert torch.equal(state[untouched], p.state[untouched]), "slots not named were modified"
+
+
+def test_prefill_options_scale_no_l2norm_and_out():
+    p = make_problem([40, 90], 1, 2, 32, 48, torch.float32, torch.float32, seed=3)
+    g, beta = p.gates()
+    out = torch.full((p.v.shape[0], 2, 64), float("nan"))[:, :, :48]  # strided: head stride 64
+    state_ref = p.state.double()
+    expected = chunk_gated_delta_rule_ref(
+        p.q * 0.1, p.k * 0.1, p.v, g, beta, state_ref, p.state_indices, p.cu_seqlens,
+        scale=0.3, use_qk_l2norm=False, compute_dtype=torch.float64,
+    )
+    state = p.state.clone()
+    res = ops.chunk_gated_delta_rule(
+        p.q * 0.1, p.k * 0.1, p.v, g, beta, state, p.state_indices, p.cu_seqlens,
+        scale=0.3, use_qk_l2norm=False, out=out,
+    )
+    assert res is out
+    assert_close_rel(out, expected, 1e-4, "output")
+    assert_close_rel(state, state_ref, 1e-4, "final state")
+
+
+def test_prefill_trailing_tokens_zeroed():
+    """Tokens after cu_seqlens[-1] belong to no sequence: their output rows are zero, not garbage."""
+    p = make_problem([10, 20], 1, 2, 32, 32, torch.float32, torch.float32, seed=4)
+    g, beta = p.gates()
+    cu = torch.tensor([0, 10, 25], dtype=torch.int32)  # last 5 tokens uncovered
+    out = torch.full_like(p.v, 7.0)
+    ops.chunk_gated_delta_rule(p.q, p.k, p.v, g, beta, p.state.clone(), p.state_indices, cu, out=out)
+    assert (out[25:] == 0).all()
+
+
+def test_prefill_negative_eigenvalues():
+    """beta in (0, 2) (allow_neg_eigval) keeps the chunked solve exact."""
+    p = make_problem([150], 2, 2, 64, 64, torch.float32, torch.float32, seed=5)
+    g, beta = p.gates(allow_neg_eigval=True)
+    assert beta.max() > 1.0
+    state_ref = p.state.double()
+    expected = chunk_gated_delta_rule_ref(
+        p.q, p.k, p.v, g, beta, state_ref, p.state_indices, p.cu_seqlens, compute_dtype=torch.float64
+    )
+    state = p.state.clone()
+    out = ops.chunk_gated_delta_rule(p.q, p.k, p.v, g, beta, state, p.state_indices, p.cu_seqlens)
+    assert_close_rel(out, expected, 1e-4, "output")
+    assert_close_rel(state, state_ref, 1e-4, "final state")

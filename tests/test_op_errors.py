@@ -1,0 +1,113 @@
+"""Bad input raises a Python exception that names the argument; nothing is written."""
+
+import re
+
+import pytest
+import torch
+
+from gdn_cases import forced_isa, make_problem
+from vllm_gdn_cpu import ops
+
+
+@pytest.fixture
+def p():
+    return make_problem([5, 3], 2, 4, 32, 32, torch.float32, torch.float32)
+
+
+def chunk(p, **over):
+    g, beta = p.gates()
+    args = dict(q=p.q, k=p.k, v=p.v, g=g, beta=beta, state=p.state, state_indices=p.state_indices,
+                cu_seqlens=p.cu_seqlens)
+    args.update(over)
+    return ops.chunk_gated_delta_rule(**args)
+
+
+def decode(p, **over):
+    n = p.state_indices.shape[0]
+    args = dict(q=p.q[:n], k=p.k[:n], v=p.v[:n], A_log=p.A_log, dt_bias=p.dt_bias, a=p.a[:n], b=p.b[:n],
+                state=p.state, state_indices=p.state_indices)
+    args.update(over)
+    return ops.fused_recurrent_gated_delta_rule(**args)
+
+
+CHUNK_CASES = [
+    ("q", lambda p: dict(q=p.q[:, :, None]), ValueError, "'q' must be 3-D"),
+    ("k", lambda p: dict(k=p.k[:, :1]), ValueError, "'k' must have shape"),
+    ("v", lambda p: dict(v=p.v[:4]), ValueError, "'v' must have T=8"),
+    ("v heads", lambda p: dict(v=torch.zeros(8, 3, 32)), ValueError, "multiple of q/k's"),
+    ("dtype mix", lambda p: dict(v=p.v.bfloat16()), TypeError, "share one dtype"),
+    ("int q", lambda p: dict(q=p.q.int(), k=p.k.int(), v=p.v.int()), TypeError, "'q' must be float32"),
+    ("q stride", lambda p: dict(q=p.q.transpose(0, 2).contiguous().transpose(0, 2)), ValueError,
+     "'q' must be contiguous in its last dim"),
+    ("g dtype", lambda p: dict(g=p.gates()[0].double()), TypeError, "'g' must be float32"),
+    ("beta shape", lambda p: dict(beta=p.gates()[1][:3]), ValueError, "'beta' must have shape"),
+    ("state shape", lambda p: dict(state=p.state[:, :, :16]), ValueError, "'state' must have shape"),
+    ("state layout", lambda p: dict(state=p.state.transpose(2, 3).contiguous().transpose(2, 3)), ValueError,
+     "'state' must be contiguous within each slot"),
+    ("state dtype", lambda p: dict(state=p.state.double()), TypeError, "'state' must be float32"),
+    ("idx dtype", lambda p: dict(state_indices=p.state_indices.long()), TypeError, "'state_indices' must be int32"),
+    ("idx range", lambda p: dict(state_indices=torch.tensor([1, 99], dtype=torch.int32)), IndexError,
+     "'state_indices' has 99 at position 1"),
+    ("idx dup", lambda p: dict(state_indices=torch.tensor([3, 3], dtype=torch.int32)), ValueError,
+     "names slot 3 more than once"),
+    ("cu len", lambda p: dict(cu_seqlens=p.cu_seqlens[:2]), ValueError, "'cu_seqlens' must have N\\+1=3"),
+    ("cu start", lambda p: dict(cu_seqlens=torch.tensor([1, 5, 8], dtype=torch.int32)), ValueError,
+     "must start at 0"),
+    ("cu order", lambda p: dict(cu_seqlens=torch.tensor([0, 6, 5], dtype=torch.int32)), ValueError,
+     "non-decreasing"),
+    ("cu end", lambda p: dict(cu_seqlens=torch.tensor([0, 5, 9], dtype=torch.int32)), ValueError,
+     "beyond T=8"),
+    ("cu dtype", lambda p: dict(cu_seqlens=p.cu_seqlens.long()), TypeError, "'cu_seqlens' must be int32"),
+    ("has_init", lambda p: dict(has_initial_state=torch.tensor([1, 0])), TypeError,
+     "'has_initial_state' must be bool"),
+    ("out shape", lambda p: dict(out=torch.empty(8, 4, 16)), ValueError, "'out' must have shape"),
+    ("out dtype", lambda p: dict(out=torch.empty(8, 4, 32, dtype=torch.bfloat16)), TypeError,
+     "'out' must have q's dtype"),
+]
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=[c[0] for c in CHUNK_CASES])
+def test_chunk_rejects(p, case):
+    _, override, exc, message = case
+    before = p.state.clone()
+    with pytest.raises(exc, match=message):
+        chunk(p, **override(p))
+    assert torch.equal(p.state, before)
+
+
+DECODE_CASES = [
+    ("a shape", lambda p: dict(a=p.a[:2, :3]), ValueError, "'a' must have shape"),
+    ("b dims", lambda p: dict(b=p.b[:2].flatten()), ValueError, "'b' must be 2-D"),
+    ("A_log", lambda p: dict(A_log=p.A_log[:2]), ValueError, "'A_log' must have shape"),
+    ("dt_bias dtype", lambda p: dict(dt_bias=p.dt_bias.int()), TypeError, "'dt_bias' must be float32"),
+    ("too many seqs", lambda p: dict(state_indices=torch.arange(3, dtype=torch.int32)), ValueError,
+     "only T=2 tokens"),
+    ("softplus beta", lambda p: dict(softplus_beta=0.0), ValueError, "'softplus_beta' must be > 0"),
+    ("cu", lambda p: dict(cu_seqlens=torch.tensor([0, 3, 1], dtype=torch.int32)), ValueError, "non-decreasing"),
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[c[0] for c in DECODE_CASES])
+def test_decode_rejects(p, case):
+    _, override, exc, message = case
+    before = p.state.clone()
+    with pytest.raises(exc, match=message):
+        decode(p, **override(p))
+    assert torch.equal(p.state, before)
+
+
+def test_gating_rejects_mismatched_heads(p):
+    with pytest.raises(ValueError, match="'dt_bias' must have shape"):
+        ops.gdn_gating(p.A_log, p.a, p.b, p.dt_bias[:1])
+
+
+def test_unknown_or_unsupported_isa_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(ops.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match=re.escape("VLLM_GDN_CPU_ISA=sse9 is not a known ISA")):
+        ops.runtime_info()
+
+
+def test_forcing_each_available_isa_is_reported():
+    for isa in ops.runtime_info()["available_isas"]:
+        with forced_isa(isa):
+            assert ops.runtime_info()["isa"] == isa

@@ -1,0 +1,31 @@
+"""torch.library.opcheck: schemas (incl. mutation annotations), fake impls, dispatch registration."""
+
+import torch
+
+from gdn_cases import make_problem
+
+
+def test_opcheck_gdn_gating():
+    p = make_problem([6], 1, 2, 16, 16, torch.float32, torch.float32)
+    torch.library.opcheck(torch.ops.vllm_gdn_cpu.gdn_gating.default,
+                          (p.A_log, p.a, p.b, p.dt_bias, 1.0, 20.0, False))
+
+
+def test_opcheck_chunk_gated_delta_rule():
+    p = make_problem([70, 5], 1, 2, 16, 16, torch.bfloat16, torch.float32)
+    g, beta = p.gates()
+    out = torch.empty_like(p.v)
+    torch.library.opcheck(
+        torch.ops.vllm_gdn_cpu.chunk_gated_delta_rule.default,
+        (p.q, p.k, p.v, g, beta, p.state, p.state_indices, p.cu_seqlens, None, 0.25, True, out),
+    )
+
+
+def test_opcheck_fused_recurrent():
+    p = make_problem([1, 1, 1], 1, 2, 16, 16, torch.float32, torch.bfloat16)
+    out = torch.empty_like(p.v)
+    torch.library.opcheck(
+        torch.ops.vllm_gdn_cpu.fused_recurrent_gated_delta_rule.default,
+        (p.q, p.k, p.v, p.A_log, p.dt_bias, p.a, p.b, p.state, p.state_indices, None, 0.25, True, False,
+         1.0, 20.0, out),
+    )
