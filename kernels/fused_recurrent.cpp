@@ -1,10 +1,15 @@
-// fused_recurrent_gated_delta_rule: decode. Each task owns one (sequence, value head, V-block) and
-// runs that sequence's tokens through the recurrence. Columns of the state are independent in
-// every step (S^T k, S^T q and the rank-1 update all act column-wise), so splitting V keeps all
-// cores busy at small batch. Per token the state block is read once for both dot products and
-// once more (from cache) for the fused decay + update:
-//   a = S^T k, b = S^T q,  v_new = beta * (v - decay * a),  o = decay * b + (k.q) * v_new,
-//   S = decay * S + k (x) v_new        (q pre-scaled, so o equals scale * S_new^T q)
+// fused_recurrent_gated_delta_rule: decode. Memory-bound: every token of every sequence reads and
+// writes its whole [K, V] state, so the kernel is built to touch DRAM once per state byte.
+//
+// Each task owns one (sequence, value head, V-block). Columns of the state are independent in every
+// step (S^T k, S^T q and the rank-1 update all act column-wise), so V-blocks keep all cores busy
+// at batch 1. Within a block the state is walked in column tiles of kTileVecs vectors:
+//   pass 1 (streams the tile from memory):  a = S^T k,  b = S^T q      (accumulators in registers)
+//            v_new = beta * (v - decay * a),  o = decay * b + (k.q) * v_new
+//   pass 2 (the tile is now in L1):          S = decay * S + k (x) v_new
+// (q is pre-scaled, so o equals scale * S_new^T q.) bf16/fp16 states are converted in registers;
+// across the tokens of one sequence (speculative decoding) the tile stays in an fp32 buffer and is
+// rounded to the state dtype once, after the last token.
 #include <algorithm>
 #include <type_traits>
 
@@ -15,12 +20,79 @@ namespace gdn {
 namespace GDN_ISA {
 namespace {
 
-// Largest V-block (a multiple of the vector width, at least 32 wide) that still gives every thread
-// a few tasks.
+constexpr int kTileVecs = 4;
+constexpr int64_t kTile = kTileVecs * kVecWidth;
+
+// Per-token values shared by all tiles of a task.
+struct TokenStep {
+  const float* k;  // [K] l2-normalised
+  const float* q;  // [K] l2-normalised and scaled
+  float decay, beta, kq;
+};
+
+// One token over one tile of `nv` vectors (nv <= kTileVecs) starting at column 0 of src/dst.
+// src and dst may be the same memory (in-place update).
+template <int NV, class TSrc, class TDst, class TIn>
+inline void step_tile(const TokenStep& s, int64_t K, const TSrc* src, int64_t lds, TDst* dst, int64_t ldd,
+                      const TIn* v, TIn* o) {
+  vfloat acc_k[NV], acc_q[NV];
+  for (int n = 0; n < NV; ++n) acc_k[n] = acc_q[n] = vfloat{};
+  for (int64_t r = 0; r < K; ++r) {
+    const vfloat kr = vbroadcast(s.k[r]), qr = vbroadcast(s.q[r]);
+    for (int n = 0; n < NV; ++n) {
+      const vfloat x = vload_float(src + r * lds + n * kVecWidth);
+      acc_k[n] += kr * x;
+      acc_q[n] += qr * x;
+    }
+  }
+  vfloat v_new[NV];
+  const vfloat decay = vbroadcast(s.decay);
+  for (int n = 0; n < NV; ++n) {
+    v_new[n] = s.beta * (vload_float(v + n * kVecWidth) - decay * acc_k[n]);
+    vstore_float(o + n * kVecWidth, decay * acc_q[n] + s.kq * v_new[n]);
+  }
+  for (int64_t r = 0; r < K; ++r) {
+    const vfloat kr = vbroadcast(s.k[r]);
+    for (int n = 0; n < NV; ++n) {
+      const vfloat x = vload_float(src + r * lds + n * kVecWidth);
+      vstore_float(dst + r * ldd + n * kVecWidth, decay * x + kr * v_new[n]);
+    }
+  }
+}
+
+// Scalar version for a last tile narrower than one vector (V not a multiple of the vector width).
+template <class TSrc, class TDst, class TIn>
+void step_columns(const TokenStep& s, int64_t K, int64_t width, const TSrc* src, int64_t lds, TDst* dst,
+                  int64_t ldd, const TIn* v, TIn* o) {
+  for (int64_t j = 0; j < width; ++j) {
+    float a = 0.f, b = 0.f;
+    for (int64_t r = 0; r < K; ++r) {
+      const float x = to_float(src[r * lds + j]);
+      a += s.k[r] * x;
+      b += s.q[r] * x;
+    }
+    const float v_new = s.beta * (to_float(v[j]) - s.decay * a);
+    o[j] = from_float<TIn>(s.decay * b + s.kq * v_new);
+    for (int64_t r = 0; r < K; ++r) dst[r * ldd + j] = from_float<TDst>(s.decay * to_float(src[r * lds + j]) + s.k[r] * v_new);
+  }
+}
+
+// One token over columns [0, width) of a block.
+template <class TSrc, class TDst, class TIn>
+void step_block(const TokenStep& s, int64_t K, int64_t width, const TSrc* src, int64_t lds, TDst* dst, int64_t ldd,
+                const TIn* v, TIn* o) {
+  int64_t j = 0;
+  for (; j + kTile <= width; j += kTile)
+    step_tile<kTileVecs>(s, K, src + j, lds, dst + j, ldd, v + j, o + j);
+  for (; j + kVecWidth <= width; j += kVecWidth) step_tile<1>(s, K, src + j, lds, dst + j, ldd, v + j, o + j);
+  if (j < width) step_columns(s, K, width - j, src + j, lds, dst + j, ldd, v + j, o + j);
+}
+
+// Largest V-block (a multiple of the tile, or all of V) that still gives every thread a few tasks.
 int64_t choose_v_block(int64_t tasks_per_block, int64_t V) {
   const int64_t want = 4 * static_cast<int64_t>(num_threads());
   int64_t vb = V;
-  while (vb % 2 == 0 && vb / 2 >= 32 && (vb / 2) % kVecWidth == 0 && tasks_per_block * (V / vb) < want) vb /= 2;
+  while (tasks_per_block * ((V + vb - 1) / vb) < want && vb > kTile) vb = std::max(kTile, (vb / 2 + kTile - 1) / kTile * kTile);
   return vb;
 }
 
@@ -28,47 +100,30 @@ template <class TIn, class TState>
 void recurrent_kernel(const RecurrentParams& p) {
   const int64_t K = p.K, V = p.V, Hv = p.Hv, ratio = p.Hv / p.Hk;
   const int64_t vb = choose_v_block(p.N * Hv, V);
-  const int64_t n_vblocks = V / vb;
-  constexpr bool kStateIsFloat = std::is_same<TState, float>::value;
+  const int64_t n_vblocks = (V + vb - 1) / vb;
 
   parallel_for(p.N * Hv * n_vblocks, 1, [&](int64_t begin, int64_t end) {
-    float* scratch = thread_scratch(2 * K + 3 * vb + (kStateIsFloat ? 0 : K * vb));
+    float* scratch = thread_scratch(2 * K + K * vb);
     float* qf = scratch;
     float* kf = qf + K;
-    float* acc_k = kf + K;
-    float* acc_q = acc_k + vb;
-    float* v_new = acc_q + vb;
-    float* local = v_new + vb;
+    float* local = kf + K;  // fp32 copy of the block across the tokens of one sequence
 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seq = task / (Hv * n_vblocks);
       const int64_t h = (task / n_vblocks) % Hv;
       const int64_t v0 = (task % n_vblocks) * vb;
+      const int64_t width = std::min(vb, V - v0);
       const int64_t bos = p.cu_seqlens ? p.cu_seqlens[seq] : seq;
       const int64_t eos = p.cu_seqlens ? p.cu_seqlens[seq + 1] : seq + 1;
       const int64_t slot = p.state_indices[seq];
       TIn* out_base = static_cast<TIn*>(p.out.data) + h * p.out.head_stride + v0;
 
       if (slot < 0) {  // padding: zero output, touch no state
-        for (int64_t t = bos; t < eos; ++t) {
-          TIn* o = out_base + t * p.out.token_stride;
-          for (int64_t j = 0; j < vb; ++j) o[j] = from_float<TIn>(0.f);
-        }
+        for (int64_t t = bos; t < eos; ++t)
+          for (int64_t j = 0; j < width; ++j) out_base[t * p.out.token_stride + j] = from_float<TIn>(0.f);
         continue;
       }
-
       TState* S = static_cast<TState*>(p.state.data) + slot * p.state.slot_stride + h * K * V + v0;
-      // fp32 states are updated in place; narrower ones through an fp32 copy of the block.
-      float* Sb;
-      int64_t ld;
-      if constexpr (kStateIsFloat) {
-        Sb = S;
-        ld = V;
-      } else {
-        Sb = local;
-        ld = vb;
-        for (int64_t r = 0; r < K; ++r) load_row(S + r * V, Sb + r * vb, vb);
-      }
 
       for (int64_t t = bos; t < eos; ++t) {
         const int64_t hk = h / ratio;
@@ -80,37 +135,23 @@ void recurrent_kernel(const RecurrentParams& p) {
         } else {
           for (int64_t i = 0; i < K; ++i) qf[i] *= p.scale;
         }
-        float g, beta;
-        gate_values(p.gate, t, h, &g, &beta);
-        const float decay = std::exp(g);
-        const float kq = dot(kf, qf, K);
-
-        for (int64_t j = 0; j < vb; ++j) acc_k[j] = acc_q[j] = 0.f;
-        for (int64_t r = 0; r < K; ++r) {
-          const float* __restrict row = Sb + r * ld;
-          const float kr = kf[r], qr = qf[r];
-#pragma omp simd
-          for (int64_t j = 0; j < vb; ++j) {
-            acc_k[j] += kr * row[j];
-            acc_q[j] += qr * row[j];
-          }
-        }
+        TokenStep s{kf, qf, 0.f, 0.f, dot(kf, qf, K)};
+        float g;
+        gate_values(p.gate, t, h, &g, &s.beta);
+        s.decay = std::exp(g);
         const TIn* vt = static_cast<const TIn*>(p.v.data) + t * p.v.token_stride + h * p.v.head_stride + v0;
         TIn* o = out_base + t * p.out.token_stride;
-        for (int64_t j = 0; j < vb; ++j) {
-          v_new[j] = beta * (to_float(vt[j]) - decay * acc_k[j]);
-          o[j] = from_float<TIn>(decay * acc_q[j] + kq * v_new[j]);
-        }
-        for (int64_t r = 0; r < K; ++r) {
-          float* __restrict row = Sb + r * ld;
-          const float kr = kf[r];
-#pragma omp simd
-          for (int64_t j = 0; j < vb; ++j) row[j] = decay * row[j] + kr * v_new[j];
+        const bool first = t == bos, last = t == eos - 1;
+        if (first && last) {
+          step_block(s, K, width, S, V, S, V, vt, o);  // the common decode case: in place
+        } else if (first) {
+          step_block(s, K, width, S, V, local, vb, vt, o);
+        } else if (last) {
+          step_block(s, K, width, static_cast<const float*>(local), vb, S, V, vt, o);
+        } else {
+          step_block(s, K, width, static_cast<const float*>(local), vb, local, vb, vt, o);
         }
       }
-
-      if constexpr (!kStateIsFloat)
-        for (int64_t r = 0; r < K; ++r) store_row(Sb + r * vb, S + r * V, vb);
     }
   });
 }

@@ -6,6 +6,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#if defined(__x86_64__) && (defined(__AVX2__) || defined(__AVX512F__))
+#include <immintrin.h>
+#endif
 
 #include "common/params.h"
 
@@ -62,14 +65,83 @@ inline bf16_t from_float<bf16_t>(float x) {
   return bf16_t{static_cast<uint16_t>(u >> 16)};
 }
 
+
+// Whole-vector loads/stores that convert between the storage type and fp32 in registers.
+typedef uint32_t vuint __attribute__((vector_size(kVecWidth * sizeof(uint32_t))));
+typedef uint16_t vushort_unaligned __attribute__((vector_size(kVecWidth * sizeof(uint16_t)), aligned(2)));
+
+inline vfloat vload_float(const float* p) { return vload(p); }
+inline void vstore_float(float* p, vfloat x) { vstore(p, x); }
+
+// bf16 <-> fp32: widen and shift; round to nearest even on the way back (NaN stays NaN).
+inline vfloat vload_float(const bf16_t* p) {
+#if defined(__AVX512F__)
+  const __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#elif defined(__AVX2__)
+  const __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+#else
+  const vuint u = __builtin_convertvector(*reinterpret_cast<const vushort_unaligned*>(p), vuint) << 16;
+#endif
+  return reinterpret_cast<const vfloat&>(u);
+}
+inline void vstore_float(bf16_t* p, vfloat x) {
+#if defined(__AVX512F__)
+  const __m512 f = reinterpret_cast<const __m512&>(x);
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+#elif defined(__AVX2__)
+  const __m256 f = reinterpret_cast<const __m256&>(x);
+  const __m256i u = _mm256_castps_si256(f);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  r = _mm256_blendv_epi8(r, quiet, _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+#else
+  for (int i = 0; i < kVecWidth; ++i) p[i] = from_float<bf16_t>(x[i]);
+#endif
+}
+
+inline vfloat vload_float(const half_t* p) {
+#if defined(__AVX512F__)
+  const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__) && defined(__AVX2__)
+  const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  vfloat x;
+  for (int i = 0; i < kVecWidth; ++i) x[i] = static_cast<float>(p[i]);
+#endif
+  return reinterpret_cast<const vfloat&>(x);
+}
+inline void vstore_float(half_t* p, vfloat x) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(reinterpret_cast<const __m512&>(x), _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__F16C__) && defined(__AVX2__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(reinterpret_cast<const __m256&>(x), _MM_FROUND_TO_NEAREST_INT));
+#else
+  for (int i = 0; i < kVecWidth; ++i) p[i] = static_cast<half_t>(x[i]);
+#endif
+}
+
 template <class T>
 inline void load_row(const T* __restrict src, float* __restrict dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+  int64_t i = 0;
+  for (; i + kVecWidth <= n; i += kVecWidth) vstore(dst + i, vload_float(src + i));
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
 template <class T>
 inline void store_row(const float* __restrict src, T* __restrict dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = from_float<T>(src[i]);
+  int64_t i = 0;
+  for (; i + kVecWidth <= n; i += kVecWidth) vstore_float(dst + i, vload(src + i));
+  for (; i < n; ++i) dst[i] = from_float<T>(src[i]);
 }
 
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {

@@ -1,0 +1,295 @@
+"""Kernel benchmarks: ours vs vLLM's built-in CPU ops vs a plain-torch reference, side by side.
+
+    python -m vllm_gdn_cpu.bench prefill [--models qwen3-next,...] [--workloads T512,...] [--json]
+    python -m vllm_gdn_cpu.bench decode  [--batches 1,16,64] [--layers 12] [--json]
+    python -m vllm_gdn_cpu.bench roofline
+
+Every figure comes from the same process and the same run: rates of each implementation, their
+ratios, and percentages of limits measured here (bf16/fp32 GEMM throughput of a large torch
+matmul; in-place read+write stream bandwidth). Needs only torch; the vLLM columns appear when vLLM
+is importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from vllm_gdn_cpu import ops, reference
+
+CHUNK = 64
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    name: str
+    Hk: int
+    Hv: int
+    K: int
+    V: int
+
+
+MODELS = {
+    "qwen3-next": HeadShape("qwen3-next", 16, 32, 128, 128),
+    "qwen3.5-small": HeadShape("qwen3.5-small", 16, 16, 128, 128),
+    "olmo-hybrid": HeadShape("olmo-hybrid", 16, 16, 96, 192),
+}
+
+PREFILL_WORKLOADS = {
+    "T512": [512],
+    "T2048": [2048],
+    "T8192": [8192],
+    "16x128": [128] * 16,
+    "8x512": [512] * 8,
+    "mixed": [1, 37, 300, 64, 1000, 5, 129, 512],
+}
+
+
+def best_time(fn: Callable[[], object], repeat: int, min_time: float = 0.2) -> float:
+    """Best wall time of fn() over `repeat` timed runs (after one warm-up), at least min_time total."""
+    fn()
+    best, total, n = float("inf"), 0.0, 0
+    while n < repeat or total < min_time:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best, total, n = min(best, dt), total + dt, n + 1
+        if n >= 50 * repeat:
+            break
+    return best
+
+
+# ----------------------------------------------------------------------------- limits
+
+
+def gemm_peak_gflops(dtype: torch.dtype, n: int = 2048, repeat: int = 5) -> float:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return 2 * n**3 / best_time(lambda: torch.matmul(a, b), repeat) / 1e9
+
+
+def stream_gbps(gib: float = 1.0, repeat: int = 5) -> float:
+    """In-place read+write bandwidth over a buffer far larger than the caches (x.mul_ reads and
+    writes every byte once: the traffic pattern of a decode step over cold states)."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    return 2 * x.numel() * 4 / best_time(lambda: x.mul_(1.0), repeat) / 1e9
+
+
+# ----------------------------------------------------------------------------- vLLM built-ins
+
+
+def vllm_ops():
+    """vLLM's built-in CPU GDN ops, or None when vLLM (or its CPU kernels) is not importable."""
+    try:
+        import vllm._custom_ops  # noqa: F401  (loads vllm._C)
+
+        return torch.ops._C.chunk_gated_delta_rule_cpu, torch.ops._C.fused_sigmoid_gating_delta_rule_update_cpu
+    except Exception:  # noqa: BLE001 - any import failure means "not available here"
+        return None
+
+
+# ----------------------------------------------------------------------------- prefill
+
+
+def prefill_flops_per_token(h: HeadShape, seqlens: list[int]) -> float:
+    """FLOPs of the chunked algorithm (GEMMs + triangular inverse), averaged per token."""
+    total = 0.0
+    for L in seqlens:
+        for c0 in range(0, L, CHUNK):
+            c = min(CHUNK, L - c0)
+            gemms = 3 * c * c * h.K + 2 * c * c * h.V + 3 * c * h.K * h.V
+            total += 2 * (gemms + c**3 / 6)
+    return total * h.Hv / sum(seqlens)
+
+
+def prefill_inputs(h: HeadShape, seqlens: list[int], dtype: torch.dtype):
+    T, N = sum(seqlens), len(seqlens)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(T, h.Hk, h.K, generator=gen).to(dtype)
+    k = torch.randn(T, h.Hk, h.K, generator=gen).to(dtype)
+    v = torch.randn(T, h.Hv, h.V, generator=gen).to(dtype)
+    g, beta = ops.gdn_gating(torch.zeros(h.Hv), torch.randn(T, h.Hv, generator=gen),
+                             torch.randn(T, h.Hv, generator=gen), torch.zeros(h.Hv))
+    state = torch.zeros(N, h.Hv, h.K, h.V)
+    idx = torch.arange(N, dtype=torch.int32)
+    cu = torch.zeros(N + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(seqlens).cumsum(0)
+    return q, k, v, g, beta, state, idx, cu
+
+
+def torch_prefill(q, k, v, g, beta, state, idx, cu, ratio):
+    """The plain-torch chunked reference, one sequence at a time (fp32)."""
+    scale = q.shape[-1] ** -0.5
+    bounds = cu.tolist()
+    for i in range(len(bounds) - 1):
+        s, e = bounds[i], bounds[i + 1]
+        S = state[int(idx[i])]
+        reference.chunk_gated_delta_rule_chunked_ref(
+            q[s:e].float().repeat_interleave(ratio, 1), k[s:e].float().repeat_interleave(ratio, 1),
+            v[s:e].float(), g[s:e], beta[s:e], S, scale=scale,
+        )
+
+
+def bench_prefill(args) -> list[dict]:
+    vl = None if args.no_vllm else vllm_ops()
+    dtype = getattr(torch, args.dtype)
+    peak = gemm_peak_gflops(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    rows = []
+    for model in args.models.split(","):
+        h = MODELS[model]
+        for wl in args.workloads.split(","):
+            seqlens = PREFILL_WORKLOADS[wl]
+            T = sum(seqlens)
+            q, k, v, g, beta, state, idx, cu = prefill_inputs(h, seqlens, dtype)
+            out = torch.empty_like(v)
+            row = {"model": model, "workload": wl, "tokens": T, "dtype": args.dtype, "threads": torch.get_num_threads()}
+            t = best_time(lambda: ops.chunk_gated_delta_rule(q, k, v, g, beta, state, idx, cu, out=out), args.repeat)
+            row["ours_tok_s"] = T / t
+            flops = prefill_flops_per_token(h, seqlens) * T
+            row["ours_gflops"] = flops / t / 1e9
+            row["gemm_peak_gflops"] = peak
+            row["ours_pct_of_gemm_peak"] = 100 * row["ours_gflops"] / peak
+            if vl is not None and dtype == torch.bfloat16:
+                chunk_vllm = vl[0]
+                # vLLM's kernel takes [1, T, ...] inputs, g in fp32 and beta in the model dtype.
+                args_v = (q[None], k[None], v[None], g[None], beta.to(dtype)[None], state, True, cu, False, True,
+                          idx, 1e-6)
+                tv = best_time(lambda: chunk_vllm(*args_v), args.repeat)
+                row["vllm_tok_s"] = T / tv
+                row["speedup_vs_vllm"] = tv / t
+            if not args.no_ref and T <= args.ref_max_tokens:
+                tr = best_time(lambda: torch_prefill(q, k, v, g, beta, state, idx, cu, h.Hv // h.Hk), 1, 0)
+                row["torch_ref_tok_s"] = T / tr
+                row["speedup_vs_torch_ref"] = tr / t
+            rows.append(row)
+            print_row(row, args)
+    return rows
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def bench_decode(args) -> list[dict]:
+    """Decode over cold states: `layers` separate state pools stepped in turn, so every step reads
+    and writes state that is not in cache (as in a real multi-layer model)."""
+    vl = None if args.no_vllm else vllm_ops()
+    h = MODELS[args.model]
+    dtype = getattr(torch, args.dtype)
+    bw = stream_gbps()
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for B in [int(x) for x in args.batches.split(",")]:
+        q = torch.randn(B, h.Hk, h.K, generator=gen).to(dtype)
+        k = torch.randn(B, h.Hk, h.K, generator=gen).to(dtype)
+        v = torch.randn(B, h.Hv, h.V, generator=gen).to(dtype)
+        a, b = torch.randn(B, h.Hv, generator=gen).to(dtype), torch.randn(B, h.Hv, generator=gen).to(dtype)
+        A_log, dt_bias = torch.zeros(h.Hv, dtype=dtype), torch.zeros(h.Hv, dtype=dtype)
+        idx = torch.arange(B, dtype=torch.int32)
+        cu = torch.arange(B + 1, dtype=torch.int32)
+        out = torch.empty_like(v)
+        for state_dtype_name in args.state_dtypes.split(","):
+            sdt = getattr(torch, state_dtype_name)
+            pools = [torch.zeros(B, h.Hv, h.K, h.V, dtype=sdt) for _ in range(args.layers)]
+            state_bytes = 2 * B * h.Hv * h.K * h.V * pools[0].element_size()  # read + write per layer
+
+            def ours():
+                for pool in pools:
+                    ops.fused_recurrent_gated_delta_rule(q, k, v, A_log, dt_bias, a, b, pool, idx, out=out)
+
+            row = {"model": args.model, "batch": B, "dtype": args.dtype, "state_dtype": state_dtype_name,
+                   "layers": args.layers, "threads": torch.get_num_threads(), "stream_gbps": bw}
+            t = best_time(ours, args.repeat) / args.layers
+            row["ours_us_per_layer"] = t * 1e6
+            row["ours_gbps"] = state_bytes / t / 1e9
+            row["ours_pct_of_stream"] = 100 * row["ours_gbps"] / bw
+            if vl is not None:
+                dec_vllm = vl[1]
+
+                def vllm():
+                    for pool in pools:
+                        dec_vllm(A_log, dt_bias, q[None], k[None], v[None], a, b, pool, idx, cu, True, 1.0, 20.0)
+
+                try:
+                    tv = best_time(vllm, args.repeat) / args.layers
+                    row["vllm_us_per_layer"] = tv * 1e6
+                    row["speedup_vs_vllm"] = tv / t
+                except RuntimeError as e:  # e.g. a state dtype the built-in kernel refuses
+                    row["vllm_error"] = str(e).splitlines()[0][:120]
+            if not args.no_ref:
+                def torch_ref():
+                    for pool in pools[:2]:
+                        reference.fused_recurrent_gated_delta_rule_ref(q, k, v, A_log, dt_bias, a, b, pool, idx)
+
+                tr = best_time(torch_ref, 1, 0) / 2
+                row["torch_ref_us_per_layer"] = tr * 1e6
+                row["speedup_vs_torch_ref"] = tr / t
+            rows.append(row)
+            print_row(row, args)
+    return rows
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def print_row(row: dict, args) -> None:
+    if args.json:
+        return
+    parts = []
+    for key, val in row.items():
+        parts.append(f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}")
+    print("  ".join(parts), flush=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vllm_gdn_cpu.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON document at the end")
+    common.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    common.add_argument("--repeat", type=int, default=5)
+    common.add_argument("--no-vllm", action="store_true", help="skip vLLM's built-in ops")
+    common.add_argument("--no-ref", action="store_true", help="skip the plain-torch reference")
+    common.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+
+    p = sub.add_parser("prefill", parents=[common], help="chunked prefill, tokens/s per layer")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--workloads", default=",".join(PREFILL_WORKLOADS))
+    p.add_argument("--ref-max-tokens", type=int, default=2048, help="skip the slow torch reference above this")
+
+    d = sub.add_parser("decode", parents=[common], help="decode step over cold states")
+    d.add_argument("--model", default="qwen3-next", choices=list(MODELS))
+    d.add_argument("--batches", default="1,16,64")
+    d.add_argument("--layers", type=int, default=12)
+    d.add_argument("--state-dtypes", default="float32,bfloat16")
+
+    sub.add_parser("roofline", parents=[common], help="measured GEMM peaks and stream bandwidth")
+
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = {"runtime": ops.runtime_info(), "torch": torch.__version__}
+    if not args.json:
+        print(f"# vllm_gdn_cpu bench {args.mode}: {info}", flush=True)
+    if args.mode == "prefill":
+        rows = bench_prefill(args)
+    elif args.mode == "decode":
+        rows = bench_decode(args)
+    else:
+        rows = [{"bf16_gemm_gflops": gemm_peak_gflops(torch.bfloat16), "fp32_gemm_gflops":
+                 gemm_peak_gflops(torch.float32), "stream_gbps": stream_gbps(),
+                 "threads": torch.get_num_threads()}]
+        print_row(rows[0], args)
+    if args.json:
+        json.dump({"mode": args.mode, **info, "rows": rows}, sys.stdout, indent=1)
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
