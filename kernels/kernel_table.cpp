@@ -11,7 +11,12 @@ void chunk_gated_delta_rule(const ChunkParams&);
 #define GDN_STR2(x) #x
 #define GDN_STR(x) GDN_STR2(x)
 const KernelTable& kernel_table() {
-  static const KernelTable table{GDN_STR(GDN_ISA), &gdn_gating, &fused_recurrent, &chunk_gated_delta_rule};
+#if defined(__AVX512BF16__)
+  constexpr bool kHasBF16Gemm = true;
+#else
+  constexpr bool kHasBF16Gemm = false;
+#endif
+  static const KernelTable table{GDN_STR(GDN_ISA), kHasBF16Gemm, &gdn_gating, &fused_recurrent, &chunk_gated_delta_rule};
   return table;
 }
 

@@ -224,7 +224,9 @@ void chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::
   p.g_stride = g.stride(0), p.beta_stride = beta.stride(0);
   p.scale = static_cast<float>(scale);
   p.use_qk_l2norm = use_qk_l2norm;
-  active_kernels().chunk_gated_delta_rule(p);
+  const GemmChoice gemm = active_gemm();
+  p.gemm = gemm.backend;
+  gemm.kernels->chunk_gated_delta_rule(p);
   zero_trailing_rows(out, p.cu_seqlens[p.N]);
 }
 
@@ -261,8 +263,10 @@ void fused_recurrent_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, 
 }
 
 std::string runtime_info() {
+  const GemmChoice gemm = active_gemm();
   return std::string("isa=") + active_kernels().isa + ";available=" + c10::Join(",", available_isas()) +
-         ";threads=" + std::to_string(at::get_num_threads());
+         ";gemm=" + gemm.backend.name + (gemm.backend.use_bf16 ? "" : "-fp32") +
+         ";gemms=" + c10::Join(",", available_gemms()) + ";threads=" + std::to_string(at::get_num_threads());
 }
 
 }  // namespace gdn

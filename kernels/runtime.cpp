@@ -2,19 +2,24 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
 
 #include <cstdlib>
 #include <memory>
 #include <mutex>
 
 #include "common/parallel.h"
+#include "gemm_backends.h"
 
 namespace gdn {
 
-#define GDN_DECLARE_ISA(name) \
-  namespace name {            \
+#define GDN_DECLARE_ISA(name)        \
+  namespace name {                   \
   const KernelTable& kernel_table(); \
   }
+#if GDN_HAVE_ISA_AVX512_BF16
+GDN_DECLARE_ISA(avx512_bf16)
+#endif
 #if GDN_HAVE_ISA_AVX512
 GDN_DECLARE_ISA(avx512)
 #endif
@@ -36,12 +41,16 @@ bool cpu_has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
+bool cpu_has_avx512_bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 #endif
 bool always() { return true; }
 
 const std::vector<IsaEntry>& compiled_isas() {
   static const std::vector<IsaEntry> isas = {
+#if GDN_HAVE_ISA_AVX512_BF16
+      {"avx512_bf16", &cpu_has_avx512_bf16, &avx512_bf16::kernel_table},
+#endif
 #if GDN_HAVE_ISA_AVX512
       {"avx512", &cpu_has_avx512, &avx512::kernel_table},
 #endif
@@ -53,18 +62,74 @@ const std::vector<IsaEntry>& compiled_isas() {
   return isas;
 }
 
-const KernelTable& resolve(const std::string& want) {
-  std::string compiled;
-  for (const auto& e : compiled_isas()) {
-    compiled += std::string(compiled.empty() ? "" : ", ") + e.name;
-    if (want == "auto" && e.cpu_supports()) return e.table();
-    if (want == e.name) {
-      TORCH_CHECK_VALUE(e.cpu_supports(), kIsaEnv, "=", want, ": this CPU does not support that ISA (usable: ",
-                        c10::Join(", ", available_isas()), ")");
-      return e.table();
-    }
+const IsaEntry* find_isa(const std::string& name) {
+  for (const auto& e : compiled_isas())
+    if (name == e.name) return &e;
+  return nullptr;
+}
+
+std::string env_or_auto(const char* var) {
+  const char* v = std::getenv(var);
+  return (v && *v) ? v : "auto";
+}
+
+const KernelTable& resolve_isa(const std::string& want) {
+  if (want == "auto") {
+    for (const auto& e : compiled_isas())
+      if (e.cpu_supports()) return e.table();
   }
-  TORCH_CHECK_VALUE(false, kIsaEnv, "=", want, " is not a known ISA; expected auto or one of: ", compiled);
+  const IsaEntry* e = find_isa(want);
+  std::vector<std::string> compiled;
+  for (const auto& c : compiled_isas()) compiled.emplace_back(c.name);
+  TORCH_CHECK_VALUE(e != nullptr, kIsaEnv, "=", want, " is not a known ISA; expected auto or one of: ",
+                    c10::Join(", ", compiled));
+  TORCH_CHECK_VALUE(e->cpu_supports(), kIsaEnv, "=", want, ": this CPU cannot run it (usable: ",
+                    c10::Join(", ", available_isas()), ")");
+  return e->table();
+}
+
+GemmChoice resolve_gemm(const std::string& want, const KernelTable& isa) {
+  const GemmBackend own{nullptr, nullptr, nullptr, false, nullptr};
+  if (want == "auto") {
+    if (amx_usable()) return {&isa, amx_backend()};
+    GemmBackend b = own;
+    b.name = isa.isa;
+    b.use_bf16 = isa.has_bf16_gemm;
+    return {&isa, b};
+  }
+  if (want == "amx") {
+    TORCH_CHECK_VALUE(amx_usable(), kGemmEnv, "=amx: this CPU has no usable AMX-BF16 tiles (or oneDNN brgemm is "
+                      "unavailable in this torch); usable: ", c10::Join(", ", available_gemms()));
+    return {&isa, amx_backend()};
+  }
+  if (want == "torch") return {&isa, torch_backend()};
+  if (want == "openblas") {
+    TORCH_CHECK_VALUE(openblas_available(), kGemmEnv, "=openblas: this build was made without OpenBLAS "
+                      "(install scipy-openblas32 before building); usable: ", c10::Join(", ", available_gemms()));
+    return {&isa, openblas_backend()};
+  }
+  // The remaining names are our own per-ISA GEMM kernels: run that ISA's chunk kernel.
+  const IsaEntry* e = find_isa(want);
+  TORCH_CHECK_VALUE(e != nullptr, kGemmEnv, "=", want, " is not a known GEMM path; expected auto or one of: amx, "
+                    "avx512_bf16, avx512, avx2, generic, openblas, torch");
+  TORCH_CHECK_VALUE(e->cpu_supports(), kGemmEnv, "=", want, ": this CPU cannot run it (usable: ",
+                    c10::Join(", ", available_gemms()), ")");
+  GemmBackend b = own;
+  b.name = e->name;
+  b.use_bf16 = e->table().has_bf16_gemm;
+  return {&e->table(), b};
+}
+
+// Resolution is cached per value of the variables, so tests can switch paths by setting them.
+struct Cache {
+  std::mutex mu;
+  std::string isa_value = "\x01", gemm_value = "\x01";
+  const KernelTable* isa = nullptr;
+  GemmChoice gemm{};
+};
+Cache& cache() {
+  static Cache c;
+  return c;
 }
 
 }  // namespace
@@ -76,19 +141,37 @@ std::vector<std::string> available_isas() {
   return out;
 }
 
+std::vector<std::string> available_gemms() {
+  std::vector<std::string> out;
+  if (amx_usable()) out.emplace_back("amx");
+  for (const auto& isa : available_isas()) out.push_back(isa);
+  if (openblas_available()) out.emplace_back("openblas");
+  out.emplace_back("torch");
+  return out;
+}
+
 const KernelTable& active_kernels() {
-  // Cached per value of the variable, so tests can switch paths by setting it.
-  static std::mutex mu;
-  static std::string cached_value = "\x01";
-  static const KernelTable* cached = nullptr;
-  const char* env = std::getenv(kIsaEnv);
-  const std::string value = (env && *env) ? env : "auto";
-  std::lock_guard<std::mutex> lock(mu);
-  if (cached == nullptr || value != cached_value) {
-    cached = &resolve(value);
-    cached_value = value;
+  Cache& c = cache();
+  const std::string value = env_or_auto(kIsaEnv);
+  std::lock_guard<std::mutex> lock(c.mu);
+  if (c.isa == nullptr || value != c.isa_value) {
+    c.isa = &resolve_isa(value);
+    c.isa_value = value;
+    c.gemm_value = "\x01";  // the GEMM choice depends on the ISA
   }
-  return *cached;
+  return *c.isa;
+}
+
+GemmChoice active_gemm() {
+  const KernelTable& isa = active_kernels();
+  Cache& c = cache();
+  const std::string value = env_or_auto(kGemmEnv);
+  std::lock_guard<std::mutex> lock(c.mu);
+  if (value != c.gemm_value) {
+    c.gemm = resolve_gemm(value, isa);
+    c.gemm_value = value;
+  }
+  return c.gemm;
 }
 
 void parallel_for_impl(int64_t n, int64_t grain, const void* ctx, RangeFn fn) {

@@ -1,4 +1,4 @@
-// Run-time selection of the kernel ISA (host side, baseline ISA).
+// Run-time selection of the kernel ISA and of the prefill GEMM engine (host side, baseline ISA).
 #pragma once
 #include <string>
 #include <vector>
@@ -7,13 +7,25 @@
 
 namespace gdn {
 
-// Environment variable that forces an ISA: auto | avx512 | avx2 | generic.
+// Forces the vector ISA of all kernels: auto | avx512_bf16 | avx512 | avx2 | generic.
 constexpr const char* kIsaEnv = "VLLM_GDN_CPU_ISA";
+// Forces the GEMM engine of the chunked prefill:
+//   auto | amx | avx512_bf16 | avx512 | avx2 | generic | openblas | torch.
+constexpr const char* kGemmEnv = "VLLM_GDN_CPU_GEMM";
 
 // ISAs compiled into this build that this CPU can run, best first.
 std::vector<std::string> available_isas();
-// The table chosen by VLLM_GDN_CPU_ISA (re-read whenever the variable changes); throws a
-// ValueError-type c10::Error naming the variable for an unknown or unsupported value.
+// GEMM engines this build and CPU can run, best first.
+std::vector<std::string> available_gemms();
+
+// The kernels of the ISA chosen by VLLM_GDN_CPU_ISA (re-read whenever the variable changes).
 const KernelTable& active_kernels();
+
+// The prefill's GEMM engine (VLLM_GDN_CPU_GEMM) and the kernel table whose chunk kernel runs it.
+struct GemmChoice {
+  const KernelTable* kernels;
+  GemmBackend backend;
+};
+GemmChoice active_gemm();
 
 }  // namespace gdn

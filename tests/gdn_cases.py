@@ -20,6 +20,36 @@ DTYPE_IDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 OUT_RTOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # Final states are rounded once to the state dtype (relative to the largest |state| entry).
 STATE_RTOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# On GEMM paths with bf16 products (avx512_bf16, amx), bf16 inputs run the chunk's matrix products
+# on bf16-rounded operands with fp32 accumulation (as FLA's GPU kernels do): each product carries
+# ~2^-9 relative rounding per operand, a few of them chained per chunk; measured ~5e-3.
+BF16_PRODUCTS_RTOL = 1.5e-2
+
+
+def prefill_rtols(dtype: torch.dtype, state_dtype: torch.dtype) -> tuple[float, float]:
+    """(output, state) tolerances of the prefill for the GEMM path in use."""
+    out_rtol, state_rtol = OUT_RTOL[dtype], STATE_RTOL[state_dtype]
+    if dtype == torch.bfloat16 and not ops.runtime_info()["gemm"].endswith("-fp32"):
+        out_rtol, state_rtol = max(out_rtol, BF16_PRODUCTS_RTOL), max(state_rtol, BF16_PRODUCTS_RTOL)
+    return out_rtol, state_rtol
+
+
+def gemms() -> list[str]:
+    return ops.runtime_info()["available_gemms"]
+
+
+@contextmanager
+def forced_gemm(gemm: str):
+    old = os.environ.get(ops.GEMM_ENV)
+    os.environ[ops.GEMM_ENV] = gemm
+    try:
+        assert ops.runtime_info()["gemm"].removesuffix("-fp32") == gemm
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ops.GEMM_ENV, None)
+        else:
+            os.environ[ops.GEMM_ENV] = old
 
 
 def isas() -> list[str]:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from gdn_cases import (DTYPE_IDS, DTYPES, OUT_RTOL, STATE_RTOL, assert_close_rel, forced_isa, isas,
-                       make_problem)
+from gdn_cases import (DTYPE_IDS, DTYPES, assert_close_rel, forced_gemm, forced_isa, gemms, isas, make_problem,
+                       prefill_rtols)
 from vllm_gdn_cpu import ops
 from vllm_gdn_cpu.reference import chunk_gated_delta_rule_ref
 
@@ -35,8 +35,9 @@ def run_and_compare(p, dtype, state_dtype, has_initial_state=None, **kw):
         has_initial_state=has_initial_state, **kw,
     )
     assert out.dtype == dtype and out.shape == p.v.shape
-    assert_close_rel(out, expected, OUT_RTOL[dtype], "output")
-    assert_close_rel(state, state_ref, STATE_RTOL[state_dtype], "final state")
+    out_rtol, state_rtol = prefill_rtols(dtype, state_dtype)
+    assert_close_rel(out, expected, out_rtol, "output")
+    assert_close_rel(state, state_ref, state_rtol, "final state")
     return state, out
 
 
@@ -47,6 +48,21 @@ def test_prefill_fp32_all_isas(isa, shape):
     p = make_problem(seqlens, Hk, Hv, K, V, torch.float32, torch.float32, strided=True)
     with forced_isa(isa):
         run_and_compare(p, torch.float32, torch.float32)
+
+
+# Every GEMM engine this machine runs (VLLM_GDN_CPU_GEMM), in fp32 and bf16 (bf16 products where the
+# engine has them), over partial chunks, varlen, GQA and K != V.
+GEMM_SHAPES = [([1, 64, 5, 130, 37], 2, 4, 64, 128), ([200], 1, 1, 96, 192), ([65], 2, 2, 32, 48)]
+
+
+@pytest.mark.parametrize("gemm", gemms())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: f"{len(s[0])}seq-k{s[3]}v{s[4]}")
+def test_prefill_every_gemm_path(gemm, dtype, shape):
+    seqlens, Hk, Hv, K, V = shape
+    p = make_problem(seqlens, Hk, Hv, K, V, dtype, torch.float32, seed=7, strided=True)
+    with forced_gemm(gemm):
+        run_and_compare(p, dtype, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)

@@ -107,6 +107,19 @@ def test_unknown_or_unsupported_isa_is_a_clear_error(monkeypatch):
         ops.runtime_info()
 
 
+def test_unknown_gemm_path_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(ops.GEMM_ENV, "cublas")
+    with pytest.raises(ValueError, match=re.escape("VLLM_GDN_CPU_GEMM=cublas is not a known GEMM path")):
+        ops.runtime_info()
+
+
+@pytest.mark.skipif("amx" in ops.runtime_info()["available_gemms"], reason="this CPU has AMX: forcing it is legal")
+def test_forcing_amx_without_amx_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(ops.GEMM_ENV, "amx")
+    with pytest.raises(ValueError, match="VLLM_GDN_CPU_GEMM=amx: this CPU has no usable AMX-BF16"):
+        ops.runtime_info()
+
+
 def test_forcing_each_available_isa_is_reported():
     for isa in ops.runtime_info()["available_isas"]:
         with forced_isa(isa):

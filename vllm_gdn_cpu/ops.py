@@ -16,15 +16,21 @@ from vllm_gdn_cpu import _C  # noqa: F401  (loads the extension, registers torch
 _ops = torch.ops.vllm_gdn_cpu
 
 ISA_ENV = "VLLM_GDN_CPU_ISA"
+GEMM_ENV = "VLLM_GDN_CPU_GEMM"
 
 
 def runtime_info() -> dict:
-    """The kernel ISA in use (honours VLLM_GDN_CPU_ISA), the ISAs this CPU can run, and threads."""
+    """What the kernels run on now (honouring VLLM_GDN_CPU_ISA / VLLM_GDN_CPU_GEMM).
+
+    isa: vector ISA of all kernels; gemm: GEMM engine of the chunked prefill ("-fp32" when it does
+    not use bf16 products); available_*: what this build and CPU can run, best first.
+    """
     fields = dict(item.split("=", 1) for item in _ops.runtime_info().split(";"))
     return {
         "isa": fields["isa"],
+        "gemm": fields["gemm"],
         "available_isas": fields["available"].split(","),
-        "gemm": f"fp32-{fields['isa']}",
+        "available_gemms": fields["gemms"].split(","),
         "threads": int(fields["threads"]),
     }
 

@@ -1,14 +1,25 @@
 // Small fp32 GEMM for the per-ISA kernels: register-blocked micro-kernels over row-major operands,
 // sized for the chunk kernel's 64 x {64,128,...} tiles.
 #pragma once
+#include <type_traits>
+
 #include "common/vec.h"
 
 namespace gdn {
 namespace GDN_ISA {
 
 // Accumulators MR x NV vectors must fit the register file: 32 zmm with AVX-512, 16 ymm otherwise.
-constexpr int kGemmMR = 4;
 constexpr int kGemmNV = kVecWidth == 16 ? 4 : 2;
+
+// Runs micro(rows, i) over [0, M) in blocks of 6, then 4, 2, 1 rows.
+template <class F>
+inline void for_row_blocks(int64_t M, const F& micro) {
+  int64_t i = 0;
+  for (; i + 6 <= M; i += 6) micro(std::integral_constant<int, 6>{}, i);
+  for (; i + 4 <= M; i += 4) micro(std::integral_constant<int, 4>{}, i);
+  for (; i + 2 <= M; i += 2) micro(std::integral_constant<int, 2>{}, i);
+  for (; i < M; ++i) micro(std::integral_constant<int, 1>{}, i);
+}
 
 template <int MR, int NV>
 inline void gemm_micro_nn(int64_t K, const float* __restrict A, int64_t lda, const float* __restrict B,
@@ -31,10 +42,9 @@ inline void gemm_micro_nn(int64_t K, const float* __restrict A, int64_t lda, con
 template <int NV>
 inline void gemm_column_block(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                               float* C, int64_t ldc, bool accumulate) {
-  int64_t i = 0;
-  for (; i + kGemmMR <= M; i += kGemmMR)
-    gemm_micro_nn<kGemmMR, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
-  for (; i < M; ++i) gemm_micro_nn<1, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+  for_row_blocks(M, [&](auto mr, int64_t i) {
+    gemm_micro_nn<decltype(mr)::value, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+  });
 }
 
 // C[M, N] (+)= A[M, K] @ B[K, N], row-major with leading dims lda, ldb, ldc.
@@ -60,6 +70,89 @@ inline void transpose(const float* __restrict src, int64_t M, int64_t K, int64_t
   for (int64_t i = 0; i < M; ++i)
     for (int64_t p = 0; p < K; ++p) dst[p * ldd + i] = src[i * lds + p];
 }
+
+// ---------------------------------------------------------------------------- bf16 (VNNI) operands
+
+// Packs rows [0, K) of a row-major fp32 B[K, N] into bf16 pairs along K: out[p][n] holds
+// (B[2p][n], B[2p+1][n]); an odd last row is paired with zero. ldo is in 32-bit words.
+inline void pack_vnni_rows(const float* B, int64_t K, int64_t N, int64_t ldb, uint32_t* out, int64_t ldo) {
+  for (int64_t p = 0; 2 * p < K; ++p) {
+    const float* r0 = B + 2 * p * ldb;
+    const float* r1 = 2 * p + 1 < K ? r0 + ldb : nullptr;
+    uint32_t* o = out + p * ldo;
+    for (int64_t n = 0; n < N; ++n) {
+      const uint32_t lo = from_float<bf16_t>(r0[n]).bits;
+      const uint32_t hi = r1 ? from_float<bf16_t>(r1[n]).bits : 0u;
+      o[n] = lo | (hi << 16);
+    }
+  }
+}
+
+// B = X^T for a row-major bf16 X[N, K] (K even): the pairs are already adjacent in X's rows, so
+// packing is a transpose of 32-bit words: out[p][n] = word p of row n.
+inline void pack_vnni_transposed(const uint16_t* X, int64_t N, int64_t K, int64_t ldx, uint32_t* out, int64_t ldo) {
+  for (int64_t n = 0; n < N; ++n) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(X + n * ldx);
+    for (int64_t p = 0; p < K / 2; ++p) out[p * ldo + n] = row[p];
+  }
+}
+
+// fp32 rows -> bf16 rows with an even, zero-padded row length.
+inline void to_bf16_rows(const float* src, int64_t M, int64_t K, int64_t lds, uint16_t* dst, int64_t ldd) {
+  for (int64_t i = 0; i < M; ++i) {
+    store_row(src + i * lds, reinterpret_cast<bf16_t*>(dst + i * ldd), K);
+    if (K % 2) dst[i * ldd + K] = 0;
+  }
+}
+
+#if defined(__AVX512BF16__)
+// C (+)= A B with vdpbf16ps: each instruction multiplies 16 columns x 2 K-steps, fp32 accumulate.
+template <int MR, int NV>
+inline void gemm_bf16_micro(int64_t Kp, const uint16_t* __restrict A, int64_t lda, const uint32_t* __restrict B,
+                            int64_t ldb, float* __restrict C, int64_t ldc, bool accumulate) {
+  __m512 acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NV; ++n) acc[m][n] = accumulate ? _mm512_loadu_ps(C + m * ldc + n * 16) : _mm512_setzero_ps();
+  for (int64_t p = 0; p < Kp; ++p) {
+    __m512i b[NV];
+    for (int n = 0; n < NV; ++n) b[n] = _mm512_loadu_si512(B + p * ldb + n * 16);
+    for (int m = 0; m < MR; ++m) {
+      const __m512i a = _mm512_set1_epi32(reinterpret_cast<const uint32_t*>(A + m * lda)[p]);
+      for (int n = 0; n < NV; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], (__m512bh)a, (__m512bh)b[n]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NV; ++n) _mm512_storeu_ps(C + m * ldc + n * 16, acc[m][n]);
+}
+
+template <int NV>
+inline void gemm_bf16_column_block(int64_t M, int64_t Kp, const uint16_t* A, int64_t lda, const uint32_t* B,
+                                   int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  for_row_blocks(M, [&](auto mr, int64_t i) {
+    gemm_bf16_micro<decltype(mr)::value, NV>(Kp, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+  });
+}
+
+// C[M, N] (+)= A[M, K] B[K, N]; A bf16 row-major with K even (pad with a zero column), B VNNI-packed.
+inline void gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint32_t* B, int64_t ldb,
+                      float* C, int64_t ldc, bool accumulate) {
+  const int64_t Kp = (K + 1) / 2;
+  int64_t j = 0;
+  for (; j + 64 <= N; j += 64) gemm_bf16_column_block<4>(M, Kp, A, lda, B + j, ldb, C + j, ldc, accumulate);
+  for (; j + 16 <= N; j += 16) gemm_bf16_column_block<1>(M, Kp, A, lda, B + j, ldb, C + j, ldc, accumulate);
+  for (; j < N; ++j) {  // scalar tail columns
+    for (int64_t i = 0; i < M; ++i) {
+      float s = accumulate ? C[i * ldc + j] : 0.f;
+      for (int64_t p = 0; p < Kp; ++p) {
+        const uint32_t w = B[p * ldb + j];
+        s += to_float(bf16_t{A[i * lda + 2 * p]}) * to_float(bf16_t{static_cast<uint16_t>(w)});
+        s += to_float(bf16_t{A[i * lda + 2 * p + 1]}) * to_float(bf16_t{static_cast<uint16_t>(w >> 16)});
+      }
+      C[i * ldc + j] = s;
+    }
+  }
+}
+#endif
 
 }  // namespace GDN_ISA
 }  // namespace gdn

@@ -41,6 +41,22 @@ struct StatePool {
   int64_t num_slots;
 };
 
+// GEMM engines for the chunked prefill. A null pointer means "the ISA kernel's own".
+//   f32:  C[M,N] (+)= A[M,K] B[K,N], fp32 row-major.
+//   bf16: same with bf16 A (row-major, K even) and B packed in pairs along K ("VNNI":
+//         B_packed[p][n] = {B[2p][n], B[2p+1][n]} as one 32-bit word, row stride ldb words).
+using GemmF32Fn = void (*)(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                           int64_t ldb, float* C, int64_t ldc, bool accumulate);
+using GemmBF16Fn = void (*)(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint32_t* B,
+                            int64_t ldb, float* C, int64_t ldc, bool accumulate);
+struct GemmBackend {
+  const char* name;
+  GemmF32Fn f32;         // nullptr: the ISA's fp32 micro-kernel
+  GemmBF16Fn bf16;       // nullptr: the ISA's bf16 micro-kernel if use_bf16, else fp32 math
+  bool use_bf16;         // run bf16 inputs through bf16 GEMMs (fp32 accumulation)
+  void (*release)();     // called by each thread after its GEMMs (AMX tile release), may be null
+};
+
 struct RecurrentParams {
   int64_t N, Hk, Hv, K, V;
   Mat3 q, k, v, out;
@@ -64,11 +80,13 @@ struct ChunkParams {
   const bool* has_initial_state;     // [N] or nullptr (all true)
   float scale;
   bool use_qk_l2norm;
+  GemmBackend gemm;
 };
 
 // One entry per compiled ISA (kernels/runtime.cpp picks one at run time).
 struct KernelTable {
   const char* isa;
+  bool has_bf16_gemm;  // this ISA's kernels include the AVX512-BF16 (vdpbf16ps) GEMM
   void (*gdn_gating)(const GatingParams&);
   void (*fused_recurrent)(const RecurrentParams&);
   void (*chunk_gated_delta_rule)(const ChunkParams&);
