@@ -97,7 +97,7 @@ class Mm {
 };
 
 struct ChunkScratch {
-  float *k, *q, *kT, *wq, *vo, *KK, *P, *Tm, *kg, *gc, *beta, *S;
+  float *k, *q, *kT, *wq, *vo, *KK, *P, *Tm, *kg, *gc, *eg, *eg_inv, *beta, *S;
   uint16_t* a_bf16;
   uint32_t *pack_kT, *pack_v, *pack_kg, *pack_S, *pack_vnew;
 
@@ -114,7 +114,7 @@ struct ChunkScratch {
     k = take(C * K), q = take(C * K), kT = take(K * C), kg = take(C * K);
     wq = take(2 * C * K), vo = take(2 * C * V);
     KK = take(C * C), P = take(C * C), Tm = take(C * C);
-    gc = take(C), beta = take(C), S = take(K * V);
+    gc = take(C), eg = take(C), eg_inv = take(C), beta = take(C), S = take(K * V);
     a_bf16 = reinterpret_cast<uint16_t*>(take((2 * C * even(Mx) + 1) / 2));
     pack_kT = reinterpret_cast<uint32_t*>(take(even(K) / 2 * C));
     pack_v = reinterpret_cast<uint32_t*>(take(C / 2 * V));
@@ -208,13 +208,30 @@ void chunk_kernel(const ChunkParams& p, bool bf16_gemm) {
         const Mm::B kT = mm.operand(s.kT, K, n, C, s.pack_kT);
         mm.run_lower_c(n, K, s.k, K, kT, s.KK, C);
         mm.run_lower_c(n, K, s.q, K, kT, s.P, C);
+        // exp(gc_i - gc_j) = exp(gc_i) exp(-gc_j) costs 2n exps instead of n^2/2; exp(-gc_j) stays
+        // finite while the chunk's total decay is above -80 (else one exp per entry).
+        const bool factored = g_last > -80.f;
+        if (factored)
+          for (int64_t i = 0; i < n; ++i) s.eg[i] = std::exp(s.gc[i]), s.eg_inv[i] = std::exp(-s.gc[i]);
         for (int64_t i = 0; i < n; ++i) {
-          for (int64_t j = 0; j <= i; ++j) {
-            const float d = std::exp(s.gc[i] - s.gc[j]);
-            s.P[i * C + j] *= d;
-            s.Tm[i * C + j] = s.beta[i] * s.KK[i * C + j] * d;
+          float* P_row = s.P + i * C;
+          float* T_row = s.Tm + i * C;
+          const float* KK_row = s.KK + i * C;
+          if (factored) {
+            const float ei = s.eg[i], bi = s.beta[i] * s.eg[i];
+#pragma omp simd
+            for (int64_t j = 0; j <= i; ++j) {
+              P_row[j] *= ei * s.eg_inv[j];
+              T_row[j] = bi * KK_row[j] * s.eg_inv[j];
+            }
+          } else {
+            for (int64_t j = 0; j <= i; ++j) {
+              const float d = std::exp(s.gc[i] - s.gc[j]);
+              P_row[j] *= d;
+              T_row[j] = s.beta[i] * KK_row[j] * d;
+            }
           }
-          for (int64_t j = i + 1; j < n; ++j) s.P[i * C + j] = 0.f;
+          for (int64_t j = i + 1; j < n; ++j) P_row[j] = 0.f;
         }
         invert_unit_lower(s.Tm, n, C);
         for (int64_t i = 0; i < n; ++i)

@@ -78,22 +78,17 @@ inline void transpose(const float* __restrict src, int64_t M, int64_t K, int64_t
 inline void pack_vnni_rows(const float* B, int64_t K, int64_t N, int64_t ldb, uint32_t* out, int64_t ldo) {
   for (int64_t p = 0; 2 * p < K; ++p) {
     const float* r0 = B + 2 * p * ldb;
-    const float* r1 = 2 * p + 1 < K ? r0 + ldb : nullptr;
+    const bool has_r1 = 2 * p + 1 < K;
+    const float* r1 = r0 + ldb;
     uint32_t* o = out + p * ldo;
-    for (int64_t n = 0; n < N; ++n) {
-      const uint32_t lo = from_float<bf16_t>(r0[n]).bits;
-      const uint32_t hi = r1 ? from_float<bf16_t>(r1[n]).bits : 0u;
-      o[n] = lo | (hi << 16);
+    int64_t n = 0;
+    for (; n + kVecWidth <= N; n += kVecWidth) {
+      const vuint lo = bf16_bits(vload(r0 + n));
+      const vuint hi = has_r1 ? bf16_bits(vload(r1 + n)) << 16 : vuint{};
+      *reinterpret_cast<vuint_unaligned*>(o + n) = lo | hi;
     }
-  }
-}
-
-// B = X^T for a row-major bf16 X[N, K] (K even): the pairs are already adjacent in X's rows, so
-// packing is a transpose of 32-bit words: out[p][n] = word p of row n.
-inline void pack_vnni_transposed(const uint16_t* X, int64_t N, int64_t K, int64_t ldx, uint32_t* out, int64_t ldo) {
-  for (int64_t n = 0; n < N; ++n) {
-    const uint32_t* row = reinterpret_cast<const uint32_t*>(X + n * ldx);
-    for (int64_t p = 0; p < K / 2; ++p) out[p * ldo + n] = row[p];
+    for (; n < N; ++n)
+      o[n] = from_float<bf16_t>(r0[n]).bits | (has_r1 ? uint32_t{from_float<bf16_t>(r1[n]).bits} << 16 : 0u);
   }
 }
 

@@ -32,7 +32,17 @@ typedef float vfloat_unaligned __attribute__((vector_size(kVecWidth * sizeof(flo
 
 inline vfloat vload(const float* p) { return *reinterpret_cast<const vfloat_unaligned*>(p); }
 inline void vstore(float* p, vfloat x) { *reinterpret_cast<vfloat_unaligned*>(p) = x; }
-inline vfloat vbroadcast(float x) { return vfloat{} + x; }
+// (vfloat{} + x would cost a scalar add: 0 + x is not x for x = -0.)
+inline vfloat vbroadcast(float x) {
+#if defined(__AVX512F__)
+  const __m512 v = _mm512_set1_ps(x);
+#elif defined(__AVX2__)
+  const __m256 v = _mm256_set1_ps(x);
+#else
+  const vfloat v = {x, x, x, x};
+#endif
+  return reinterpret_cast<const vfloat&>(v);
+}
 
 // Storage types. bf16 is handled as raw bits (portable, vectorises as shifts); fp16 uses the
 // compiler's _Float16 (F16C/AVX512-FP16 instructions where the ISA has them).
@@ -68,6 +78,7 @@ inline bf16_t from_float<bf16_t>(float x) {
 
 // Whole-vector loads/stores that convert between the storage type and fp32 in registers.
 typedef uint32_t vuint __attribute__((vector_size(kVecWidth * sizeof(uint32_t))));
+typedef uint32_t vuint_unaligned __attribute__((vector_size(kVecWidth * sizeof(uint32_t)), aligned(4)));
 typedef uint16_t vushort_unaligned __attribute__((vector_size(kVecWidth * sizeof(uint16_t)), aligned(2)));
 
 inline vfloat vload_float(const float* p) { return vload(p); }
@@ -84,26 +95,24 @@ inline vfloat vload_float(const bf16_t* p) {
 #endif
   return reinterpret_cast<const vfloat&>(u);
 }
+// fp32 -> bf16 bits (round to nearest even, NaN stays NaN) in the low half of each 32-bit lane.
+inline vuint bf16_bits(vfloat x) {
+  const vuint u = reinterpret_cast<const vuint&>(x);
+  const vuint rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const vuint is_nan = (vuint)((u & 0x7fffffffu) > 0x7f800000u);
+  return (rounded & ~is_nan) | (((u >> 16) | 0x40u) & is_nan);
+}
+
 inline void vstore_float(bf16_t* p, vfloat x) {
+  const vuint bits = bf16_bits(x);
 #if defined(__AVX512F__)
-  const __m512 f = reinterpret_cast<const __m512&>(x);
-  const __m512i u = _mm512_castps_si512(f);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(reinterpret_cast<const __m512i&>(bits)));
 #elif defined(__AVX2__)
-  const __m256 f = reinterpret_cast<const __m256&>(x);
-  const __m256i u = _mm256_castps_si256(f);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-  r = _mm256_blendv_epi8(r, quiet, _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
-  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+  const __m256i r = reinterpret_cast<const __m256i&>(bits);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
 #else
-  for (int i = 0; i < kVecWidth; ++i) p[i] = from_float<bf16_t>(x[i]);
+  for (int i = 0; i < kVecWidth; ++i) p[i].bits = static_cast<uint16_t>(bits[i]);
 #endif
 }
 
