@@ -20,8 +20,11 @@ namespace gdn {
 namespace GDN_ISA {
 namespace {
 
-constexpr int kTileVecs = 4;
+// A tile as wide as the registers allow (2 accumulators per vector): 128 columns with AVX-512, so
+// pass 1 streams whole state rows of the common V = 128 contiguously.
+constexpr int kTileVecs = kVecWidth == 16 ? 8 : 4;
 constexpr int64_t kTile = kTileVecs * kVecWidth;
+constexpr int64_t kPrefetchRows = 12;
 
 // Per-token values shared by all tiles of a task.
 struct TokenStep {
@@ -37,7 +40,12 @@ inline void step_tile(const TokenStep& s, int64_t K, const TSrc* src, int64_t ld
                       const TIn* v, TIn* o) {
   vfloat acc_k[NV], acc_q[NV];
   for (int n = 0; n < NV; ++n) acc_k[n] = acc_q[n] = vfloat{};
+  constexpr int64_t kTileBytes = NV * kVecWidth * sizeof(TSrc);
   for (int64_t r = 0; r < K; ++r) {
+    // Pass 1 is bound by memory latency: request rows well ahead (past the block end this reaches
+    // the next head's state, which is contiguous and processed next; prefetches never fault).
+    const char* ahead = reinterpret_cast<const char*>(src + (r + kPrefetchRows) * lds);
+    for (int64_t b = 0; b < kTileBytes; b += 64) __builtin_prefetch(ahead + b, 0, 3);
     const vfloat kr = vbroadcast(s.k[r]), qr = vbroadcast(s.q[r]);
     for (int n = 0; n < NV; ++n) {
       const vfloat x = vload_float(src + r * lds + n * kVecWidth);
@@ -84,15 +92,19 @@ void step_block(const TokenStep& s, int64_t K, int64_t width, const TSrc* src, i
   int64_t j = 0;
   for (; j + kTile <= width; j += kTile)
     step_tile<kTileVecs>(s, K, src + j, lds, dst + j, ldd, v + j, o + j);
+  for (; j + 4 * kVecWidth <= width; j += 4 * kVecWidth)
+    step_tile<4>(s, K, src + j, lds, dst + j, ldd, v + j, o + j);
   for (; j + kVecWidth <= width; j += kVecWidth) step_tile<1>(s, K, src + j, lds, dst + j, ldd, v + j, o + j);
   if (j < width) step_columns(s, K, width - j, src + j, lds, dst + j, ldd, v + j, o + j);
 }
 
-// Largest V-block (a multiple of the tile, or all of V) that still gives every thread a few tasks.
+// Largest V-block (all of V, or a multiple of 4 vectors) that still gives every thread a few tasks.
 int64_t choose_v_block(int64_t tasks_per_block, int64_t V) {
   const int64_t want = 4 * static_cast<int64_t>(num_threads());
+  const int64_t quantum = 4 * kVecWidth;
   int64_t vb = V;
-  while (tasks_per_block * ((V + vb - 1) / vb) < want && vb > kTile) vb = std::max(kTile, (vb / 2 + kTile - 1) / kTile * kTile);
+  while (tasks_per_block * ((V + vb - 1) / vb) < want && vb > quantum)
+    vb = std::max(quantum, (vb / 2 + quantum - 1) / quantum * quantum);
   return vb;
 }
 

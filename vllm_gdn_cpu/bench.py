@@ -135,10 +135,25 @@ def torch_prefill(q, k, v, g, beta, state, idx, cu, ratio):
         )
 
 
+def gemm_peaks() -> dict:
+    return {"bf16_gemm_gflops": gemm_peak_gflops(torch.bfloat16), "fp32_gemm_gflops": gemm_peak_gflops(torch.float32)}
+
+
+def add_roofline(rows: list[dict], before: dict) -> None:
+    """Peaks are measured before and after the rows (best of both, so a noisy moment cannot
+    inflate the percentages); each row gets % of the bf16 and of the fp32 GEMM peak."""
+    after = gemm_peaks()
+    peaks = {k: max(before[k], after[k]) for k in before}
+    for row in rows:
+        row.update(peaks)
+        row["pct_of_bf16_gemm_peak"] = 100 * row["ours_gflops"] / peaks["bf16_gemm_gflops"]
+        row["pct_of_fp32_gemm_peak"] = 100 * row["ours_gflops"] / peaks["fp32_gemm_gflops"]
+
+
 def bench_prefill(args) -> list[dict]:
     vl = None if args.no_vllm else vllm_ops()
     dtype = getattr(torch, args.dtype)
-    peak = gemm_peak_gflops(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    peaks_before = gemm_peaks()
     rows = []
     for model in args.models.split(","):
         h = MODELS[model]
@@ -152,8 +167,6 @@ def bench_prefill(args) -> list[dict]:
             row["ours_tok_s"] = T / t
             flops = prefill_flops_per_token(h, seqlens) * T
             row["ours_gflops"] = flops / t / 1e9
-            row["gemm_peak_gflops"] = peak
-            row["ours_pct_of_gemm_peak"] = 100 * row["ours_gflops"] / peak
             if vl is not None and dtype == torch.bfloat16:
                 chunk_vllm = vl[0]
                 # vLLM's kernel takes [1, T, ...] inputs, g in fp32 and beta in the model dtype.
@@ -168,6 +181,13 @@ def bench_prefill(args) -> list[dict]:
                 row["speedup_vs_torch_ref"] = tr / t
             rows.append(row)
             print_row(row, args)
+    add_roofline(rows, peaks_before)
+    if not args.json:
+        print(f"# GEMM peaks measured in this run: {rows[0]['bf16_gemm_gflops']:.0f} GFLOP/s bf16, "
+              f"{rows[0]['fp32_gemm_gflops']:.0f} GFLOP/s fp32; % of each per row:")
+        for row in rows:
+            print(f"#   {row['model']} {row['workload']}: {row['pct_of_bf16_gemm_peak']:.0f}% of bf16, "
+                  f"{row['pct_of_fp32_gemm_peak']:.0f}% of fp32")
     return rows
 
 
@@ -281,9 +301,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif args.mode == "decode":
         rows = bench_decode(args)
     else:
-        rows = [{"bf16_gemm_gflops": gemm_peak_gflops(torch.bfloat16), "fp32_gemm_gflops":
-                 gemm_peak_gflops(torch.float32), "stream_gbps": stream_gbps(),
-                 "threads": torch.get_num_threads()}]
+        rows = [{**gemm_peaks(), "stream_gbps": stream_gbps(), "threads": torch.get_num_threads()}]
         print_row(rows[0], args)
     if args.json:
         json.dump({"mode": args.mode, **info, "rows": rows}, sys.stdout, indent=1)
