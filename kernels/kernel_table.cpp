@@ -7,6 +7,7 @@ namespace GDN_ISA {
 void gdn_gating(const GatingParams&);
 void fused_recurrent(const RecurrentParams&);
 void chunk_gated_delta_rule(const ChunkParams&);
+void causal_conv1d(const ConvParams&);
 
 #define GDN_STR2(x) #x
 #define GDN_STR(x) GDN_STR2(x)
@@ -16,7 +17,8 @@ const KernelTable& kernel_table() {
 #else
   constexpr bool kHasBF16Gemm = false;
 #endif
-  static const KernelTable table{GDN_STR(GDN_ISA), kHasBF16Gemm, &gdn_gating, &fused_recurrent, &chunk_gated_delta_rule};
+  static const KernelTable table{GDN_STR(GDN_ISA), kHasBF16Gemm, &gdn_gating, &fused_recurrent, &chunk_gated_delta_rule,
+                                 &causal_conv1d};
   return table;
 }
 

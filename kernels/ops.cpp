@@ -137,6 +137,15 @@ const int32_t* check_cu_seqlens(const at::Tensor& cu, int64_t N, int64_t T, cons
   return p;
 }
 
+const bool* check_has_initial_state(const at::Tensor& h, int64_t N, const char* op) {
+  check_dim(h, 1, op, "has_initial_state", "[N]");
+  check_shape(h, {N}, op, "has_initial_state");
+  TORCH_CHECK_TYPE(h.scalar_type() == at::kBool, op, ": argument 'has_initial_state' must be bool, got ",
+                   h.scalar_type());
+  TORCH_CHECK_VALUE(h.is_contiguous(), op, ": argument 'has_initial_state' must be contiguous");
+  return h.data_ptr<bool>();
+}
+
 // Rows of out that belong to no sequence are zeroed, so the result never depends on garbage.
 void zero_trailing_rows(at::Tensor& out, int64_t covered) {
   if (covered < out.size(0)) out.narrow(0, covered, out.size(0) - covered).zero_();
@@ -209,15 +218,7 @@ void chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::
   p.state_indices = check_state_indices(state_indices, p.state.num_slots, op);
   p.N = state_indices.size(0);
   p.cu_seqlens = check_cu_seqlens(cu_seqlens, p.N, s.T, op);
-  if (has_initial_state.has_value()) {
-    const at::Tensor& h = *has_initial_state;
-    check_dim(h, 1, op, "has_initial_state", "[N]");
-    check_shape(h, {p.N}, op, "has_initial_state");
-    TORCH_CHECK_TYPE(h.scalar_type() == at::kBool, op, ": argument 'has_initial_state' must be bool, got ",
-                     h.scalar_type());
-    TORCH_CHECK_VALUE(h.is_contiguous(), op, ": argument 'has_initial_state' must be contiguous");
-    p.has_initial_state = h.data_ptr<bool>();
-  }
+  if (has_initial_state.has_value()) p.has_initial_state = check_has_initial_state(*has_initial_state, p.N, op);
   p.Hk = s.Hk, p.Hv = s.Hv, p.K = s.K, p.V = s.V;
   p.q = mat3(q, op, "q"), p.k = mat3(k, op, "k"), p.v = mat3(v, op, "v"), p.out = mat3(out, op, "out");
   p.g = g.data_ptr<float>(), p.beta = beta.data_ptr<float>();
@@ -260,6 +261,75 @@ void fused_recurrent_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, 
   p.use_qk_l2norm = use_qk_l2norm;
   active_kernels().fused_recurrent(p);
   zero_trailing_rows(out, covered);
+}
+
+void causal_conv1d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   at::Tensor& conv_state, const at::Tensor& state_indices, const at::Tensor& cu_seqlens,
+                   const std::optional<at::Tensor>& has_initial_state, bool silu, at::Tensor& out) {
+  constexpr const char* op = "causal_conv1d";
+  check_dim(x, 2, op, "x", "[T, D]");
+  const int64_t T = x.size(0), D = x.size(1);
+  check_dim(weight, 2, op, "weight", "[D, W]");
+  const int64_t W = weight.size(1);
+  TORCH_CHECK_VALUE(weight.size(0) == D && W >= 2 && W <= 8, op, ": argument 'weight' must have shape [D=", D,
+                    ", W] with 2 <= W <= 8, got ", weight.sizes());
+  const at::Tensor w32 = weight.to(at::kFloat).contiguous();
+  at::Tensor b32;
+  if (bias.has_value()) b32 = per_head_f32(*bias, D, op, "bias");
+  check_dim(conv_state, 3, op, "conv_state", "[num_slots, W-1, D]");
+  TORCH_CHECK_VALUE(conv_state.size(1) == W - 1 && conv_state.size(2) == D, op,
+                    ": argument 'conv_state' must have shape [num_slots, ", W - 1, ", ", D, "], got ",
+                    conv_state.sizes());
+  check_dim(out, 2, op, "out", "[T, D]");
+  check_shape(out, {T, D}, op, "out");
+  TORCH_CHECK_TYPE(out.scalar_type() == x.scalar_type(), op, ": argument 'out' must have x's dtype ",
+                   x.scalar_type(), ", got ", out.scalar_type());
+  ConvParams p{};
+  p.T = T, p.D = D, p.W = W;
+  p.x = mat2(x, op, "x");
+  p.out = mat2(out, op, "out");
+  p.weight = w32.data_ptr<float>();
+  p.bias = bias.has_value() ? b32.data_ptr<float>() : nullptr;
+  p.state = conv_state.data_ptr();
+  p.state_dtype = to_dtype(conv_state, op, "conv_state");
+  p.state_slot_stride = conv_state.stride(0), p.state_tap_stride = conv_state.stride(1);
+  p.state_dim_stride = conv_state.stride(2);
+  p.state_indices = check_state_indices(state_indices, conv_state.size(0), op);
+  p.N = state_indices.size(0);
+  p.cu_seqlens = check_cu_seqlens(cu_seqlens, p.N, T, op);
+  if (has_initial_state.has_value()) p.has_initial_state = check_has_initial_state(*has_initial_state, p.N, op);
+  p.silu = silu;
+  active_kernels().causal_conv1d(p);
+  zero_trailing_rows(out, p.cu_seqlens[p.N]);
+}
+
+void gdn_decode_step(const at::Tensor& mixed_qkv, const at::Tensor& conv_weight,
+                     const std::optional<at::Tensor>& conv_bias, at::Tensor& conv_state, const at::Tensor& A_log,
+                     const at::Tensor& dt_bias, const at::Tensor& a, const at::Tensor& b, at::Tensor& ssm_state,
+                     const at::Tensor& state_indices, int64_t num_k_heads, int64_t head_k_dim, int64_t head_v_dim,
+                     double scale, bool use_qk_l2norm, bool allow_neg_eigval, double softplus_beta,
+                     double softplus_threshold, at::Tensor& out) {
+  constexpr const char* op = "gdn_decode_step";
+  check_dim(mixed_qkv, 2, op, "mixed_qkv", "[B, 2*Hk*K + Hv*V]");
+  check_dim(a, 2, op, "a", "[B, Hv]");
+  const int64_t B = mixed_qkv.size(0), Hv = a.size(1), Hk = num_k_heads, K = head_k_dim, V = head_v_dim;
+  TORCH_CHECK_VALUE(Hk > 0 && K > 0 && V > 0, op, ": arguments 'num_k_heads', 'head_k_dim', 'head_v_dim' must be "
+                    "positive, got ", Hk, ", ", K, ", ", V);
+  TORCH_CHECK_VALUE(mixed_qkv.size(1) == 2 * Hk * K + Hv * V, op, ": argument 'mixed_qkv' must have 2*Hk*K + Hv*V = ",
+                    2 * Hk * K + Hv * V, " channels (Hk=", Hk, ", K=", K, ", Hv=", Hv, ", V=", V, "), got ",
+                    mixed_qkv.size(1));
+  TORCH_CHECK_VALUE(state_indices.dim() == 1 && state_indices.size(0) == B, op,
+                    ": argument 'state_indices' must have one entry per token (", B, "), got shape ",
+                    state_indices.sizes());
+  // Conv output in the model dtype, exactly what the unfused path hands to the recurrence.
+  at::Tensor qkv = at::empty_like(mixed_qkv, at::MemoryFormat::Contiguous);
+  const at::Tensor cu = at::arange(B + 1, state_indices.options());
+  causal_conv1d(mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, cu, std::nullopt, /*silu=*/true, qkv);
+  const at::Tensor q = qkv.narrow(1, 0, Hk * K).view({B, Hk, K});
+  const at::Tensor k = qkv.narrow(1, Hk * K, Hk * K).view({B, Hk, K});
+  const at::Tensor v = qkv.narrow(1, 2 * Hk * K, Hv * V).view({B, Hv, V});
+  fused_recurrent_gated_delta_rule(q, k, v, A_log, dt_bias, a, b, ssm_state, state_indices, std::nullopt, scale,
+                                   use_qk_l2norm, allow_neg_eigval, softplus_beta, softplus_threshold, out);
 }
 
 std::string runtime_info() {

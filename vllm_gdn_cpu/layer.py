@@ -6,11 +6,10 @@ forward: the core runs as the custom op ``vllm::gdn_cpu_attention_core`` (opaque
 torch.compile, like vLLM's own ``cpu_gdn_attention_core``), which reads the GDN attention
 metadata of the step and calls:
 
-* ``causal_conv1d_varlen`` (below, plain torch, vectorised over tokens and sequences) for the
-  short convolution of decode and prefill tokens alike;
-* ``vllm_gdn_cpu.ops.fused_recurrent_gated_delta_rule`` for decode tokens (gating fused in);
-* ``vllm_gdn_cpu.ops.gdn_gating`` + ``chunk_gated_delta_rule`` for prefill (and chunked-prefill
-  continuation) tokens.
+* ``vllm_gdn_cpu.ops.gdn_decode_step`` for decode tokens: conv1d state update, q/k/v split,
+  l2norm, gating and the recurrence in one call;
+* ``vllm_gdn_cpu.ops.causal_conv1d`` + ``gdn_gating`` + ``chunk_gated_delta_rule`` for prefill (and
+  chunked-prefill continuation) tokens.
 
 State: ``layer.kv_cache = (conv_state, ssm_state)`` per slot. vLLM allocates the SSM state as
 ``[slots, Hv, V, K]``; only our kernels touch it and they view it as ``[slots, Hv, K, V]``.
@@ -19,7 +18,6 @@ State: ``layer.kv_cache = (conv_state, ssm_state)`` per slot. vLLM allocates the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import QwenGatedDeltaNetAttention
@@ -42,69 +40,13 @@ SPEC_DECODE_UNSUPPORTED = (
 CONV_ACTIVATIONS = {"silu": True, "swish": True, None: False}
 
 
-def causal_conv1d_varlen(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    conv_state: torch.Tensor,
-    state_indices: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    has_initial_state: torch.Tensor | None,
-    apply_silu: bool,
-) -> torch.Tensor:
-    """Depthwise causal conv1d over a varlen batch that continues from, and updates, a cached state.
-
-    x [T, D]: the tokens of N sequences back to back (``cu_seqlens`` int [N+1]); weight [D, W];
-    bias [D] or None; conv_state [slots, W-1, D] (any strides): the last W-1 inputs of each
-    sequence, oldest first; state_indices int [N] (< 0: padding, state neither read nor written);
-    has_initial_state bool [N] (None: all True; False starts from zeros). Decode is the case of
-    sequences of length 1. Returns [T, D] in x's dtype, accumulated in float32.
-
-    No loop over tokens or sequences: each sequence is laid out behind its W-1 history rows in one
-    buffer, so every output row is a fixed-offset window of that buffer and no window straddles two
-    sequences; the loop below runs over the W kernel taps.
-    """
-    num_tokens, dim = x.shape
-    history_len = weight.shape[1] - 1
-    num_seqs = state_indices.shape[0]
-    cu_seqlens = cu_seqlens.long()
-    seq_ids = torch.arange(num_seqs)
-    history_offsets = torch.arange(history_len)
-
-    token_seq = torch.repeat_interleave(seq_ids, cu_seqlens.diff(), output_size=num_tokens)
-    # Sequence i occupies rows [cu[i] + i*(W-1), cu[i+1] + (i+1)*(W-1)) of the buffer: its W-1
-    # history rows, then its tokens.
-    token_rows = torch.arange(num_tokens) + (token_seq + 1) * history_len
-    history_rows = (cu_seqlens[:-1] + seq_ids * history_len)[:, None] + history_offsets
-    last_rows = (cu_seqlens[1:] + seq_ids * history_len)[:, None] + history_offsets
-
-    is_real = state_indices >= 0
-    slots = state_indices.clamp(min=0).long()
-    starts_from_state = is_real if has_initial_state is None else is_real & has_initial_state
-    history = conv_state[slots].float()
-    # where, not multiply: an unused cache slot may hold NaN garbage, and NaN * 0 is NaN.
-    history = torch.where(starts_from_state[:, None, None], history, 0.0)
-
-    buffer = torch.empty(num_tokens + num_seqs * history_len, dim, dtype=torch.float32)
-    buffer[token_rows] = x.float()
-    buffer[history_rows.flatten()] = history.flatten(0, 1)
-
-    taps = weight.float()
-    out = buffer.index_select(0, token_rows - history_len) * taps[:, 0]
-    for tap in range(1, history_len + 1):
-        out.addcmul_(buffer.index_select(0, token_rows - history_len + tap), taps[:, tap])
-    if bias is not None:
-        out += bias.float()
-    if apply_silu:
-        F.silu(out, inplace=True)
-
-    conv_state[slots[is_real]] = buffer[last_rows[is_real]].to(conv_state.dtype)
-    return out.to(x.dtype)
-
-
 class GDNCPUQwenGatedDeltaNetAttention(QwenGatedDeltaNetAttention):
     """Drop-in for vLLM's ``QwenGatedDeltaNetAttention`` (Qwen3-Next interleaved and Qwen3.5 flat
     qkvz layouts), registered with ``PluggableLayer.register_oot`` by ``vllm_gdn_cpu.plugin``."""
+
+    # beta = 2*sigmoid(b) when True (OLMo-hybrid's linear_allow_neg_eigval; vllm_gdn_cpu.olmo_layer
+    # reuses forward_core and sets it per layer).
+    allow_neg_eigval: bool = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -205,34 +147,45 @@ class GDNCPUQwenGatedDeltaNetAttention(QwenGatedDeltaNetAttention):
         )
         conv_state, ssm_state = self._state_views()
 
-        conv_out = causal_conv1d_varlen(
-            mixed_qkv[:num_tokens],
-            self._plain_conv_weight(),
-            self.conv1d.bias,
-            conv_state,
-            state_indices,
-            cu_seqlens,
-            has_initial_state,
-            CONV_ACTIVATIONS[self.activation],
-        )
+        weight, bias = self._plain_conv_weight(), self.conv1d.bias
+        silu = CONV_ACTIVATIONS[self.activation]
+        decode, prefill = slice(0, num_decode_tokens), slice(num_decode_tokens, num_tokens)
+        if num_decodes > 0 and silu:
+            # The whole decode core (conv update, q/k/v split, l2norm, gating, recurrence) in one op.
+            ops.gdn_decode_step(
+                mixed_qkv[decode], weight, bias, conv_state, self.A_log, self.dt_bias, a[decode], b[decode],
+                ssm_state, state_indices[:num_decodes], num_k_heads=self.num_k_heads // self.tp_size,
+                head_k_dim=self.head_k_dim, head_v_dim=self.head_v_dim, out=core_attn_out[decode],
+                allow_neg_eigval=self.allow_neg_eigval,
+            )
+        elif num_decodes > 0:
+            q, k, v = self._conv_qkv(mixed_qkv[decode], weight, bias, conv_state, state_indices[:num_decodes],
+                                     cu_seqlens[: num_decodes + 1], None, silu)
+            ops.fused_recurrent_gated_delta_rule(
+                q, k, v, self.A_log, self.dt_bias, a[decode], b[decode], ssm_state, state_indices[:num_decodes],
+                out=core_attn_out[decode], allow_neg_eigval=self.allow_neg_eigval,
+            )
+        if metadata.num_prefills > 0:
+            prefill_cu = cu_seqlens[num_decodes:] - num_decode_tokens
+            prefill_slots = state_indices[num_decodes:]
+            prefill_has_init = None if has_initial_state is None else has_initial_state[num_decodes:]
+            q, k, v = self._conv_qkv(mixed_qkv[prefill], weight, bias, conv_state, prefill_slots, prefill_cu,
+                                     prefill_has_init, silu)
+            g, beta = ops.gdn_gating(self.A_log, a[prefill], b[prefill], self.dt_bias,
+                                     allow_neg_eigval=self.allow_neg_eigval)
+            ops.chunk_gated_delta_rule(
+                q, k, v, g, beta, ssm_state, prefill_slots, prefill_cu,
+                has_initial_state=prefill_has_init, out=core_attn_out[prefill],
+            )
+
+    def _conv_qkv(self, x, weight, bias, conv_state, state_indices, cu_seqlens, has_initial_state, silu):
+        """Causal conv1d (+ SiLU) of mixed q|k|v channels, split into [T, H, dim] head views."""
+        conv_out = ops.causal_conv1d(x, weight, bias, conv_state, state_indices, cu_seqlens,
+                                     has_initial_state=has_initial_state, silu=silu)
         key_dim, value_dim = self.key_dim // self.tp_size, self.value_dim // self.tp_size
         q, k, v = conv_out.split([key_dim, key_dim, value_dim], dim=-1)
         q, k = q.unflatten(-1, (-1, self.head_k_dim)), k.unflatten(-1, (-1, self.head_k_dim))
-        v = v.unflatten(-1, (-1, self.head_v_dim))
-
-        decode, prefill = slice(0, num_decode_tokens), slice(num_decode_tokens, num_tokens)
-        if num_decodes > 0:
-            ops.fused_recurrent_gated_delta_rule(
-                q[decode], k[decode], v[decode], self.A_log, self.dt_bias, a[decode], b[decode],
-                ssm_state, state_indices[:num_decodes], out=core_attn_out[decode],
-            )
-        if metadata.num_prefills > 0:
-            g, beta = ops.gdn_gating(self.A_log, a[prefill], b[prefill], self.dt_bias)
-            ops.chunk_gated_delta_rule(
-                q[prefill], k[prefill], v[prefill], g, beta, ssm_state,
-                state_indices[num_decodes:], cu_seqlens[num_decodes:] - num_decode_tokens,
-                has_initial_state=has_initial_state[num_decodes:], out=core_attn_out[prefill],
-            )
+        return q, k, v.unflatten(-1, (-1, self.head_v_dim))
 
 
 def gdn_cpu_attention_core(

@@ -144,4 +144,77 @@ def fused_recurrent_gated_delta_rule(
     return o
 
 
-__all__ = ["runtime_info", "gdn_gating", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    conv_state: torch.Tensor,
+    state_indices: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    has_initial_state: Optional[torch.Tensor] = None,
+    silu: bool = True,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Depthwise causal conv1d (+ SiLU) of a varlen batch, continuing from and updating conv_state.
+
+    x [T, D] (rows may be strided); weight [D, W] (2 <= W <= 8); bias [D] or None; conv_state
+    [slots, W-1, D] with any strides (vLLM's dim-first cache is a transposed view): the last W-1
+    inputs of each sequence, oldest first; state_indices int32 [N] (< 0: padding, history zero,
+    state untouched); cu_seqlens int32 [N+1]; has_initial_state bool [N] (None: all True).
+    Decode is the case of sequences of length 1. Returns [T, D] in x's dtype (fp32 accumulation).
+    """
+    o = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    _ops.causal_conv1d(x, weight, bias, conv_state, state_indices, cu_seqlens, has_initial_state, bool(silu), o)
+    return o
+
+
+def gdn_decode_step(
+    mixed_qkv: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: Optional[torch.Tensor],
+    conv_state: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ssm_state: torch.Tensor,
+    state_indices: torch.Tensor,
+    *,
+    num_k_heads: int,
+    head_k_dim: int,
+    head_v_dim: int,
+    scale: Optional[float] = None,
+    use_qk_l2norm: bool = True,
+    allow_neg_eigval: bool = False,
+    softplus_beta: float = 1.0,
+    softplus_threshold: float = 20.0,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One GDN layer's decode core in one call: conv1d state update + SiLU over mixed_qkv [B, D]
+    (channels q | k | v), split into heads, l2norm, gating and the recurrence (one token per
+    sequence). Same as causal_conv1d followed by fused_recurrent_gated_delta_rule. Returns [B, Hv, V].
+    """
+    Hv = a.shape[1]
+    o = out if out is not None else torch.empty(mixed_qkv.shape[0], Hv, head_v_dim, dtype=mixed_qkv.dtype)
+    _ops.gdn_decode_step(
+        mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, a, b, ssm_state, state_indices,
+        int(num_k_heads), int(head_k_dim), int(head_v_dim), float(head_k_dim**-0.5 if scale is None else scale),
+        bool(use_qk_l2norm), bool(allow_neg_eigval), float(softplus_beta), float(softplus_threshold), o,
+    )
+    return o
+
+
+@torch.library.register_fake("vllm_gdn_cpu::causal_conv1d")
+def _conv_fake(x, weight, bias, conv_state, state_indices, cu_seqlens, has_initial_state, silu, out):
+    return None
+
+
+@torch.library.register_fake("vllm_gdn_cpu::gdn_decode_step")
+def _decode_step_fake(mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, a, b, ssm_state,
+                      state_indices, num_k_heads, head_k_dim, head_v_dim, scale, use_qk_l2norm,
+                      allow_neg_eigval, softplus_beta, softplus_threshold, out):
+    return None
+
+
+__all__ = ["runtime_info", "gdn_gating", "causal_conv1d", "gdn_decode_step", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]

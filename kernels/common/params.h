@@ -9,7 +9,7 @@ enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // A [rows, cols] matrix of the given dtype whose columns are contiguous.
 struct Mat2 {
-  const void* data;
+  void* data;
   DType dtype;
   int64_t row_stride;  // in elements
 };
@@ -83,6 +83,22 @@ struct ChunkParams {
   GemmBackend gemm;
 };
 
+// Depthwise causal conv1d over a varlen batch, continuing from and updating a per-slot history.
+struct ConvParams {
+  int64_t T, D, W, N;
+  Mat2 x;                         // [T, D]
+  const float* weight;            // [D, W] fp32 contiguous
+  const float* bias;              // [D] fp32 or nullptr
+  void* state;                    // conv_state [slots, W-1, D] (strides below, in elements)
+  DType state_dtype;
+  int64_t state_slot_stride, state_tap_stride, state_dim_stride;
+  const int32_t* state_indices;   // [N], < 0: padding (history zero, state untouched)
+  const int32_t* cu_seqlens;      // [N+1]
+  const bool* has_initial_state;  // [N] or nullptr (all true)
+  bool silu;
+  Mat2 out;                       // [T, D], same dtype as x
+};
+
 // One entry per compiled ISA (kernels/runtime.cpp picks one at run time).
 struct KernelTable {
   const char* isa;
@@ -90,6 +106,7 @@ struct KernelTable {
   void (*gdn_gating)(const GatingParams&);
   void (*fused_recurrent)(const RecurrentParams&);
   void (*chunk_gated_delta_rule)(const ChunkParams&);
+  void (*causal_conv1d)(const ConvParams&);
 };
 
 }  // namespace gdn

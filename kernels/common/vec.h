@@ -44,6 +44,31 @@ inline vfloat vbroadcast(float x) {
   return reinterpret_cast<const vfloat&>(v);
 }
 
+// exp(x) for a vector (Cephes' expf: range reduction to [-ln2/2, ln2/2], degree-6 polynomial,
+// scaling by 2^n through the exponent bits; ~1 ulp). Inputs are clamped to [-87.3, 88.3], so the
+// result is never inf and underflows to ~1e-38 rather than 0.
+inline vfloat vexp(vfloat x) {
+  typedef int32_t vint __attribute__((vector_size(kVecWidth * sizeof(int32_t))));
+  x = x < vbroadcast(88.3f) ? x : vbroadcast(88.3f);
+  x = x > vbroadcast(-87.3f) ? x : vbroadcast(-87.3f);
+  const vfloat magic = vbroadcast(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vfloat t = x * 1.44269504088896341f + magic;
+  const vfloat n = t - magic;
+  const vint ni = reinterpret_cast<const vint&>(t) - reinterpret_cast<const vint&>(magic);
+  const vfloat r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  vfloat p = vbroadcast(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const vint bits = reinterpret_cast<const vint&>(p) + (ni << 23);
+  return reinterpret_cast<const vfloat&>(bits);
+}
+
+inline vfloat vsilu(vfloat x) { return x / (1.f + vexp(-x)); }
+
 // Storage types. bf16 is handled as raw bits (portable, vectorises as shifts); fp16 uses the
 // compiler's _Float16 (F16C/AVX512-FP16 instructions where the ISA has them).
 struct bf16_t {
