@@ -6,7 +6,8 @@ Properties, over random shapes, strides, dtypes, lengths, padding and hostile va
   * every slot not named in a call is bit-identical afterwards;
   * NaN/Inf in one sequence never changes another sequence's output or state;
   * a sequence's result is bit-identical alone or inside any batch (batch invariance);
-  * invalid arguments raise ValueError/TypeError/IndexError, never crash or write state.
+  * invalid arguments raise ValueError/TypeError/IndexError, never crash or write state;
+  * causal_conv1d: reference match, exact state, slot isolation and NaN containment likewise.
 """
 
 import os
@@ -20,7 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gdn_cases import OUT_RTOL, assert_close_rel, prefill_rtols  # noqa: E402
 
 from vllm_gdn_cpu import ops  # noqa: E402
-from vllm_gdn_cpu.reference import chunk_gated_delta_rule_ref, fused_recurrent_gated_delta_rule_ref  # noqa: E402
+from vllm_gdn_cpu.reference import (  # noqa: E402
+    causal_conv1d_ref,
+    chunk_gated_delta_rule_ref,
+    fused_recurrent_gated_delta_rule_ref,
+)
 
 EXAMPLES = int(os.environ.get("GDN_PROPERTY_EXAMPLES", "100"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -157,6 +162,38 @@ def test_batch_invariance(x, data):
     slot = int(x["idx"][i])
     if slot >= 0:
         assert torch.equal(s_alone[slot], s_batch[slot])
+
+
+@SETTINGS
+@given(batches(), st.integers(2, 8), st.booleans(), st.data())
+def test_conv_matches_reference_isolates_slots_and_contains_nan(x, W, dim_first, data):
+    """causal_conv1d on the batch's v channels: reference match, slot isolation, NaN containment."""
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    xs = x["v"].flatten(1)  # [T, Hv*V], rows strided when the batch is
+    D = xs.shape[1]
+    weight, bias = torch.randn(D, W, generator=gen), torch.randn(D, generator=gen)
+    conv_state = torch.randn(x["state"].shape[0], D, W - 1, generator=gen).to(x["state_dtype"])
+    conv_state = conv_state.transpose(1, 2) if dim_first else conv_state.transpose(1, 2).contiguous()
+    ref_state = conv_state.double()
+    expected = causal_conv1d_ref(xs, weight, bias, ref_state, x["idx"], x["cu"], x["has_init"], True,
+                                 compute_dtype=torch.float64)
+    state = conv_state.clone()
+    out = ops.causal_conv1d(xs, weight, bias, state, x["idx"], x["cu"], has_initial_state=x["has_init"])
+    assert_close_rel(out, expected, OUT_RTOL[x["dtype"]], "conv output")
+    assert torch.equal(state, ref_state.to(x["state_dtype"])), "conv state must hold the exact past inputs"
+    cu = x["cu"].tolist()
+    victims = [i for i in range(len(cu) - 1) if cu[i + 1] > cu[i]]
+    if victims:  # poison one token of one sequence: every other sequence is unchanged
+        victim = data.draw(st.sampled_from(victims))
+        poisoned = xs.clone()
+        poisoned[data.draw(st.integers(cu[victim], cu[victim + 1] - 1))] = float("nan")
+        s_bad = conv_state.clone()
+        o_bad = ops.causal_conv1d(poisoned, weight, bias, s_bad, x["idx"], x["cu"], has_initial_state=x["has_init"])
+        for i in range(len(cu) - 1):
+            if i != victim:
+                assert torch.equal(o_bad[cu[i] : cu[i + 1]], out[cu[i] : cu[i + 1]])
+                if int(x["idx"][i]) >= 0:
+                    assert torch.equal(s_bad[int(x["idx"][i])], state[int(x["idx"][i])])
 
 
 @SETTINGS
