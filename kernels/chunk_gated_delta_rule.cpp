@@ -71,10 +71,15 @@ class Mm {
     }
   }
 
+  // External engines (oneDNN brgemm, BLAS) pay a fixed cost per call (kernel lookup, AMX tile
+  // configuration), which outweighs the zero triangles' flops: they get whole products.
+  bool skips_triangles() const { return g_.f32 == nullptr && g_.bf16 == nullptr; }
+
   // C = A B for lower-triangular A[M, M] (zeros above the diagonal): row block [i0, i1) needs
   // only the first i1 rows of B.
   void run_lower_a(int64_t M, int64_t N, const float* A, int64_t lda, const B& b, float* C, int64_t ldc,
                    bool accumulate) const {
+    if (!skips_triangles()) return run(M, N, M, A, lda, b, C, ldc, accumulate);
     for (int64_t i0 = 0; i0 < M; i0 += kTriBlock) {
       const int64_t i1 = std::min(M, i0 + kTriBlock);
       run(i1 - i0, N, i1, A + i0 * lda, lda, b, C + i0 * ldc, ldc, accumulate);
@@ -84,6 +89,7 @@ class Mm {
   // The lower triangle (incl. diagonal) of C[M, M] = A B; entries right of each row block are
   // left unwritten.
   void run_lower_c(int64_t M, int64_t K, const float* A, int64_t lda, const B& b, float* C, int64_t ldc) const {
+    if (!skips_triangles()) return run(M, M, K, A, lda, b, C, ldc, false);
     for (int64_t i0 = 0; i0 < M; i0 += kTriBlock) {
       const int64_t i1 = std::min(M, i0 + kTriBlock);
       run(i1 - i0, i1, K, A + i0 * lda, lda, b, C + i0 * ldc, ldc, false);
