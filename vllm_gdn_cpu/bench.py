@@ -3,6 +3,8 @@
     python -m vllm_gdn_cpu.bench prefill [--models qwen3-next,...] [--workloads T512,...] [--json]
     python -m vllm_gdn_cpu.bench decode  [--batches 1,16,64] [--layers 12] [--json]
     python -m vllm_gdn_cpu.bench roofline
+    python -m vllm_gdn_cpu.bench overhead [--state-dtype float32]   (fixed per-call cost, decode B=1)
+    python -m vllm_gdn_cpu.bench e2e [--batches 1,16] [--tp 2]        (inside vLLM: ours vs built-in)
 
 Every figure comes from the same process and the same run: rates of each implementation, their
 ratios, and percentages of limits measured here (bf16/fp32 GEMM throughput of a large torch
@@ -289,6 +291,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     d.add_argument("--state-dtypes", default="float32,bfloat16")
 
     sub.add_parser("roofline", parents=[common], help="measured GEMM peaks and stream bandwidth")
+    from vllm_gdn_cpu.bench_overhead import add_parser as add_overhead_parser, bench_overhead
+    from vllm_gdn_cpu.bench_e2e import add_parser as add_e2e_parser, bench_e2e
+
+    add_overhead_parser(sub, common)
+    add_e2e_parser(sub, common)
 
     args = parser.parse_args(argv)
     if args.threads:
@@ -300,6 +307,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows = bench_prefill(args)
     elif args.mode == "decode":
         rows = bench_decode(args)
+    elif args.mode == "overhead":
+        rows = bench_overhead(args)
+    elif args.mode == "e2e":
+        rows = bench_e2e(args)
     else:
         rows = [{**gemm_peaks(), "stream_gbps": stream_gbps(), "threads": torch.get_num_threads()}]
         print_row(rows[0], args)
