@@ -176,7 +176,9 @@ void chunk_kernel(const ChunkParams& p, bool bf16_gemm) {
     s.carve(thread_scratch(scratch_floats), K, V);
     const Mm mm(p.gemm, bf16_gemm, s.a_bf16);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t seq = task / Hv, h = task % Hv, hk = h / ratio;
+      // Head-major order: at::parallel_for splits the range statically, and every head of a
+      // sequence costs the same, so each thread gets an equal share of every sequence's work.
+      const int64_t h = task / p.N, seq = task % p.N, hk = h / ratio;
       const int64_t bos = p.cu_seqlens[seq], eos = p.cu_seqlens[seq + 1];
       const int64_t slot = p.state_indices[seq];
       TIn* out = static_cast<TIn*>(p.out.data) + h * p.out.head_stride;
