@@ -227,9 +227,4 @@ def test_our_kernels_run_instead_of_vllms(llm_half, prompts):
     assert "vllm::cpu_gdn_attention_core" not in names, "vLLM's own CPU GDN core ran"
 
 
-def test_speculative_decoding_is_refused(tiny_qwen3_next_dir):
-    """Not supported yet: refused when the model is built, rather than computing wrong states."""
-    speculative_config = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}
-    with pytest.raises(NotImplementedError, match="speculative decoding"):
-        with gdn_cpu_llm(tiny_qwen3_next_dir, "float32", speculative_config=speculative_config):
-            pass
+# Speculative decoding (ngram, greedy identical with and without): tests/test_e2e_spec_decode.py.

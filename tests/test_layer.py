@@ -245,8 +245,4 @@ def test_forward_core_mixed_batch_matches_reference(monkeypatch, dtype, conv_dim
     )
 
 
-def test_speculative_decoding_metadata_is_refused():
-    metadata = make_metadata([1], [], [], [], num_padding=0)
-    metadata.num_spec_decodes = 1
-    with pytest.raises(NotImplementedError, match="speculative decoding"):
-        bare_layer(torch.float32).forward_core(None, None, None, None, metadata)
+# Speculative decoding through forward_core: tests/test_spec_decode_layer.py.

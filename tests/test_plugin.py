@@ -37,6 +37,7 @@ GDN_ATTN = MambaAttentionBackendEnum.GDN_ATTN
 def pristine_registries(monkeypatch):
     saved_layers, saved_backends = dict(op_registry_oot), dict(_MAMBA_ATTN_OVERRIDES)
     op_registry_oot.pop(plugin.REPLACED_LAYER, None)
+    op_registry_oot.pop(plugin.REPLACED_OLMO_LAYER, None)
     _MAMBA_ATTN_OVERRIDES.pop(GDN_ATTN, None)
     monkeypatch.setattr(plugin, "_activated", False)
     monkeypatch.delenv(plugin.ENV_VAR, raising=False)
@@ -54,6 +55,7 @@ def registry_state() -> tuple:
 
 def assert_inactive() -> None:
     assert plugin.REPLACED_LAYER not in op_registry_oot
+    assert plugin.REPLACED_OLMO_LAYER not in op_registry_oot
     assert not GDN_ATTN.is_overridden()
     assert GDN_ATTN.get_class() is GDNAttentionBackend
 
@@ -65,6 +67,16 @@ def assert_active() -> None:
     # What vLLM's model code gets when it constructs the in-tree layer:
     assert type(QwenGatedDeltaNetAttention.__new__(QwenGatedDeltaNetAttention)) is (
         GDNCPUQwenGatedDeltaNetAttention
+    )
+    from vllm.model_executor.layers.mamba.gdn.olmo_gdn_linear_attn import (
+        OlmoHybridGatedDeltaNetAttention,
+    )
+
+    from vllm_gdn_cpu.olmo_layer import GDNCPUOlmoHybridGatedDeltaNetAttention
+
+    assert op_registry_oot[plugin.REPLACED_OLMO_LAYER] is GDNCPUOlmoHybridGatedDeltaNetAttention
+    assert type(OlmoHybridGatedDeltaNetAttention.__new__(OlmoHybridGatedDeltaNetAttention)) is (
+        GDNCPUOlmoHybridGatedDeltaNetAttention
     )
 
 

@@ -30,13 +30,9 @@ from vllm.utils.torch_utils import (
 )
 from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
 
-from vllm_gdn_cpu import ops
+from vllm_gdn_cpu import ops, spec_decode
 from vllm_gdn_cpu.plugin import log_activation
 
-SPEC_DECODE_UNSUPPORTED = (
-    "vllm_gdn_cpu (VLLM_ATTENTION_BACKEND=GDN_CPU) does not support speculative decoding yet; "
-    "unset VLLM_ATTENTION_BACKEND to use vLLM's own CPU GDN path, or disable speculative decoding."
-)
 CONV_ACTIVATIONS = {"silu": True, "swish": True, None: False}
 
 
@@ -50,8 +46,6 @@ class GDNCPUQwenGatedDeltaNetAttention(QwenGatedDeltaNetAttention):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if self.num_spec > 0:
-            raise NotImplementedError(SPEC_DECODE_UNSUPPORTED)
         if self.activation not in CONV_ACTIVATIONS:
             raise NotImplementedError(
                 f"vllm_gdn_cpu: unsupported conv activation {self.activation!r}"
@@ -111,11 +105,16 @@ class GDNCPUQwenGatedDeltaNetAttention(QwenGatedDeltaNetAttention):
             )
         return weight.squeeze(1)
 
-    def _state_views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(conv_state [slots, W-1, D], ssm_state [slots, Hv, K, V]) views of this layer's cache."""
+    def _state_views(self, full_conv_buffer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv_state [slots, W-1, D], ssm_state [slots, Hv, K, V]) views of this layer's cache.
+
+        With speculative decoding vLLM allocates W-1+S conv columns; non-spec rows use the first
+        W-1 (vllm_gdn_cpu.spec_decode asks for the whole buffer)."""
         conv_state, ssm_state = self.kv_cache
         if is_conv_state_dim_first():
             conv_state = conv_state.transpose(-1, -2)
+        if not full_conv_buffer:
+            conv_state = conv_state[:, : self._plain_conv_weight().shape[-1] - 1]
         num_slots, num_heads, v_dim, k_dim = ssm_state.shape
         return conv_state, ssm_state.view(num_slots, num_heads, k_dim, v_dim)
 
@@ -133,7 +132,7 @@ class GDNCPUQwenGatedDeltaNetAttention(QwenGatedDeltaNetAttention):
         prefill continuations, whose ``has_initial_state`` is True).
         """
         if metadata.num_spec_decodes > 0 or metadata.spec_sequence_masks is not None:
-            raise NotImplementedError(SPEC_DECODE_UNSUPPORTED)
+            return spec_decode.forward_core_spec(self, mixed_qkv, b, a, core_attn_out, metadata)
         num_decodes = metadata.num_decodes
         num_seqs = num_decodes + metadata.num_prefills
         num_decode_tokens = metadata.num_decode_tokens
@@ -141,7 +140,7 @@ class GDNCPUQwenGatedDeltaNetAttention(QwenGatedDeltaNetAttention):
         if num_seqs == 0:
             return
         cu_seqlens = metadata.non_spec_query_start_loc[: num_seqs + 1]
-        state_indices = metadata.non_spec_state_indices_tensor[:num_seqs]
+        state_indices = metadata.non_spec_state_indices_tensor[:num_seqs].contiguous()  # a block-table column under spec decode
         has_initial_state = (
             None if metadata.has_initial_state is None else metadata.has_initial_state[:num_seqs]
         )

@@ -14,6 +14,8 @@ Two hooks, both supported out-of-tree extension points of vLLM 0.32:
    instantiates the registered class whenever model code constructs ``QwenGatedDeltaNetAttention``
    (Qwen3-Next, Qwen3.5, ...), so our subclass (``vllm_gdn_cpu.layer``) gets vLLM's weights and
    state layout but runs our CPU forward.
+   ``OlmoHybridGatedDeltaNetAttention`` (OLMo-hybrid) is a PluggableLayer too and is replaced the
+   same way (``vllm_gdn_cpu.olmo_layer``).
 2. ``register_backend(MambaAttentionBackendEnum.GDN_ATTN, ..., is_mamba=True)``
    (v1/attention/backends/registry.py): points the existing GDN_ATTN member at our backend class,
    whose ``get_name()`` is ``GDN_CPU``. We override the member rather than adding a new
@@ -33,6 +35,8 @@ ENV_VAR = "VLLM_ATTENTION_BACKEND"
 BACKEND_NAME = "GDN_CPU"
 BACKEND_CLASS_PATH = "vllm_gdn_cpu.backend.GDNCPUAttentionBackend"
 REPLACED_LAYER = "QwenGatedDeltaNetAttention"
+# OLMo-hybrid's GDN layer (Triton-only in vLLM 0.32): vllm_gdn_cpu.olmo_layer.
+REPLACED_OLMO_LAYER = "OlmoHybridGatedDeltaNetAttention"
 
 # Under vLLM's logger namespace so the line goes through vLLM's handlers and format (vLLM configures
 # only the "vllm" logger tree).
@@ -47,9 +51,11 @@ def is_requested() -> bool:
 
 
 def register() -> None:
-    """Activates GDN_CPU if requested; a no-op otherwise and on repeated calls."""
+    """Activates GDN_CPU if requested; a no-op otherwise. Idempotent by checking vLLM's registries
+    themselves rather than a flag, so a repeated call also restores a registration that was
+    removed in between (seen in tests that snapshot and restore vLLM's registries)."""
     global _activated
-    if _activated or not is_requested():
+    if not is_requested():
         return
     _check_platform()
     _register_layer()  # first: the step that can refuse (another plugin's layer), before any change
@@ -79,16 +85,23 @@ def _register_layer() -> None:
     from vllm.model_executor.custom_op import PluggableLayer, op_registry_oot
 
     from vllm_gdn_cpu.layer import GDNCPUQwenGatedDeltaNetAttention
+    from vllm_gdn_cpu.olmo_layer import GDNCPUOlmoHybridGatedDeltaNetAttention
 
-    registered = op_registry_oot.get(REPLACED_LAYER)
-    if registered is GDNCPUQwenGatedDeltaNetAttention:
-        return
-    if registered is not None:
-        raise RuntimeError(
-            f"vllm_gdn_cpu: another plugin already replaces {REPLACED_LAYER} with "
-            f"{registered.__module__}.{registered.__qualname__}"
-        )
-    PluggableLayer.register_oot(GDNCPUQwenGatedDeltaNetAttention, name=REPLACED_LAYER)
+    replacements = {
+        REPLACED_LAYER: GDNCPUQwenGatedDeltaNetAttention,
+        REPLACED_OLMO_LAYER: GDNCPUOlmoHybridGatedDeltaNetAttention,
+    }
+    # Check all before registering any: refusing must leave vLLM unchanged.
+    for name, ours in replacements.items():
+        registered = op_registry_oot.get(name)
+        if registered is not None and registered is not ours:
+            raise RuntimeError(
+                f"vllm_gdn_cpu: another plugin already replaces {name} with "
+                f"{registered.__module__}.{registered.__qualname__}"
+            )
+    for name, ours in replacements.items():
+        if op_registry_oot.get(name) is not ours:
+            PluggableLayer.register_oot(ours, name=name)
 
 
 def log_activation() -> None:

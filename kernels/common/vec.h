@@ -129,6 +129,12 @@ inline vuint bf16_bits(vfloat x) {
 }
 
 inline void vstore_float(bf16_t* p, vfloat x) {
+#if defined(__AVX512BF16__)
+  // One instruction (round to nearest even, NaN kept) instead of the integer sequence below.
+  const __m256bh h = _mm512_cvtneps_pbh(reinterpret_cast<const __m512&>(x));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<const __m256i&>(h));
+  return;
+#endif
   const vuint bits = bf16_bits(x);
 #if defined(__AVX512F__)
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(reinterpret_cast<const __m512i&>(bits)));
