@@ -174,9 +174,12 @@ def bench_prefill(args) -> list[dict]:
                 # vLLM's kernel takes [1, T, ...] inputs, g in fp32 and beta in the model dtype.
                 args_v = (q[None], k[None], v[None], g[None], beta.to(dtype)[None], state, True, cu, False, True,
                           idx, 1e-6)
-                tv = best_time(lambda: chunk_vllm(*args_v), args.repeat)
-                row["vllm_tok_s"] = T / tv
-                row["speedup_vs_vllm"] = tv / t
+                try:
+                    tv = best_time(lambda: chunk_vllm(*args_v), args.repeat)
+                    row["vllm_tok_s"] = T / tv
+                    row["speedup_vs_vllm"] = tv / t
+                except RuntimeError as e:  # e.g. K != V, which vLLM's kernel refuses
+                    row["vllm_error"] = str(e).splitlines()[0][:120]
             if not args.no_ref and T <= args.ref_max_tokens:
                 tr = best_time(lambda: torch_prefill(q, k, v, g, beta, state, idx, cu, h.Hv // h.Hk), 1, 0)
                 row["torch_ref_tok_s"] = T / tr
