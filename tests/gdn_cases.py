@@ -38,36 +38,32 @@ def gemms() -> list[str]:
     return ops.runtime_info()["available_gemms"]
 
 
-@contextmanager
 def forced_gemm(gemm: str):
-    old = os.environ.get(ops.GEMM_ENV)
-    os.environ[ops.GEMM_ENV] = gemm
-    try:
-        assert ops.runtime_info()["gemm"].removesuffix("-fp32") == gemm
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ops.GEMM_ENV, None)
-        else:
-            os.environ[ops.GEMM_ENV] = old
+    """Forces VLLM_GDN_CPU_GEMM within a with-block (and checks that it took effect)."""
+    return _forced_env(ops.GEMM_ENV, gemm, lambda: ops.runtime_info()["gemm"].removesuffix("-fp32") == gemm)
 
 
 def isas() -> list[str]:
     return ops.runtime_info()["available_isas"]
 
 
-@contextmanager
 def forced_isa(isa: str):
-    old = os.environ.get(ops.ISA_ENV)
-    os.environ[ops.ISA_ENV] = isa
+    """Forces VLLM_GDN_CPU_ISA within a with-block (and checks that it took effect)."""
+    return _forced_env(ops.ISA_ENV, isa, lambda: ops.runtime_info()["isa"] == isa)
+
+
+@contextmanager
+def _forced_env(name: str, value: str, took_effect):
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
-        assert ops.runtime_info()["isa"] == isa
+        assert took_effect(), f"{name}={value} did not take effect: {ops.runtime_info()}"
         yield
     finally:
         if old is None:
-            os.environ.pop(ops.ISA_ENV, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[ops.ISA_ENV] = old
+            os.environ[name] = old
 
 
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
