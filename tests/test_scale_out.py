@@ -106,13 +106,14 @@ def greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
 def gdn_layer_shards(worker) -> list[dict]:
     """Runs in each worker: what each GDN layer of this rank holds."""
     from vllm_gdn_cpu.layer import GDNCPUQwenGatedDeltaNetAttention
+    from vllm_gdn_cpu.olmo_layer import GDNCPUOlmoHybridGatedDeltaNetAttention
 
     layers = []
     for module in worker.model_runner.model.modules():
         if type(module).__name__.endswith("GatedDeltaNetAttention"):
             conv_state, ssm_state = module._state_views()
             layers.append({
-                "ours": isinstance(module, GDNCPUQwenGatedDeltaNetAttention),
+                "ours": isinstance(module, (GDNCPUQwenGatedDeltaNetAttention, GDNCPUOlmoHybridGatedDeltaNetAttention)),
                 "tp_rank": module.tp_rank, "tp_size": module.tp_size,
                 "A_log": module.A_log.tolist(),
                 "conv_weight": module._plain_conv_weight().tolist(),
@@ -211,3 +212,29 @@ def test_pipeline_parallel_2_matches_1(model_dir, prompts, one_rank):
     # Each stage runs its own half of the GDN layers, all of them ours, unsharded.
     assert [len(layers) for layers in stages] == [len(full_layers) // 2] * 2
     assert all(layer["ours"] and layer["tp_size"] == 1 for layers in stages for layer in layers)
+
+
+@pytest.fixture(scope="module")
+def olmo_hybrid_dir(tmp_path_factory):
+    pytest.importorskip("transformers", reason="building the tiny checkpoint needs transformers")
+    from vllm_gdn_cpu.tiny_olmo_hybrid import build_tiny_olmo_hybrid
+
+    return build_tiny_olmo_hybrid(tmp_path_factory.mktemp("tiny-olmo-hybrid"))
+
+
+def test_tensor_parallel_2_matches_1_olmo_hybrid(olmo_hybrid_dir):
+    """OLMo-hybrid (K != V heads, negative eigenvalues) sharded over two ranks: same greedy tokens."""
+    needs_two_cpus()
+    vocab_size = json.loads((olmo_hybrid_dir / "config.json").read_text())["vocab_size"]
+    rng = random.Random(3)
+    olmo_prompts = [[rng.randrange(3, vocab_size) for _ in range(n)] for n in PROMPT_LENGTHS]
+    with float32_llm(olmo_hybrid_dir) as llm:
+        want = greedy(llm, olmo_prompts)
+        [layers] = llm.collective_rpc(gdn_layer_shards)
+    assert layers and all(layer["ours"] for layer in layers)
+    with float32_llm(olmo_hybrid_dir, tensor_parallel_size=2) as llm:
+        got = greedy(llm, olmo_prompts)
+        ranks = llm.collective_rpc(gdn_layer_shards)
+    assert all(layer["ours"] and layer["tp_size"] == 2 for r in ranks for layer in r)
+    for length, g, w in zip(PROMPT_LENGTHS, got, want):
+        assert g == w, f"prompt of {length} tokens: TP=2 {g} != TP=1 {w}"
