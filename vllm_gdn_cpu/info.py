@@ -48,8 +48,7 @@ def vllm_version() -> str | None:
 
 
 def collect() -> dict:
-    from vllm_gdn_cpu import __version__, ops
-    from vllm_gdn_cpu.plugin import BACKEND_NAME, ENV_VAR
+    from vllm_gdn_cpu import BACKEND_NAME, ENV_VAR, __version__, ops
 
     rt = ops.runtime_info()
     return {

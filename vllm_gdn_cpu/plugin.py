@@ -31,8 +31,8 @@ import os
 
 from vllm.logger import init_logger
 
-ENV_VAR = "VLLM_ATTENTION_BACKEND"
-BACKEND_NAME = "GDN_CPU"
+from vllm_gdn_cpu import BACKEND_NAME, ENV_VAR
+
 BACKEND_CLASS_PATH = "vllm_gdn_cpu.backend.GDNCPUAttentionBackend"
 REPLACED_LAYER = "QwenGatedDeltaNetAttention"
 # OLMo-hybrid's GDN layer (Triton-only in vLLM 0.32): vllm_gdn_cpu.olmo_layer.
