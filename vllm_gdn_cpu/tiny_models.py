@@ -149,25 +149,35 @@ def build_tiny_qwen3_next(
     The weights are drawn in float32 with a fixed seed and then cast, so checkpoints of different
     dtypes hold the same model up to rounding.
     """
-    from transformers import AutoTokenizer, Qwen3NextForCausalLM
+    from transformers import Qwen3NextForCausalLM
 
     directory = Path(directory)
     if _is_saved(directory, "config.json") and _is_saved(directory, "tokenizer.json"):
         return directory
+    _, model = random_model(directory, tiny_qwen3_next_config, Qwen3NextForCausalLM, dtype)
+    model.save_pretrained(directory)
+    return directory
+
+
+def random_model(directory: Path, make_config, model_class, dtype: torch.dtype):
+    """Builds the tokenizer into ``directory``, then a seeded random ``model_class`` from
+    ``make_config(vocab_size, eos_token_id, pad_token_id, dtype)``, initialised in float32 (so every
+    dtype holds the same model up to rounding) with moderated GDN decay, cast to ``dtype``.
+    Returns (config, model); saving is the caller's."""
+    from transformers import AutoTokenizer
+
     build_tokenizer(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    config = tiny_qwen3_next_config(
+    config = make_config(
         vocab_size=len(tokenizer),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         dtype=dtype,
     )
     torch.manual_seed(SEED)
-    model = Qwen3NextForCausalLM(config).to(torch.float32)
+    model = model_class(config).to(torch.float32)
     _moderate_gdn_decay(model)
-    model = model.to(dtype)
-    model.save_pretrained(directory)
-    return directory
+    return config, model.to(dtype)
 
 
 __all__ = ["build_tokenizer", "build_tiny_qwen3_next", "tiny_qwen3_next_config"]

@@ -21,7 +21,7 @@ from typing import Union
 
 import torch
 
-from vllm_gdn_cpu.tiny_models import INIT_GAIN, SEED, _is_saved, _moderate_gdn_decay, build_tokenizer
+from vllm_gdn_cpu.tiny_models import INIT_GAIN, _is_saved, random_model
 
 
 def tiny_olmo_hybrid_config(vocab_size: int, eos_token_id: int, pad_token_id: int, dtype: torch.dtype):
@@ -68,23 +68,12 @@ def _checkpoint_tensors(model, config) -> dict[str, torch.Tensor]:
 def build_tiny_olmo_hybrid(directory: Union[str, Path], dtype: torch.dtype = torch.float32) -> Path:
     """Builds a tiny random OLMo-hybrid checkpoint plus tokenizer into ``directory`` (idempotent)."""
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer, GenerationConfig, OlmoHybridForCausalLM
+    from transformers import GenerationConfig, OlmoHybridForCausalLM
 
     directory = Path(directory)
     if _is_saved(directory, "config.json") and _is_saved(directory, "model.safetensors"):
         return directory
-    build_tokenizer(directory)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    config = tiny_olmo_hybrid_config(
-        vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        dtype=dtype,
-    )
-    torch.manual_seed(SEED)
-    model = OlmoHybridForCausalLM(config).to(torch.float32)
-    _moderate_gdn_decay(model)
-    model = model.to(dtype)
+    config, model = random_model(directory, tiny_olmo_hybrid_config, OlmoHybridForCausalLM, dtype)
     config.architectures = ["OlmoHybridForCausalLM"]  # else vLLM takes it for a pooling model
     config.save_pretrained(directory)
     GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id).save_pretrained(
