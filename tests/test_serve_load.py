@@ -39,7 +39,10 @@ NUM_PROMPTS = 16  # distinct prompts; the storm sends each 4 times
 STORM_REQUESTS = 64
 CANCELLED = 8
 MAX_TOKENS = 8
-CANCEL_MAX_TOKENS = 64  # long enough that a cancelled request is still running when cancelled
+# Long enough that a cancelled request is still generating when its client goes away (64 was not:
+# batched, the tiny model sometimes finished before the disconnect reached the server); prompts of
+# at most 60 words plus this stay within --max-model-len 512.
+CANCEL_MAX_TOKENS = 256
 CANCEL_AFTER_CHUNKS = 2
 MAX_NUM_SEQS = 32  # < STORM_REQUESTS: the storm also exercises the scheduler's waiting queue
 # The KV/state pool is allocated at start but its pages become resident only when first written,
