@@ -145,6 +145,7 @@ class CoreCall:
     num_decodes: int
     prefill_lengths: list[int]
     prefill_continues: list[bool]
+    state_slots: list[int]  # decodes first, then prefills
 
 
 @pytest.fixture
@@ -155,12 +156,13 @@ def core_calls(monkeypatch) -> list[CoreCall]:
 
     def recording_forward_core(self, mixed_qkv, b, a, core_attn_out, metadata):
         n_dec, n_pre = metadata.num_decodes, metadata.num_prefills
+        slots = metadata.non_spec_state_indices_tensor[: n_dec + n_pre].tolist()
         if n_pre:
             cu = metadata.non_spec_query_start_loc[n_dec : n_dec + n_pre + 1]
             continues = metadata.has_initial_state[n_dec : n_dec + n_pre]
-            calls.append(CoreCall(n_dec, cu.diff().tolist(), continues.tolist()))
+            calls.append(CoreCall(n_dec, cu.diff().tolist(), continues.tolist(), slots))
         else:
-            calls.append(CoreCall(n_dec, [], []))
+            calls.append(CoreCall(n_dec, [], [], slots))
         return forward_core(self, mixed_qkv, b, a, core_attn_out, metadata)
 
     monkeypatch.setattr(GDNCPUQwenGatedDeltaNetAttention, "forward_core", recording_forward_core)
@@ -190,6 +192,59 @@ def test_prefix_caching_matches_hf(llm_float32_prefix_caching, prompts, hf_greed
             got = list(output.outputs[0].token_ids)
             assert got == want, f"{attempt}, prompt of {length} tokens: {got} != HF {want}"
     assert max(o.num_cached_tokens for o in outputs) > 0, "the second round hit no cached prefix"
+
+
+def test_abort_mid_decode_then_reuse_slots(llm_float32, prompts, hf_greedy_tokens, core_calls):
+    """Requests aborted while decoding give their state slots back dirty; the requests that get
+    those slots next must start from a zero state (not the dead request's), and the survivors of
+    the batch must go on undisturbed. Driven step by step through the engine, so the abort
+    certainly lands mid-decode (the serving storm test cannot guarantee that: whether vLLM's
+    HTTP layer turns a client disconnect into an abort is racy there)."""
+    engine = llm_float32.llm_engine
+    max_num_seqs = engine.vllm_config.scheduler_config.max_num_seqs
+    long_params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    # Fill every sequence slot with long requests; keep two, abort the rest mid-decode.
+    victims = {f"victim-{i}": i % len(prompts) for i in range(max_num_seqs)}
+    for request_id, p in victims.items():
+        engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompts[p]), long_params)
+    generated = {request_id: [] for request_id in victims}
+    for _ in range(100):
+        for output in engine.step():
+            generated[output.request_id] = list(output.outputs[0].token_ids)
+        if all(len(tokens) >= 3 for tokens in generated.values()):
+            break
+    assert all(len(tokens) >= 3 for tokens in generated.values()), "victims never all decoded"
+    survivors = ["victim-0", "victim-1"]
+    aborted = [r for r in victims if r not in survivors]
+    slots_before_abort = {slot for call in core_calls for slot in call.state_slots}
+    calls_before_abort = len(core_calls)
+    engine.abort_request(aborted)
+
+    # New requests now take the freed slots, while the survivors keep decoding beside them.
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"new-{i}", TokensPrompt(prompt_token_ids=prompt), params)
+    finished = {}
+    for _ in range(1000):
+        if not engine.has_unfinished_requests():
+            break
+        for output in engine.step():
+            assert output.request_id not in aborted, f"aborted {output.request_id} produced output"
+            generated[output.request_id] = list(output.outputs[0].token_ids)
+            if output.finished:
+                finished[output.request_id] = list(output.outputs[0].token_ids)
+    assert not engine.has_unfinished_requests()
+
+    # The scenario occurred: some new request got a slot that an aborted victim had written.
+    new_slots = {slot for call in core_calls[calls_before_abort:]
+                 for slot in call.state_slots[call.num_decodes:]}
+    assert new_slots & slots_before_abort, f"no slot reused: {new_slots} vs {slots_before_abort}"
+    for i, length in enumerate(PROMPT_LENGTHS):
+        assert finished[f"new-{i}"] == hf_greedy_tokens[i], f"new request, prompt of {length} tokens"
+    for request_id in survivors:
+        tokens, p = finished[request_id], victims[request_id]
+        assert len(tokens) == 200
+        assert tokens[:NUM_NEW_TOKENS] == hf_greedy_tokens[p], f"{request_id} disturbed by the abort"
 
 
 def test_half_precision_close_to_hf_float32(llm_half, prompts, hf_model, hf_greedy_tokens):

@@ -4,7 +4,8 @@ outputs), driven by the OpenAI client (AsyncOpenAI).
 
 * A storm of 64 concurrent streaming completions, 8 of them cancelled by the client mid-stream: the
   other 56 complete with exactly the text that the same prompts give when sent one at a time, the
-  server counts the 8 as aborted, and it stays healthy (a request after the storm succeeds).
+  server drains (no request left running or waiting) and stays healthy (a request after the storm
+  gets the same answer as before it).
 * Resident memory of the server's process tree (API server, engine core, model worker; read from
   /proc) over 300 further requests after a warm-up: the growth is printed and bounded (see
   RSS_GROWTH_LIMIT_MIB).
@@ -19,6 +20,7 @@ import os
 import random
 import re
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,7 @@ SERVED_NAME = "tiny-qwen3-next-fp32"
 STARTUP_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 120
 STORM_TIMEOUT_S = 240
+DRAIN_TIMEOUT_S = 60  # a cancelled request that is not aborted ends by itself in seconds
 NUM_PROMPTS = 16  # distinct prompts; the storm sends each 4 times
 STORM_REQUESTS = 64
 CANCELLED = 8
@@ -125,6 +128,16 @@ def aborted_request_ids(server: ApiServer) -> set[str]:
             for m in [re.search(r"Request (\S+) aborted\.", line)] if m}
 
 
+def requests_in_engine(server: ApiServer) -> float:
+    """Running plus waiting requests, from the server's Prometheus metrics."""
+    with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=REQUEST_TIMEOUT_S) as response:
+        text = response.read().decode()
+    values = [float(m.group(1)) for m in re.finditer(
+        r"^vllm:num_requests_(?:running|waiting)\{[^}]*\} (\S+)$", text, re.MULTILINE)]
+    assert len(values) == 2, "metrics without vllm:num_requests_running/waiting"
+    return sum(values)
+
+
 def tree_rss_bytes(root_pid: int) -> int:
     """RSS of root_pid and all its descendants, from /proc."""
     children: dict[int, list[int]] = {}
@@ -203,14 +216,17 @@ def test_storm_with_cancellations(server, prompts):
     assert cancelled == CANCELLED and completed == STORM_REQUESTS - CANCELLED
     assert not mismatches, "\n".join(mismatches)
 
-    # The server noticed the cancellations (aborted the requests, freeing their slots) ...
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        aborted = aborted_request_ids(server) - aborted_before
-        if len(aborted) >= CANCELLED:
-            break
+    # The server let go of the cancelled requests: it drains to no running or waiting request.
+    # (Whether each disconnect became an abort or the request ran to its end is vLLM's business and
+    # racy: its streaming responses run under an anyio cancel scope that re-cancels the abort's own
+    # await; seen here: 8 of 8 logged as aborted, and once 0. Aborts landing mid-decode, slots then
+    # reused, are proven deterministically in test_e2e_qwen3_next.py.)
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while (busy := requests_in_engine(server)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert len(aborted) == CANCELLED, f"server aborted {len(aborted)} requests: {sorted(aborted)}"
+    aborted = aborted_request_ids(server) - aborted_before
+    print(f"server: {len(aborted)} of the {CANCELLED} cancelled requests logged as aborted")
+    assert not busy, f"{busy} requests still in the engine {DRAIN_TIMEOUT_S} s after the storm"
     # ... and is still healthy: a request after the storm gets the same answer as before it.
     server.wait_healthy(30)
     after = asyncio.run(sequential_references(server, prompts[:1]))
