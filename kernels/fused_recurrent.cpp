@@ -24,7 +24,11 @@ namespace {
 // pass 1 streams whole state rows of the common V = 128 contiguously.
 constexpr int kTileVecs = kVecWidth == 16 ? 8 : 4;
 constexpr int64_t kTile = kTileVecs * kVecWidth;
-constexpr int64_t kPrefetchRows = 12;
+// Software prefetch of pass 1: 8 KiB of state ahead of the row being read, into L2 (measured on
+// Zen 4: into L1, or 4 KiB ahead, streams 10-15% slower; the hardware prefetchers alone, slower
+// still for bf16 states).
+constexpr int64_t kPrefetchBytes = 8192;
+constexpr int kPrefetchLocality = 2;  // __builtin_prefetch's: 2 = prefetcht1
 
 // Per-token values shared by all tiles of a task.
 struct TokenStep {
@@ -33,39 +37,81 @@ struct TokenStep {
   float decay, beta, kq;
 };
 
-// One token over one tile of `nv` vectors (nv <= kTileVecs) starting at column 0 of src/dst.
+// Row r of a tile: pass 1 accumulates S^T k and S^T q, pass 2 applies the rank-1 update. With
+// kPaired (bf16 states on AVX-512, in-place only) vectors 2j and 2j + 1 hold the even and the odd
+// columns of columns [32j, 32j + 32) (see vload_bf16_pair); v_new and the accumulators follow.
+template <class TSrc, class TDst>
+constexpr bool kPaired = kHasBf16Pairs && std::is_same_v<TSrc, bf16_t> && std::is_same_v<TDst, bf16_t>;
+
+template <int NV, bool Paired, class TSrc>
+inline void accumulate_row(const TSrc* row, vfloat kr, vfloat qr, vfloat* acc_k, vfloat* acc_q) {
+  for (int n = 0; n < NV; n += (Paired ? 2 : 1)) {
+    vfloat x[2];
+    if constexpr (Paired) {
+      vload_bf16_pair(row + n * kVecWidth, x[0], x[1]);
+    } else {
+      x[0] = vload_float(row + n * kVecWidth);
+    }
+    for (int i = 0; i < (Paired ? 2 : 1); ++i) {
+      acc_k[n + i] += kr * x[i];
+      acc_q[n + i] += qr * x[i];
+    }
+  }
+}
+template <int NV, bool Paired, class TSrc, class TDst>
+inline void update_row(const TSrc* src, TDst* dst, vfloat decay, vfloat kr, const vfloat* v_new) {
+  if constexpr (Paired) {
+    for (int n = 0; n < NV; n += 2) {
+      vfloat even, odd;
+      vload_bf16_pair(src + n * kVecWidth, even, odd);
+      vstore_bf16_pair(dst + n * kVecWidth, decay * even + kr * v_new[n], decay * odd + kr * v_new[n + 1]);
+    }
+  } else {
+    for (int n = 0; n < NV; ++n) vstore_float(dst + n * kVecWidth, decay * vload_float(src + n * kVecWidth) + kr * v_new[n]);
+  }
+}
+// Between the passes: v_new = beta * (v - decay * S^T k) and the output.
+template <int NV, bool Paired, class TIn>
+inline void finish_tile(const TokenStep& s, const vfloat* acc_k, const vfloat* acc_q, const TIn* v, TIn* o,
+                        vfloat* v_new) {
+  const vfloat decay = vbroadcast(s.decay);
+  vfloat vv[NV], oo[NV];
+  for (int n = 0; n < NV; ++n) vv[n] = vload_float(v + n * kVecWidth);
+  if constexpr (Paired) {
+    for (int n = 0; n < NV; n += 2) to_even_odd(vv[n], vv[n + 1], vv[n], vv[n + 1]);
+  }
+  for (int n = 0; n < NV; ++n) {
+    v_new[n] = s.beta * (vv[n] - decay * acc_k[n]);
+    oo[n] = decay * acc_q[n] + s.kq * v_new[n];
+  }
+  if constexpr (Paired) {
+    for (int n = 0; n < NV; n += 2) from_even_odd(oo[n], oo[n + 1], oo[n], oo[n + 1]);
+  }
+  for (int n = 0; n < NV; ++n) vstore_float(o + n * kVecWidth, oo[n]);
+}
+template <class T>
+inline void prefetch_rows(const T* src, int64_t lds, int64_t rows, int64_t bytes_per_row) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < bytes_per_row; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(src + r * lds) + b, 0, kPrefetchLocality);
+}
+
+// One token over one tile of NV vectors starting at column 0 of src/dst, both passes in turn.
 // src and dst may be the same memory (in-place update).
 template <int NV, class TSrc, class TDst, class TIn>
 inline void step_tile(const TokenStep& s, int64_t K, const TSrc* src, int64_t lds, TDst* dst, int64_t ldd,
                       const TIn* v, TIn* o) {
-  vfloat acc_k[NV], acc_q[NV];
+  vfloat acc_k[NV], acc_q[NV], v_new[NV];
   for (int n = 0; n < NV; ++n) acc_k[n] = acc_q[n] = vfloat{};
   constexpr int64_t kTileBytes = NV * kVecWidth * sizeof(TSrc);
+  constexpr int64_t kPrefetchRows = kPrefetchBytes / kTileBytes;
   for (int64_t r = 0; r < K; ++r) {
-    // Pass 1 is bound by memory latency: request rows well ahead (past the block end this reaches
-    // the next head's state, which is contiguous and processed next; prefetches never fault).
-    const char* ahead = reinterpret_cast<const char*>(src + (r + kPrefetchRows) * lds);
-    for (int64_t b = 0; b < kTileBytes; b += 64) __builtin_prefetch(ahead + b, 0, 3);
-    const vfloat kr = vbroadcast(s.k[r]), qr = vbroadcast(s.q[r]);
-    for (int n = 0; n < NV; ++n) {
-      const vfloat x = vload_float(src + r * lds + n * kVecWidth);
-      acc_k[n] += kr * x;
-      acc_q[n] += qr * x;
-    }
+    // Pass 1 is bound by memory latency: request rows well ahead.
+    prefetch_rows(src + (r + kPrefetchRows) * lds, lds, 1, kTileBytes);
+    accumulate_row<NV, false>(src + r * lds, vbroadcast(s.k[r]), vbroadcast(s.q[r]), acc_k, acc_q);
   }
-  vfloat v_new[NV];
+  finish_tile<NV, false>(s, acc_k, acc_q, v, o, v_new);
   const vfloat decay = vbroadcast(s.decay);
-  for (int n = 0; n < NV; ++n) {
-    v_new[n] = s.beta * (vload_float(v + n * kVecWidth) - decay * acc_k[n]);
-    vstore_float(o + n * kVecWidth, decay * acc_q[n] + s.kq * v_new[n]);
-  }
-  for (int64_t r = 0; r < K; ++r) {
-    const vfloat kr = vbroadcast(s.k[r]);
-    for (int n = 0; n < NV; ++n) {
-      const vfloat x = vload_float(src + r * lds + n * kVecWidth);
-      vstore_float(dst + r * ldd + n * kVecWidth, decay * x + kr * v_new[n]);
-    }
-  }
+  for (int64_t r = 0; r < K; ++r) update_row<NV, false>(src + r * lds, dst + r * ldd, decay, vbroadcast(s.k[r]), v_new);
 }
 
 // Scalar version for a last tile narrower than one vector (V not a multiple of the vector width).
@@ -108,54 +154,160 @@ int64_t choose_v_block(int64_t tasks_per_block, int64_t V) {
   return vb;
 }
 
-template <class TIn, class TState>
-void recurrent_kernel(const RecurrentParams& p) {
-  const int64_t K = p.K, V = p.V, Hv = p.Hv, ratio = p.Hv / p.Hk;
-  const int64_t vb = choose_v_block(p.N * Hv, V);
-  const int64_t n_vblocks = (V + vb - 1) / vb;
-
-  parallel_for(p.N * Hv * n_vblocks, 1, [&](int64_t begin, int64_t end) {
-    float* scratch = thread_scratch(2 * K + K * vb);
-    float* qf = scratch;
+// Normalised, scaled q and k of token t for key heads [hk0, hk1) (2K floats each: q then k, into
+// qk) with k.q (into kq), and the gates of value heads [h0, h1): decay = exp(g) and beta.
+template <class TIn>
+void prepare_token(const RecurrentParams& p, int64_t t, int64_t hk0, int64_t hk1, int64_t h0, int64_t h1, float* qk,
+                   float* kq, float* decay, float* beta) {
+  const int64_t K = p.K;
+  for (int64_t hk = hk0; hk < hk1; ++hk) {
+    float* qf = qk + (hk - hk0) * 2 * K;
     float* kf = qf + K;
-    float* local = kf + K;  // fp32 copy of the block across the tokens of one sequence
+    load_row(static_cast<const TIn*>(p.q.data) + t * p.q.token_stride + hk * p.q.head_stride, qf, K);
+    load_row(static_cast<const TIn*>(p.k.data) + t * p.k.token_stride + hk * p.k.head_stride, kf, K);
+    if (p.use_qk_l2norm) {
+      l2normalize(qf, K, p.scale);
+      l2normalize(kf, K, 1.f);
+    } else {
+      for (int64_t i = 0; i < K; ++i) qf[i] *= p.scale;
+    }
+    kq[hk - hk0] = dot(kf, qf, K);
+  }
+  gate_range(p.gate, t, h0, h1, decay, beta);
+  int64_t i = 0;
+  for (; i + kVecWidth <= h1 - h0; i += kVecWidth) vstore(decay + i, vexp(vload(decay + i)));
+  for (; i < h1 - h0; ++i) decay[i] = std::exp(decay[i]);
+}
+
+// prepare_token's results for the heads of one token, and the TokenStep of one value head.
+struct PreparedToken {
+  float *qk, *kq, *decay, *beta;
+  int64_t hk0, h0, ratio, K;
+  static int64_t floats(int64_t num_hk, int64_t ratio, int64_t K) { return num_hk * (2 * K + 1 + 2 * ratio); }
+  PreparedToken(float* buffer, int64_t num_hk, int64_t hk0, int64_t h0, int64_t ratio, int64_t K)
+      : qk(buffer), kq(qk + num_hk * 2 * K), decay(kq + num_hk), beta(decay + (num_hk * ratio)), hk0(hk0), h0(h0),
+        ratio(ratio), K(K) {}
+  TokenStep step(int64_t h) const {
+    const int64_t i = h / ratio - hk0;
+    return TokenStep{qk + i * 2 * K + K, qk + i * 2 * K, decay[h - h0], beta[h - h0], kq[i]};
+  }
+};
+
+// A task is one (sequence, value head, V-block).
+struct TaskGrid {
+  int64_t Hv, vb, n_vblocks;
+  int64_t seq(int64_t task) const { return task / (Hv * n_vblocks); }
+  int64_t head(int64_t task) const { return (task / n_vblocks) % Hv; }
+  int64_t v0(int64_t task) const { return (task % n_vblocks) * vb; }
+};
+
+template <class TIn>
+void zero_output(const RecurrentParams& p, int64_t t, int64_t h, int64_t v0, int64_t width) {
+  TIn* o = static_cast<TIn*>(p.out.data) + t * p.out.token_stride + h * p.out.head_stride + v0;
+  for (int64_t j = 0; j < width; ++j) o[j] = from_float<TIn>(0.f);
+}
+
+// Plain decode (one token per sequence), software-pipelined over the thread's tiles in order: pass 1
+// of a tile (reading it from memory) runs row by row together with pass 2 of the tile before it
+// (updating that one from cache), so memory streams while the updates are computed, as in a
+// plain read-modify-write stream. Every tile is NV vectors wide (the caller checks V and vb).
+template <int NV, class TIn, class TState>
+void stream_decode(const RecurrentParams& p, const TaskGrid& grid) {
+  const int64_t K = p.K, V = p.V, ratio = p.Hv / p.Hk, tasks_per_seq = grid.Hv * grid.n_vblocks;
+  constexpr int64_t kTileCols = NV * kVecWidth, kTileBytes = kTileCols * sizeof(TState);
+  constexpr int64_t kPrefetchRows = kPrefetchBytes / kTileBytes;
+  constexpr bool Paired = kPaired<TState, TState>;
+  parallel_for(p.N * tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
+    // Tokens are prepared a sequence at a time (all of its heads in this range, gates vectorised);
+    // two buffers, as the previous tile's token stays in use while the next one is prepared.
+    const int64_t buffer_floats = PreparedToken::floats(p.Hk, ratio, K);
+    float* scratch = thread_scratch(2 * buffer_floats);
+    int buffer = 0;
+    PreparedToken token(scratch, 0, 0, 0, ratio, K);
+    int64_t token_seq = -1;
+    TState* prev = nullptr;  // the tile awaiting pass 2, and its token
+    TokenStep prev_step{};
+    vfloat v_new[NV];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t seq = grid.seq(task), h = grid.head(task), v0 = grid.v0(task);
+      const int64_t width = std::min(grid.vb, V - v0);
+      const int64_t slot = p.state_indices[seq];
+      if (slot < 0) {  // padding: zero output, touch no state
+        zero_output<TIn>(p, seq, h, v0, width);
+        continue;
+      }
+      TState* block = static_cast<TState*>(p.state.data) + slot * p.state.slot_stride + h * K * V + v0;
+      if (seq != token_seq) {
+        prefetch_rows(block, V, kPrefetchRows, kTileBytes);  // in flight while the token is prepared
+        const int64_t h_last = grid.head(std::min(end, (seq + 1) * tasks_per_seq) - 1);
+        const int64_t hk0 = h / ratio, hk1 = h_last / ratio + 1;
+        token = PreparedToken(scratch + buffer * buffer_floats, hk1 - hk0, hk0, h, ratio, K);
+        prepare_token<TIn>(p, seq, hk0, hk1, h, h_last + 1, token.qk, token.kq, token.decay, token.beta);
+        buffer ^= 1;
+        token_seq = seq;
+      }
+      const TokenStep s = token.step(h);
+      const TIn* v = static_cast<const TIn*>(p.v.data) + seq * p.v.token_stride + h * p.v.head_stride + v0;
+      TIn* o = static_cast<TIn*>(p.out.data) + seq * p.out.token_stride + h * p.out.head_stride + v0;
+      for (int64_t j = 0; j < width; j += kTileCols) {
+        TState* tile = block + j;
+        vfloat acc_k[NV], acc_q[NV];
+        for (int n = 0; n < NV; ++n) acc_k[n] = acc_q[n] = vfloat{};
+        if (prev) {
+          const vfloat prev_decay = vbroadcast(prev_step.decay);
+          for (int64_t r = 0; r < K; ++r) {
+            prefetch_rows(tile + (r + kPrefetchRows) * V, V, 1, kTileBytes);
+            accumulate_row<NV, Paired>(tile + r * V, vbroadcast(s.k[r]), vbroadcast(s.q[r]), acc_k, acc_q);
+            update_row<NV, Paired>(prev + r * V, prev + r * V, prev_decay, vbroadcast(prev_step.k[r]), v_new);
+          }
+        } else {
+          for (int64_t r = 0; r < K; ++r) {
+            prefetch_rows(tile + (r + kPrefetchRows) * V, V, 1, kTileBytes);
+            accumulate_row<NV, Paired>(tile + r * V, vbroadcast(s.k[r]), vbroadcast(s.q[r]), acc_k, acc_q);
+          }
+        }
+        finish_tile<NV, Paired>(s, acc_k, acc_q, v + j, o + j, v_new);
+        prev = tile;
+        prev_step = s;
+      }
+    }
+    if (prev) {
+      const vfloat prev_decay = vbroadcast(prev_step.decay);
+      for (int64_t r = 0; r < K; ++r) update_row<NV, Paired>(prev + r * V, prev + r * V, prev_decay, vbroadcast(prev_step.k[r]), v_new);
+    }
+  });
+}
+
+// General case (several tokens per sequence: speculative decoding): one tile at a time, the block
+// kept in fp32 across the tokens of a sequence.
+template <class TIn, class TState>
+void multi_token_decode(const RecurrentParams& p, const TaskGrid& grid) {
+  const int64_t K = p.K, V = p.V, vb = grid.vb, ratio = p.Hv / p.Hk;
+  parallel_for(p.N * grid.Hv * grid.n_vblocks, 1, [&](int64_t begin, int64_t end) {
+    float* scratch = thread_scratch(PreparedToken::floats(1, ratio, K) + K * vb);
+    float* local = scratch + PreparedToken::floats(1, ratio, K);  // fp32 copy of the block across tokens
 
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t seq = task / (Hv * n_vblocks);
-      const int64_t h = (task / n_vblocks) % Hv;
-      const int64_t v0 = (task % n_vblocks) * vb;
+      const int64_t seq = grid.seq(task), h = grid.head(task), v0 = grid.v0(task);
       const int64_t width = std::min(vb, V - v0);
       const int64_t bos = p.cu_seqlens ? p.cu_seqlens[seq] : seq;
       const int64_t eos = p.cu_seqlens ? p.cu_seqlens[seq + 1] : seq + 1;
       const int64_t slot = p.state_indices[seq];
-      TIn* out_base = static_cast<TIn*>(p.out.data) + h * p.out.head_stride + v0;
-
       if (slot < 0) {  // padding: zero output, touch no state
-        for (int64_t t = bos; t < eos; ++t)
-          for (int64_t j = 0; j < width; ++j) out_base[t * p.out.token_stride + j] = from_float<TIn>(0.f);
+        for (int64_t t = bos; t < eos; ++t) zero_output<TIn>(p, t, h, v0, width);
         continue;
       }
       TState* S = static_cast<TState*>(p.state.data) + slot * p.state.slot_stride + h * K * V + v0;
 
       for (int64_t t = bos; t < eos; ++t) {
-        const int64_t hk = h / ratio;
-        load_row(static_cast<const TIn*>(p.q.data) + t * p.q.token_stride + hk * p.q.head_stride, qf, K);
-        load_row(static_cast<const TIn*>(p.k.data) + t * p.k.token_stride + hk * p.k.head_stride, kf, K);
-        if (p.use_qk_l2norm) {
-          l2normalize(qf, K, p.scale);
-          l2normalize(kf, K, 1.f);
-        } else {
-          for (int64_t i = 0; i < K; ++i) qf[i] *= p.scale;
-        }
-        TokenStep s{kf, qf, 0.f, 0.f, dot(kf, qf, K)};
-        float g;
-        gate_values(p.gate, t, h, &g, &s.beta);
-        s.decay = std::exp(g);
+        const PreparedToken token(scratch, 1, h / ratio, h, ratio, K);
+        prepare_token<TIn>(p, t, h / ratio, h / ratio + 1, h, h + 1, token.qk, token.kq, token.decay, token.beta);
+        const TokenStep s = token.step(h);
         const TIn* vt = static_cast<const TIn*>(p.v.data) + t * p.v.token_stride + h * p.v.head_stride + v0;
-        TIn* o = out_base + t * p.out.token_stride;
+        TIn* o = static_cast<TIn*>(p.out.data) + t * p.out.token_stride + h * p.out.head_stride + v0;
         const bool first = t == bos, last = t == eos - 1;
         if (first && last) {
-          step_block(s, K, width, S, V, S, V, vt, o);  // the common decode case: in place
+          step_block(s, K, width, S, V, S, V, vt, o);
         } else if (first) {
           step_block(s, K, width, S, V, local, vb, vt, o);
         } else if (last) {
@@ -166,6 +318,23 @@ void recurrent_kernel(const RecurrentParams& p) {
       }
     }
   });
+}
+
+template <class TIn, class TState>
+void recurrent_kernel(const RecurrentParams& p) {
+  const int64_t vb = choose_v_block(p.N * p.Hv, p.V);
+  const TaskGrid grid{p.Hv, vb, (p.V + vb - 1) / vb};
+  bool one_token_each = true;
+  for (int64_t i = 0; p.cu_seqlens && i < p.N && one_token_each; ++i)
+    one_token_each = p.cu_seqlens[i] == i && p.cu_seqlens[i + 1] == i + 1;
+  auto fits = [&](int64_t cols) { return p.V % cols == 0 && vb % cols == 0; };
+  if (one_token_each && fits(kTile)) {
+    stream_decode<kTileVecs, TIn, TState>(p, grid);
+  } else if (one_token_each && fits(4 * kVecWidth)) {
+    stream_decode<4, TIn, TState>(p, grid);
+  } else {
+    multi_token_decode<TIn, TState>(p, grid);
+  }
 }
 
 }  // namespace

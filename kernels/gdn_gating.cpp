@@ -7,8 +7,7 @@ namespace GDN_ISA {
 
 void gdn_gating(const GatingParams& p) {
   parallel_for(p.T, 64, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t h = 0; h < p.Hv; ++h) gate_values(p, t, h, &p.g[t * p.Hv + h], &p.beta[t * p.Hv + h]);
+    for (int64_t t = t0; t < t1; ++t) gate_range(p, t, 0, p.Hv, p.g + t * p.Hv, p.beta + t * p.Hv);
   });
 }
 

@@ -332,6 +332,13 @@ void gdn_decode_step(const at::Tensor& mixed_qkv, const at::Tensor& conv_weight,
                                    use_qk_l2norm, allow_neg_eigval, softplus_beta, softplus_threshold, out);
 }
 
+void stream_scale(at::Tensor& x, double factor) {
+  constexpr const char* op = "stream_scale";
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, op, ": argument 'x' must be float32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.is_contiguous(), op, ": argument 'x' must be contiguous");
+  active_kernels().stream_scale(x.data_ptr<float>(), x.numel(), static_cast<float>(factor));
+}
+
 std::string runtime_info() {
   const GemmChoice gemm = active_gemm();
   return std::string("isa=") + active_kernels().isa + ";available=" + c10::Join(",", available_isas()) +

@@ -35,6 +35,9 @@ void gdn_decode_step(const at::Tensor& mixed_qkv, const at::Tensor& conv_weight,
                      double scale, bool use_qk_l2norm, bool allow_neg_eigval, double softplus_beta,
                      double softplus_threshold, at::Tensor& out);
 
+// x *= factor in place (fp32, contiguous): the benchmarks' memory-bandwidth probe.
+void stream_scale(at::Tensor& x, double factor);
+
 // "isa=...;available=...;threads=N" for vllm_gdn_cpu.ops.runtime_info().
 std::string runtime_info();
 

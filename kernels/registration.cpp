@@ -25,6 +25,7 @@ TORCH_LIBRARY(vllm_gdn_cpu, m) {
       "Tensor A_log, Tensor dt_bias, Tensor a, Tensor b, Tensor(b!) ssm_state, Tensor state_indices, "
       "int num_k_heads, int head_k_dim, int head_v_dim, float scale, bool use_qk_l2norm, bool allow_neg_eigval, "
       "float softplus_beta, float softplus_threshold, Tensor(c!) out) -> ()");
+  m.def("stream_scale(Tensor(a!) x, float factor) -> ()");
   m.def("runtime_info() -> str");
 }
 
@@ -34,6 +35,7 @@ TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CPU, m) {
   m.impl("fused_recurrent_gated_delta_rule", &gdn::fused_recurrent_gated_delta_rule);
   m.impl("causal_conv1d", &gdn::causal_conv1d);
   m.impl("gdn_decode_step", &gdn::gdn_decode_step);
+  m.impl("stream_scale", &gdn::stream_scale);
 }
 
 TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CompositeExplicitAutograd, m) { m.impl("runtime_info", &gdn::runtime_info); }

@@ -38,3 +38,25 @@ def test_gating_softplus_params_and_strided_inputs():
                                      compute_dtype=torch.float64)
     torch.testing.assert_close(g.double(), g_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(beta.double(), beta_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("softplus_beta", [1.0, 0.5, 3.0])
+def test_gating_accuracy_over_wide_range(isa, softplus_beta):
+    """The vectorised softplus/sigmoid/exp stay within a few fp32 ulps of float64 down to values of
+    ~1e-26 (relative, not absolute, error: |softplus_beta * a| <= 60 and |b| <= 60), with more heads
+    than one vector round of the kernel (70 > 64) and a ragged last vector."""
+    T, Hv = 64, 70
+    reach = 60 / max(softplus_beta, 1.0)
+    a = torch.linspace(-reach, reach, T * Hv).reshape(T, Hv)
+    b = torch.linspace(60, -60, T * Hv).reshape(T, Hv)
+    A_log = torch.linspace(-3, 2, Hv)
+    dt_bias = torch.linspace(-0.5, 0.5, Hv)
+    with forced_isa(isa):
+        g, beta = ops.gdn_gating(A_log, a, b, dt_bias, softplus_beta=softplus_beta)
+    g_ref, beta_ref = gdn_gating_ref(A_log, a, b, dt_bias, softplus_beta=softplus_beta,
+                                     compute_dtype=torch.float64)
+    # exp(x) amplifies the fp32 rounding of x (|x| <= 60: up to 60 * 6e-8 = 3.6e-6 relative), on top
+    # of a few ulps of the polynomial approximations.
+    torch.testing.assert_close(g.double(), g_ref, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(beta.double(), beta_ref, rtol=1e-5, atol=0.0)

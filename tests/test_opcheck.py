@@ -29,3 +29,7 @@ def test_opcheck_fused_recurrent():
         (p.q, p.k, p.v, p.A_log, p.dt_bias, p.a, p.b, p.state, p.state_indices, None, 0.25, True, False,
          1.0, 20.0, out),
     )
+
+
+def test_opcheck_stream_scale():
+    torch.library.opcheck(torch.ops.vllm_gdn_cpu.stream_scale.default, (torch.randn(1000), 0.5))

@@ -53,6 +53,18 @@ def _recurrent_fake(q, k, v, A_log, dt_bias, a, b, state, state_indices, cu_seql
     return None
 
 
+@torch.library.register_fake("vllm_gdn_cpu::stream_scale")
+def _stream_scale_fake(x, factor):
+    return None
+
+
+def stream_scale_(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x *= factor in place (float32, contiguous), streamed like the decode kernel streams states.
+    Not a GDN op: the benchmarks' probe of in-place memory bandwidth. Returns x."""
+    _ops.stream_scale(x, float(factor))
+    return x
+
+
 def gdn_gating(
     A_log: torch.Tensor,
     a: torch.Tensor,
@@ -217,4 +229,4 @@ def _decode_step_fake(mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_b
     return None
 
 
-__all__ = ["runtime_info", "gdn_gating", "causal_conv1d", "gdn_decode_step", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]
+__all__ = ["runtime_info", "stream_scale_", "gdn_gating", "causal_conv1d", "gdn_decode_step", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]

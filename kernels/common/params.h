@@ -107,6 +107,7 @@ struct KernelTable {
   void (*fused_recurrent)(const RecurrentParams&);
   void (*chunk_gated_delta_rule)(const ChunkParams&);
   void (*causal_conv1d)(const ConvParams&);
+  void (*stream_scale)(float* x, int64_t n, float factor);  // benchmark probe, see stream_scale.cpp
 };
 
 }  // namespace gdn

@@ -69,6 +69,43 @@ inline vfloat vexp(vfloat x) {
 
 inline vfloat vsilu(vfloat x) { return x / (1.f + vexp(-x)); }
 
+// log(x) for normal x > 0 (Cephes' logf: mantissa in [sqrt(1/2), sqrt(2)), degree-8 polynomial;
+// ~1 ulp).
+inline vfloat vlog(vfloat x) {
+  typedef int32_t vint __attribute__((vector_size(kVecWidth * sizeof(int32_t))));
+  const vint bits = reinterpret_cast<const vint&>(x);
+  vfloat e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, vfloat);
+  const vint mbits = (bits & 0x807fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  vfloat m = reinterpret_cast<const vfloat&>(mbits);
+  const auto small = m < vbroadcast(0.707106781186547524f);
+  e = small ? e - 1.f : e;
+  m = (small ? m + m : m) - 1.f;
+  const vfloat z = m * m;
+  vfloat y = vbroadcast(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z + e * -2.12194440e-4f - 0.5f * z;
+  return m + y + e * 0.693359375f;
+}
+
+// softplus(x) = log(1 + exp(beta x)) / beta, or x where beta x > threshold (as torch). Written as
+// max(bx, 0) + log1p(exp(-|bx|)) so nothing overflows; log1p(z) = log(u) z / (u - 1), u = 1 + z
+// (Goldberg), is accurate for small z.
+inline vfloat vsoftplus(vfloat x, float beta, float threshold) {
+  const vfloat bx = beta * x;
+  const vfloat z = vexp(bx < 0.f ? bx : -bx);
+  const vfloat u = 1.f + z, d = u - 1.f;
+  const vfloat log1p_z = d == 0.f ? z : vlog(u) * (z / (d == 0.f ? vbroadcast(1.f) : d));
+  const vfloat sp = ((bx > 0.f ? bx : vfloat{}) + log1p_z) * (1.f / beta);
+  return bx > threshold ? x : sp;
+}
+
 // Storage types. bf16 is handled as raw bits (portable, vectorises as shifts); fp16 uses the
 // compiler's _Float16 (F16C/AVX512-FP16 instructions where the ISA has them).
 struct bf16_t {
@@ -170,6 +207,45 @@ inline void vstore_float(half_t* p, vfloat x) {
 #endif
 }
 
+#if defined(__AVX512F__) && !defined(__AVX512BF16__)
+// bf16 rows 32 columns at a time, as two fp32 vectors of the even and the odd columns: one load, a
+// shift and a mask, where widening takes two loads and four instructions; the way back rounds both
+// halves in integer lanes and stores them with one instruction. Kernels that keep a tile in this
+// column order permute the few vectors that meet other data (v, o) with the helpers below.
+// (Measured in the decode kernel on Zen 4: 12% faster than widening without AVX512-BF16; with it,
+// vcvtneps2bf16 per vector beats vcvtne2ps2bf16 plus the vpermw that restores column order.)
+constexpr bool kHasBf16Pairs = true;
+inline void vload_bf16_pair(const bf16_t* p, vfloat& even, vfloat& odd) {
+  const __m512i x = _mm512_loadu_si512(p);
+  const __m512i e = _mm512_slli_epi32(x, 16), o = _mm512_and_si512(x, _mm512_set1_epi32(int(0xffff0000u)));
+  even = reinterpret_cast<const vfloat&>(e);
+  odd = reinterpret_cast<const vfloat&>(o);
+}
+inline void vstore_bf16_pair(bf16_t* p, vfloat even, vfloat odd) {
+  const vuint both = bf16_bits(even) | (bf16_bits(odd) << 16);  // lane i: columns 2i, 2i + 1
+  _mm512_storeu_si512(p, reinterpret_cast<const __m512i&>(both));
+}
+// 32 fp32 values in column order (lo: 0..15, hi: 16..31) <-> even and odd columns.
+inline void to_even_odd(vfloat lo, vfloat hi, vfloat& even, vfloat& odd) {
+  const __m512i e = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i o = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  const __m512 l = reinterpret_cast<const __m512&>(lo), h = reinterpret_cast<const __m512&>(hi);
+  const __m512 ev = _mm512_permutex2var_ps(l, e, h), od = _mm512_permutex2var_ps(l, o, h);
+  even = reinterpret_cast<const vfloat&>(ev);
+  odd = reinterpret_cast<const vfloat&>(od);
+}
+inline void from_even_odd(vfloat even, vfloat odd, vfloat& lo, vfloat& hi) {
+  const __m512i l = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i h = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  const __m512 e = reinterpret_cast<const __m512&>(even), o = reinterpret_cast<const __m512&>(odd);
+  const __m512 lv = _mm512_permutex2var_ps(e, l, o), hv = _mm512_permutex2var_ps(e, h, o);
+  lo = reinterpret_cast<const vfloat&>(lv);
+  hi = reinterpret_cast<const vfloat&>(hv);
+}
+#else
+constexpr bool kHasBf16Pairs = false;
+#endif
+
 template <class T>
 inline void load_row(const T* __restrict src, float* __restrict dst, int64_t n) {
   int64_t i = 0;
@@ -197,13 +273,6 @@ inline void l2normalize(float* x, int64_t n, float mul) {
   const float r = mul / std::sqrt(dot(x, x, n) + kL2NormEps);
   for (int64_t i = 0; i < n; ++i) x[i] *= r;
 }
-
-inline float softplus(float x, float beta, float threshold) {
-  const float bx = beta * x;
-  return bx > threshold ? x : std::log1p(std::exp(bx)) / beta;
-}
-
-inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
 
 // Calls f(tag) with a value of the C++ storage type matching `dt`.
 template <class F>
