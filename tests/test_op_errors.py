@@ -8,6 +8,8 @@ import torch
 from gdn_cases import forced_isa, make_problem
 from vllm_gdn_cpu import ops
 
+pytestmark = pytest.mark.error_path
+
 
 @pytest.fixture
 def p():

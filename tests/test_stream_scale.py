@@ -21,6 +21,7 @@ def test_scales_every_element_in_place(isa, n):
     torch.testing.assert_close(x, expected, rtol=0, atol=0)
 
 
+@pytest.mark.error_path
 @pytest.mark.parametrize("bad, message", [
     (torch.ones(8, dtype=torch.float64), "'x' must be float32"),
     (torch.ones(8, 2)[:, 0], "'x' must be contiguous"),

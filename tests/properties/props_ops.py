@@ -14,6 +14,7 @@ import os
 import sys
 
 import hypothesis.strategies as st
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
@@ -196,6 +197,7 @@ def test_conv_matches_reference_isolates_slots_and_contains_nan(x, W, dim_first,
                     assert torch.equal(s_bad[int(x["idx"][i])], state[int(x["idx"][i])])
 
 
+@pytest.mark.error_path
 @SETTINGS
 @given(batches(max_len=6), st.data())
 def test_invalid_arguments_raise_and_write_nothing(x, data):
