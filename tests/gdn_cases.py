@@ -14,10 +14,12 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 # Output tolerances, relative to the largest |reference output|. The kernel and the float64
-# reference read the same rounded inputs, so the gap is fp32 accumulation (~1e-6 relative) plus one
-# final rounding of the output to its dtype: 2^-8 for bf16, 2^-11 for fp16, with a 2x margin and a
-# floor for fp32 accumulation over long sequences.
-OUT_RTOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# reference read the same rounded inputs, so the gap is fp32 arithmetic plus one final rounding of
+# the output to its dtype: 2^-8 for bf16, 2^-11 for fp16, with a 2x margin. For fp32 outputs the
+# arithmetic is all of it: ~1e-6 relative per product, amplified in the chunked prefill by the
+# per-chunk triangular solve when keys are nearly parallel (worst seen over the property examples:
+# 2.6e-5), so 5e-5.
+OUT_RTOL = {torch.float32: 5e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # Final states are rounded once to the state dtype (relative to the largest |state| entry).
 STATE_RTOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # On GEMM paths with bf16 products (avx512_bf16, amx), bf16 inputs run the chunk's matrix products
@@ -29,7 +31,7 @@ BF16_PRODUCTS_RTOL = 1.5e-2
 def prefill_rtols(dtype: torch.dtype, state_dtype: torch.dtype) -> tuple[float, float]:
     """(output, state) tolerances of the prefill for the GEMM path in use."""
     out_rtol, state_rtol = OUT_RTOL[dtype], STATE_RTOL[state_dtype]
-    if dtype == torch.bfloat16 and not ops.runtime_info()["gemm"].endswith("-fp32"):
+    if bf16_products_in_use(dtype):
         out_rtol, state_rtol = max(out_rtol, BF16_PRODUCTS_RTOL), max(state_rtol, BF16_PRODUCTS_RTOL)
     return out_rtol, state_rtol
 
@@ -66,7 +68,13 @@ def _forced_env(name: str, value: str, took_effect):
             os.environ[name] = old
 
 
-def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
+def bf16_products_in_use(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and not ops.runtime_info()["gemm"].endswith("-fp32")
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str,
+                     floor: float = 1e-3) -> None:
+    """max |actual - expected| <= rtol * max(max |expected|, floor)."""
     actual, expected = actual.double(), expected.double()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     if expected.numel() == 0:
@@ -74,7 +82,7 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
     scale = expected.abs().max().item()
     err = (actual - expected).abs().max().item()
-    assert err <= rtol * max(scale, 1e-3), f"{what}: max abs err {err:.3e} > {rtol:.1e} x {scale:.3e}"
+    assert err <= rtol * max(scale, floor), f"{what}: max abs err {err:.3e} > {rtol:.1e} x {scale:.3e}"
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gdn_cases import OUT_RTOL, assert_close_rel, prefill_rtols  # noqa: E402
+from gdn_cases import OUT_RTOL, assert_close_rel, bf16_products_in_use, prefill_rtols  # noqa: E402
 
 from vllm_gdn_cpu import ops  # noqa: E402
 from vllm_gdn_cpu.reference import (  # noqa: E402
@@ -96,7 +96,13 @@ def test_prefill_matches_reference_and_isolates_slots(x):
     expected = chunk_gated_delta_rule_ref(x["q"], x["k"], x["v"], g, beta, ref_state, x["idx"], x["cu"],
                                           has_initial_state=x["has_init"], compute_dtype=torch.float64)
     out_rtol, state_rtol = prefill_rtols(x["dtype"], x["state_dtype"])
-    assert_close_rel(out, expected, out_rtol, "prefill output")
+    # With bf16 products, rounding q and k costs ~2^-8 of |q||k| = 1 in each q.k, however small q.k
+    # is: judge the outputs against the size they have when q.k ~ 1 (seen on AMX: a T=1 output of
+    # max 0.03 off by 5e-4 because q.k cancelled to ~0.03).
+    floor = 1e-3
+    if bf16_products_in_use(x["dtype"]):
+        floor = x["v"].double().abs().amax().item() * x["q"].shape[-1] ** -0.5 if x["v"].numel() else floor
+    assert_close_rel(out, expected, out_rtol, "prefill output", floor=floor)
     assert_close_rel(state, ref_state, state_rtol, "prefill state")
     rest = untouched_slots(x)
     assert torch.equal(state[rest], x["state"][rest])
