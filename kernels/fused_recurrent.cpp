@@ -95,23 +95,39 @@ inline void prefetch_rows(const T* src, int64_t lds, int64_t rows, int64_t bytes
     for (int64_t b = 0; b < bytes_per_row; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(src + r * lds) + b, 0, kPrefetchLocality);
 }
 
+// Bytes per row of a tile of NV vectors, and how many rows ahead pass 1 prefetches.
+template <int NV, class TSrc>
+constexpr int64_t kTileBytes = NV * kVecWidth * sizeof(TSrc);
+template <int NV, class TSrc>
+constexpr int64_t kPrefetchRows = kPrefetchBytes / kTileBytes<NV, TSrc>;
+
+// Pass 1 alone over a tile (acc_k, acc_q start at zero). It is bound by memory latency: rows are
+// requested well ahead.
+template <int NV, bool Paired, class TSrc>
+inline void accumulate_tile(const TokenStep& s, int64_t K, const TSrc* src, int64_t lds, vfloat* acc_k, vfloat* acc_q) {
+  for (int n = 0; n < NV; ++n) acc_k[n] = acc_q[n] = vfloat{};
+  for (int64_t r = 0; r < K; ++r) {
+    prefetch_rows(src + (r + kPrefetchRows<NV, TSrc>) * lds, lds, 1, kTileBytes<NV, TSrc>);
+    accumulate_row<NV, Paired>(src + r * lds, vbroadcast(s.k[r]), vbroadcast(s.q[r]), acc_k, acc_q);
+  }
+}
+// Pass 2 alone over a tile.
+template <int NV, bool Paired, class TSrc, class TDst>
+inline void update_tile(const TokenStep& s, int64_t K, const TSrc* src, int64_t lds, TDst* dst, int64_t ldd,
+                        const vfloat* v_new) {
+  const vfloat decay = vbroadcast(s.decay);
+  for (int64_t r = 0; r < K; ++r) update_row<NV, Paired>(src + r * lds, dst + r * ldd, decay, vbroadcast(s.k[r]), v_new);
+}
+
 // One token over one tile of NV vectors starting at column 0 of src/dst, both passes in turn.
 // src and dst may be the same memory (in-place update).
 template <int NV, class TSrc, class TDst, class TIn>
 inline void step_tile(const TokenStep& s, int64_t K, const TSrc* src, int64_t lds, TDst* dst, int64_t ldd,
                       const TIn* v, TIn* o) {
   vfloat acc_k[NV], acc_q[NV], v_new[NV];
-  for (int n = 0; n < NV; ++n) acc_k[n] = acc_q[n] = vfloat{};
-  constexpr int64_t kTileBytes = NV * kVecWidth * sizeof(TSrc);
-  constexpr int64_t kPrefetchRows = kPrefetchBytes / kTileBytes;
-  for (int64_t r = 0; r < K; ++r) {
-    // Pass 1 is bound by memory latency: request rows well ahead.
-    prefetch_rows(src + (r + kPrefetchRows) * lds, lds, 1, kTileBytes);
-    accumulate_row<NV, false>(src + r * lds, vbroadcast(s.k[r]), vbroadcast(s.q[r]), acc_k, acc_q);
-  }
+  accumulate_tile<NV, false>(s, K, src, lds, acc_k, acc_q);
   finish_tile<NV, false>(s, acc_k, acc_q, v, o, v_new);
-  const vfloat decay = vbroadcast(s.decay);
-  for (int64_t r = 0; r < K; ++r) update_row<NV, false>(src + r * lds, dst + r * ldd, decay, vbroadcast(s.k[r]), v_new);
+  update_tile<NV, false>(s, K, src, lds, dst, ldd, v_new);
 }
 
 // Scalar version for a last tile narrower than one vector (V not a multiple of the vector width).
@@ -214,8 +230,8 @@ void zero_output(const RecurrentParams& p, int64_t t, int64_t h, int64_t v0, int
 template <int NV, class TIn, class TState>
 void stream_decode(const RecurrentParams& p, const TaskGrid& grid) {
   const int64_t K = p.K, V = p.V, ratio = p.Hv / p.Hk, tasks_per_seq = grid.Hv * grid.n_vblocks;
-  constexpr int64_t kTileCols = NV * kVecWidth, kTileBytes = kTileCols * sizeof(TState);
-  constexpr int64_t kPrefetchRows = kPrefetchBytes / kTileBytes;
+  constexpr int64_t kTileCols = NV * kVecWidth, kRowBytes = kTileBytes<NV, TState>;
+  constexpr int64_t kAhead = kPrefetchRows<NV, TState>;
   constexpr bool Paired = kPaired<TState, TState>;
   parallel_for(p.N * tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
     // Tokens are prepared a sequence at a time (all of its heads in this range, gates vectorised);
@@ -238,7 +254,7 @@ void stream_decode(const RecurrentParams& p, const TaskGrid& grid) {
       }
       TState* block = static_cast<TState*>(p.state.data) + slot * p.state.slot_stride + h * K * V + v0;
       if (seq != token_seq) {
-        prefetch_rows(block, V, kPrefetchRows, kTileBytes);  // in flight while the token is prepared
+        prefetch_rows(block, V, kAhead, kRowBytes);  // in flight while the token is prepared
         const int64_t h_last = grid.head(std::min(end, (seq + 1) * tasks_per_seq) - 1);
         const int64_t hk0 = h / ratio, hk1 = h_last / ratio + 1;
         token = PreparedToken(scratch + buffer * buffer_floats, hk1 - hk0, hk0, h, ratio, K);
@@ -252,29 +268,23 @@ void stream_decode(const RecurrentParams& p, const TaskGrid& grid) {
       for (int64_t j = 0; j < width; j += kTileCols) {
         TState* tile = block + j;
         vfloat acc_k[NV], acc_q[NV];
-        for (int n = 0; n < NV; ++n) acc_k[n] = acc_q[n] = vfloat{};
-        if (prev) {
+        if (prev) {  // both passes, row by row
+          for (int n = 0; n < NV; ++n) acc_k[n] = acc_q[n] = vfloat{};
           const vfloat prev_decay = vbroadcast(prev_step.decay);
           for (int64_t r = 0; r < K; ++r) {
-            prefetch_rows(tile + (r + kPrefetchRows) * V, V, 1, kTileBytes);
+            prefetch_rows(tile + (r + kAhead) * V, V, 1, kRowBytes);
             accumulate_row<NV, Paired>(tile + r * V, vbroadcast(s.k[r]), vbroadcast(s.q[r]), acc_k, acc_q);
             update_row<NV, Paired>(prev + r * V, prev + r * V, prev_decay, vbroadcast(prev_step.k[r]), v_new);
           }
-        } else {
-          for (int64_t r = 0; r < K; ++r) {
-            prefetch_rows(tile + (r + kPrefetchRows) * V, V, 1, kTileBytes);
-            accumulate_row<NV, Paired>(tile + r * V, vbroadcast(s.k[r]), vbroadcast(s.q[r]), acc_k, acc_q);
-          }
+        } else {  // the thread's first tile
+          accumulate_tile<NV, Paired>(s, K, tile, V, acc_k, acc_q);
         }
         finish_tile<NV, Paired>(s, acc_k, acc_q, v + j, o + j, v_new);
         prev = tile;
         prev_step = s;
       }
     }
-    if (prev) {
-      const vfloat prev_decay = vbroadcast(prev_step.decay);
-      for (int64_t r = 0; r < K; ++r) update_row<NV, Paired>(prev + r * V, prev + r * V, prev_decay, vbroadcast(prev_step.k[r]), v_new);
-    }
+    if (prev) update_tile<NV, Paired>(prev_step, K, prev, V, prev, V, v_new);  // the thread's last tile
   });
 }
 
