@@ -28,10 +28,12 @@ if [[ $what == bench || $what == all ]]; then
     "$python" -m vllm_gdn_cpu.bench decode --threads "$t" --no-vllm --no-ref --batches 1,16,64 \
       --state-dtypes float32,bfloat16 --dtype bfloat16
   done
-  for gemm in amx avx512_bf16 avx512; do
-    for t in 1 $threads; do
-      VLLM_GDN_CPU_GEMM=$gemm "$python" -m vllm_gdn_cpu.bench prefill --threads "$t" --no-vllm --no-ref \
-        --models qwen3-next --workloads T2048,T8192 || echo "(GEMM path $gemm not available here)"
-    done
+  # Prefill on every fast GEMM path this CPU has, timed side by side (interleaved) in one process.
+  gemms=$("$python" -c 'from vllm_gdn_cpu import ops
+have = ops.runtime_info()["available_gemms"]
+print(",".join(p for p in ("amx", "avx512", "avx512_bf16", "avx2") if p in have))')
+  for t in 1 $threads; do
+    "$python" -m vllm_gdn_cpu.bench prefill --threads "$t" --no-vllm --no-ref --models qwen3-next \
+      --workloads T2048,T8192 --gemms "$gemms"
   done
 fi

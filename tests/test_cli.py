@@ -31,6 +31,15 @@ def test_bench_prefill_json_side_by_side():
     assert row["vllm_tok_s"] > 0
 
 
+def test_bench_prefill_gemm_paths_side_by_side():
+    out = run_cli("vllm_gdn_cpu.bench", "prefill", "--json", "--models", "qwen3.5-small", "--workloads", "T512",
+                  "--repeat", "1", "--no-ref", "--no-vllm", "--gemms", "torch,generic")
+    (row,) = out["rows"]
+    assert row["tok_s_torch"] > 0 and row["tok_s_generic"] > 0
+    assert row["ours_tok_s"] == row["tok_s_torch"]
+    assert row["torch_vs_generic"] == pytest.approx(row["tok_s_torch"] / row["tok_s_generic"])
+
+
 def test_bench_decode_json_side_by_side():
     out = run_cli("vllm_gdn_cpu.bench", "decode", "--json", "--batches", "2", "--layers", "2", "--repeat", "1",
                   "--state-dtypes", "float32,bfloat16")

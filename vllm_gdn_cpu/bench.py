@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -64,6 +65,24 @@ def best_time(fn: Callable[[], object], repeat: int, min_time: float = 0.2) -> f
         best, total, n = min(best, dt), total + dt, n + 1
         if n >= 50 * repeat:
             break
+    return best
+
+
+def best_time_per_gemm_path(fn: Callable[[], object], paths: list[str], repeat: int, rounds: int = 3) -> dict:
+    """Best time of fn on each GEMM path (VLLM_GDN_CPU_GEMM), the paths' measurements interleaved
+    over `rounds` so that a noisy machine's drift reaches every path alike."""
+    best = {path: float("inf") for path in paths}
+    saved = os.environ.get(ops.GEMM_ENV)
+    try:
+        for _ in range(rounds):
+            for path in paths:
+                os.environ[ops.GEMM_ENV] = path
+                best[path] = min(best[path], best_time(fn, repeat))
+    finally:
+        if saved is None:
+            os.environ.pop(ops.GEMM_ENV, None)
+        else:
+            os.environ[ops.GEMM_ENV] = saved
     return best
 
 
@@ -168,7 +187,17 @@ def bench_prefill(args) -> list[dict]:
             q, k, v, g, beta, state, idx, cu = prefill_inputs(h, seqlens, dtype)
             out = torch.empty_like(v)
             row = {"model": model, "workload": wl, "tokens": T, "dtype": args.dtype, "threads": torch.get_num_threads()}
-            t = best_time(lambda: ops.chunk_gated_delta_rule(q, k, v, g, beta, state, idx, cu, out=out), args.repeat)
+            ours = lambda: ops.chunk_gated_delta_rule(q, k, v, g, beta, state, idx, cu, out=out)  # noqa: E731
+            if args.gemms:  # ours on several GEMM paths, side by side; the first is "ours"
+                paths = args.gemms.split(",")
+                times = best_time_per_gemm_path(ours, paths, args.repeat)
+                t = times[paths[0]]
+                for path in paths:
+                    row[f"tok_s_{path}"] = T / times[path]
+                for path in paths[1:]:
+                    row[f"{paths[0]}_vs_{path}"] = times[path] / t
+            else:
+                t = best_time(ours, args.repeat)
             row["ours_tok_s"] = T / t
             flops = prefill_flops_per_token(h, seqlens) * T
             row["ours_gflops"] = flops / t / 1e9
@@ -295,6 +324,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--workloads", default=",".join(PREFILL_WORKLOADS))
     p.add_argument("--ref-max-tokens", type=int, default=2048, help="skip the slow torch reference above this")
+    p.add_argument("--gemms", default="",
+                   help="comma-separated GEMM paths (VLLM_GDN_CPU_GEMM values) to time ours on, interleaved; "
+                        "the first is reported as ours, with its speed-up over each other")
 
     d = sub.add_parser("decode", parents=[common], help="decode step over cold states")
     d.add_argument("--model", default="qwen3-next", choices=list(MODELS))
