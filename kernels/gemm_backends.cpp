@@ -1,13 +1,11 @@
 // GEMM engines that live outside our per-ISA kernels (baseline ISA, may include ATen):
 //   torch    - the BLAS libtorch is built with (its exported sgemm_), always available
 //   openblas - cblas_sgemm of the OpenBLAS found at build time (GDN_HAS_OPENBLAS)
-//   amx      - oneDNN's brgemm ukernel through ATen (AMX tiles on CPUs that have them)
+//   amx      - our AMX tile kernel (amx_gemm.cpp), on CPUs that have AMX-BF16
 // Each is called per small GEMM from inside our parallel region, so they must run single-threaded.
 #include "gemm_backends.h"
 
 #include <ATen/cpu/Utils.h>
-#include <ATen/native/CPUBlas.h>
-#include <c10/util/BFloat16.h>
 
 #if defined(__x86_64__)
 #include <cpuid.h>
@@ -49,16 +47,6 @@ void openblas_sgemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda
 }
 #endif
 
-void amx_bf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint32_t* B, int64_t ldb,
-                   float* C, int64_t ldc, bool accumulate) {
-  // Our VNNI packing ([K/2][N] words of two bf16) is oneDNN's bf16 VNNI layout; ld_b counts columns.
-  at::native::cpublas::brgemm(M, N, (K + 1) / 2 * 2, lda, ldb, ldc, accumulate,
-                              reinterpret_cast<const at::BFloat16*>(A), reinterpret_cast<const at::BFloat16*>(B), C,
-                              /*is_vnni=*/true);
-}
-
-void amx_release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
-
 bool cpu_has_amx_bf16() {
 #if defined(__x86_64__)
   unsigned eax, ebx, ecx, edx;
@@ -73,14 +61,18 @@ bool cpu_has_amx_bf16() {
 }  // namespace
 
 bool amx_usable() {
-  static const bool usable = cpu_has_amx_bf16() && at::cpu::init_amx() &&
-                             at::native::cpublas::could_pack(at::kBFloat16);
+#if GDN_HAVE_AMX_TILES
+  // init_amx asks the kernel for permission to use the tile state (arch_prctl), once per process.
+  static const bool usable = cpu_has_amx_bf16() && at::cpu::init_amx();
   return usable;
+#else
+  return false;
+#endif
 }
 
 bool openblas_available() { return GDN_HAS_OPENBLAS; }
 
-GemmBackend torch_backend() { return GemmBackend{"torch", &torch_sgemm, nullptr, false, nullptr}; }
+GemmBackend torch_backend() { return GemmBackend{"torch", &torch_sgemm, nullptr, false, nullptr, 0}; }
 
 #if GDN_HAS_OPENBLAS
 // OpenBLAS starts a thread pool when it is loaded, i.e. when this extension is; we call it from
@@ -90,12 +82,18 @@ const bool kOpenblasSingleThreaded = (GDN_OPENBLAS_SYMBOL(openblas_set_num_threa
 
 GemmBackend openblas_backend() {
 #if GDN_HAS_OPENBLAS
-  return GemmBackend{"openblas", &openblas_sgemm, nullptr, false, nullptr};
+  return GemmBackend{"openblas", &openblas_sgemm, nullptr, false, nullptr, 0};
 #else
-  return GemmBackend{"openblas", nullptr, nullptr, false, nullptr};
+  return GemmBackend{"openblas", nullptr, nullptr, false, nullptr, 0};
 #endif
 }
 
-GemmBackend amx_backend() { return GemmBackend{"amx", nullptr, &amx_bf16_gemm, true, &amx_release}; }
+GemmBackend amx_backend() {
+#if GDN_HAVE_AMX_TILES
+  return GemmBackend{"amx", nullptr, &amx_tile_gemm_bf16, true, &amx_tile_release, 32};
+#else
+  return GemmBackend{"amx", nullptr, nullptr, true, nullptr, 0};
+#endif
+}
 
 }  // namespace gdn

@@ -227,9 +227,6 @@ void chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::
   p.use_qk_l2norm = use_qk_l2norm;
   const GemmChoice gemm = active_gemm();
   p.gemm = gemm.backend;
-  // oneDNN's AMX brgemm (torch 2.11) returned wrong products for head dims of 8 (K = V = 8: 78%
-  // error on the AMX host); real models use 64..256. Below 16 our own fp32 products run instead.
-  if (p.gemm.bf16 != nullptr && std::min(p.K, p.V) < 16) p.gemm = GemmBackend{"fp32", nullptr, nullptr, false, nullptr};
   gemm.kernels->chunk_gated_delta_rule(p);
   zero_trailing_rows(out, p.cu_seqlens[p.N]);
 }

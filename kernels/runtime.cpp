@@ -89,7 +89,7 @@ const KernelTable& resolve_isa(const std::string& want) {
 }
 
 GemmChoice resolve_gemm(const std::string& want, const KernelTable& isa) {
-  const GemmBackend own{nullptr, nullptr, nullptr, false, nullptr};
+  const GemmBackend own{nullptr, nullptr, nullptr, false, nullptr, 0};
   if (want == "auto") {
     // AMX where usable; otherwise our fp32 kernels. vdpbf16ps does not beat fp32 FMA in MACs per
     // cycle on the CPUs measured (Zen 4), so bf16 products there only add conversion work; the
@@ -100,8 +100,8 @@ GemmChoice resolve_gemm(const std::string& want, const KernelTable& isa) {
     return {&isa, b};
   }
   if (want == "amx") {
-    TORCH_CHECK_VALUE(amx_usable(), kGemmEnv, "=amx: this CPU has no usable AMX-BF16 tiles (or oneDNN brgemm is "
-                      "unavailable in this torch); usable: ", c10::Join(", ", available_gemms()));
+    TORCH_CHECK_VALUE(amx_usable(), kGemmEnv, "=amx: this CPU has no usable AMX-BF16 tiles (or this build "
+                      "has no AMX kernel: compiler without -mamx-tile); usable: ", c10::Join(", ", available_gemms()));
     return {&isa, amx_backend()};
   }
   if (want == "torch") return {&isa, torch_backend()};

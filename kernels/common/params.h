@@ -55,6 +55,9 @@ struct GemmBackend {
   GemmBF16Fn bf16;       // nullptr: the ISA's bf16 micro-kernel if use_bf16, else fp32 math
   bool use_bf16;         // run bf16 inputs through bf16 GEMMs (fp32 accumulation)
   void (*release)();     // called by each thread after its GEMMs (AMX tile release), may be null
+  // Rows per block when a product with a triangular operand skips its zero triangle; 0: whole
+  // products (engines with a fixed cost per call). Null engines (the ISA's own) use 16.
+  int64_t triangle_block;
 };
 
 struct RecurrentParams {
