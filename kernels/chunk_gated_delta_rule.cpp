@@ -15,7 +15,6 @@
 // Products with a triangular operand are computed in row blocks that skip the zero triangle.
 #include <algorithm>
 #include <array>
-#include <tuple>
 #include <utility>
 #include <type_traits>
 
@@ -105,13 +104,15 @@ class Mm {
 };
 
 struct ChunkScratch {
-  float *k, *q, *kT, *wq, *vo, *KK, *P, *Tm, *kg, *gc, *eg, *eg_inv, *beta, *S;
+  // Shared by the task's heads: k, q, kT, KK = k k^T, QK = q k^T. Per head: the rest; S holds one
+  // state per head of the task.
+  float *k, *q, *kT, *KK, *QK, *kT_decayed, *wq, *vo, *P, *Tm, *kg, *gc, *eg, *eg_inv, *beta, *S;
   uint16_t* a_bf16;
   uint32_t *pack_kT, *pack_v, *pack_kg, *pack_S, *pack_vnew;
 
   // Carves the buffers out of `base` (64-byte aligned each; base may be null to only count);
   // returns the number of floats used.
-  size_t carve(float* base, int64_t K, int64_t V) {
+  size_t carve(float* base, int64_t K, int64_t V, int64_t heads) {
     const int64_t C = kChunk, Mx = std::max(K, V);
     size_t used = 0;
     auto take = [&](int64_t n) {
@@ -119,10 +120,10 @@ struct ChunkScratch {
       used += static_cast<size_t>((n + 15) / 16 * 16);
       return r;
     };
-    k = take(C * K), q = take(C * K), kT = take(K * C), kg = take(C * K);
-    wq = take(2 * C * K), vo = take(2 * C * V);
-    KK = take(C * C), P = take(C * C), Tm = take(C * C);
-    gc = take(C), eg = take(C), eg_inv = take(C), beta = take(C), S = take(K * V);
+    k = take(C * K), q = take(C * K), kT = take(K * C), KK = take(C * C), QK = take(C * C);
+    kT_decayed = take(K * C), kg = take(C * K), wq = take(2 * C * K), vo = take(2 * C * V);
+    P = take(C * C), Tm = take(C * C);
+    gc = take(C), eg = take(C), eg_inv = take(C), beta = take(C), S = take(heads * K * V);
     a_bf16 = reinterpret_cast<uint16_t*>(take((2 * C * even(Mx) + 1) / 2));
     pack_kT = reinterpret_cast<uint32_t*>(take(even(K) / 2 * C));
     pack_v = reinterpret_cast<uint32_t*>(take(C / 2 * V));
@@ -206,132 +207,151 @@ void invert_unit_lower(float* Tm, int64_t n, int64_t ld) {
   for (int64_t i = 0; i < n; ++i) kSolveRow[i / kVecWidth](Tm, i, ld);
 }
 
+// One chunk of one value head h, given the chunk's shared k, q, kT, KK and QK in `s`: updates
+// the head's state S and writes its output rows.
+template <class TIn>
+void head_chunk(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t h, int64_t c0, int64_t n, float* S,
+                bool bf16_gemm) {
+  const int64_t K = p.K, V = p.V, C = kChunk;
+  TIn* out = static_cast<TIn*>(p.out.data) + h * p.out.head_stride;
+  float* vnew = s.vo;       // rows [0, n) of vo: u, then v_new
+  float* o = s.vo + n * V;  // rows [n, 2n): o
+  prefetch_rows<TIn>(p.v, c0, std::min(n, kRowsAhead), h, V);
+  gather_rows<TIn>(p.v, c0, n, h, V, vnew, false, 1.f);
+  float acc = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    acc += p.g[(c0 + i) * p.g_stride + h];
+    s.gc[i] = acc;
+    s.beta[i] = p.beta[(c0 + i) * p.beta_stride + h];
+  }
+  const float g_last = s.gc[n - 1];
+
+  // P = QK * decay (lower incl. diagonal), Tm = strictly lower beta * KK * decay.
+  // exp(gc_i - gc_j) = exp(gc_i) exp(-gc_j) costs 2n exps instead of n^2/2; exp(-gc_j) stays
+  // finite while the chunk's total decay is above -80 (else one exp per entry).
+  const bool factored = g_last > -80.f;
+  if (factored)
+    for (int64_t i = 0; i < n; ++i) s.eg[i] = std::exp(s.gc[i]), s.eg_inv[i] = std::exp(-s.gc[i]);
+  for (int64_t i = 0; i < n; ++i) {
+    float* P_row = s.P + i * C;
+    float* T_row = s.Tm + i * C;
+    const float* QK_row = s.QK + i * C;
+    const float* KK_row = s.KK + i * C;
+    if (factored) {
+      const float ei = s.eg[i], bi = s.beta[i] * s.eg[i];
+#pragma omp simd
+      for (int64_t j = 0; j <= i; ++j) {
+        P_row[j] = QK_row[j] * ei * s.eg_inv[j];
+        T_row[j] = bi * KK_row[j] * s.eg_inv[j];
+      }
+    } else {
+      for (int64_t j = 0; j <= i; ++j) {
+        const float d = std::exp(s.gc[i] - s.gc[j]);
+        P_row[j] = QK_row[j] * d;
+        T_row[j] = s.beta[i] * KK_row[j] * d;
+      }
+    }
+    for (int64_t j = i + 1; j < n; ++j) P_row[j] = 0.f;
+  }
+  invert_unit_lower(s.Tm, n, C);
+  for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) s.Tm[i * C + j] *= s.beta[j];
+  }
+
+  // u = Tm v (into vnew's rows), w = -Tm (exp(gc) k) (into wq's first n rows)
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = -std::exp(s.gc[i]);
+    for (int64_t j = 0; j < K; ++j) s.kg[i * K + j] = s.k[i * K + j] * e;
+  }
+  const Mm::B v_op = mm.operand(vnew, n, V, V, s.pack_v);
+  const Mm::B kg_op = mm.operand(s.kg, n, K, K, s.pack_kg);
+  float* w = s.wq;
+  float* qg = s.wq + n * K;
+  if (bf16_gemm) {  // v was packed; u can overwrite it
+    mm.run_lower_a(n, V, s.Tm, C, v_op, vnew, V, false);
+  } else {          // fp32 reads v while writing u: go through o's rows
+    mm.run_lower_a(n, V, s.Tm, C, v_op, o, V, false);
+    std::copy(o, o + n * V, vnew);
+  }
+  mm.run_lower_a(n, K, s.Tm, C, kg_op, w, K, false);
+
+  // [v_new; o] = [u; 0] + [w; exp(gc) q] S   (one product: both rows share S)
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = std::exp(s.gc[i]);
+    for (int64_t j = 0; j < K; ++j) qg[i * K + j] = s.q[i * K + j] * e;
+  }
+  std::fill(o, o + n * V, 0.f);
+  const Mm::B S_op = mm.operand(S, K, V, V, s.pack_S);
+  mm.run(2 * n, V, K, s.wq, K, S_op, s.vo, V, true);
+
+  // o += P v_new
+  const Mm::B vnew_op = mm.operand(vnew, n, V, V, s.pack_vnew);
+  mm.run_lower_a(n, V, s.P, C, vnew_op, o, V, true);
+  for (int64_t i = 0; i < n; ++i) store_row(o + i * V, out + (c0 + i) * p.out.token_stride, V);
+
+  // S = exp(g_last) S + (exp(g_last - gc) k)^T v_new
+  const float e_last = std::exp(g_last);
+  for (int64_t i = 0; i < K * V; ++i) S[i] *= e_last;
+  float* decay_to_end = s.eg;  // exp(g_last - gc_i), reusing eg
+  for (int64_t i = 0; i < n; ++i) decay_to_end[i] = std::exp(g_last - s.gc[i]);
+  for (int64_t r = 0; r < K; ++r) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) s.kT_decayed[r * C + i] = s.kT[r * C + i] * decay_to_end[i];
+  }
+  mm.run(K, V, n, s.kT_decayed, C, vnew_op, S, V, true);
+}
+
 template <class TIn, class TState>
 void chunk_kernel(const ChunkParams& p, bool bf16_gemm) {
-  const int64_t K = p.K, V = p.V, Hv = p.Hv, ratio = p.Hv / p.Hk, C = kChunk;
-  const size_t scratch_floats = ChunkScratch().carve(nullptr, K, V);
+  const int64_t K = p.K, V = p.V, ratio = p.Hv / p.Hk, C = kChunk;
+  // The value heads of one key head share q, k, q k^T and k k^T: one task takes them all (a
+  // group), unless that would leave threads idle or unevenly loaded.
+  const int64_t grouped_tasks = p.N * p.Hk, threads = num_threads();
+  const int64_t G = grouped_tasks % threads == 0 || grouped_tasks >= 4 * threads ? ratio : 1;
+  const int64_t groups = p.Hv / G;
+  const size_t scratch_floats = ChunkScratch().carve(nullptr, K, V, G);
 
-  parallel_for(p.N * Hv, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(p.N * groups, 1, [&](int64_t begin, int64_t end) {
     ChunkScratch s;
-    s.carve(thread_scratch(scratch_floats), K, V);
+    s.carve(thread_scratch(scratch_floats), K, V, G);
     const Mm mm(p.gemm, bf16_gemm, s.a_bf16);
     for (int64_t task = begin; task < end; ++task) {
       // Head-major order: at::parallel_for splits the range statically, and every head of a
       // sequence costs the same, so each thread gets an equal share of every sequence's work.
-      const int64_t h = task / p.N, seq = task % p.N, hk = h / ratio;
+      const int64_t h0 = task / p.N * G, seq = task % p.N, hk = h0 / ratio;
       const int64_t bos = p.cu_seqlens[seq], eos = p.cu_seqlens[seq + 1];
       const int64_t slot = p.state_indices[seq];
-      TIn* out = static_cast<TIn*>(p.out.data) + h * p.out.head_stride;
 
       if (slot < 0) {  // padding: zero output, touch no state
-        for (int64_t t = bos; t < eos; ++t)
-          for (int64_t j = 0; j < V; ++j) out[t * p.out.token_stride + j] = from_float<TIn>(0.f);
+        for (int64_t h = h0; h < h0 + G; ++h) {
+          TIn* out = static_cast<TIn*>(p.out.data) + h * p.out.head_stride;
+          for (int64_t t = bos; t < eos; ++t)
+            for (int64_t j = 0; j < V; ++j) out[t * p.out.token_stride + j] = from_float<TIn>(0.f);
+        }
         continue;
       }
-      TState* state = static_cast<TState*>(p.state.data) + slot * p.state.slot_stride + h * K * V;
+      TState* state = static_cast<TState*>(p.state.data) + slot * p.state.slot_stride + h0 * K * V;
       const bool has_init = p.has_initial_state == nullptr || p.has_initial_state[seq];
       if (has_init) {
-        load_row(state, s.S, K * V);
+        load_row(state, s.S, G * K * V);
       } else {
-        std::fill(s.S, s.S + K * V, 0.f);
+        std::fill(s.S, s.S + G * K * V, 0.f);
       }
 
       for (int64_t c0 = bos; c0 < eos; c0 += C) {
         const int64_t n = std::min(C, eos - c0);
-        for (const auto& [m, head, D] : {std::tuple{&p.k, hk, K}, {&p.q, hk, K}, {&p.v, h, V}})
-          prefetch_rows<TIn>(*m, c0, std::min(n, kRowsAhead), head, D);
+        for (const Mat3* m : {&p.k, &p.q}) prefetch_rows<TIn>(*m, c0, std::min(n, kRowsAhead), hk, K);
         gather_rows<TIn>(p.k, c0, n, hk, K, s.k, p.use_qk_l2norm, 1.f);
         gather_rows<TIn>(p.q, c0, n, hk, K, s.q, p.use_qk_l2norm, p.scale);
-        float* vnew = s.vo;       // rows [0, n) of vo: u, then v_new
-        float* o = s.vo + n * V;  // rows [n, 2n): o
-        gather_rows<TIn>(p.v, c0, n, h, V, vnew, false, 1.f);
-        float acc = 0.f;
-        for (int64_t i = 0; i < n; ++i) {
-          acc += p.g[(c0 + i) * p.g_stride + h];
-          s.gc[i] = acc;
-          s.beta[i] = p.beta[(c0 + i) * p.beta_stride + h];
-        }
-        const float g_last = s.gc[n - 1];
-
-        // KK = k k^T (strictly lower used), P = q k^T (lower incl. diagonal)
+        // KK = k k^T (strictly lower used), QK = q k^T (lower incl. diagonal)
         transpose(s.k, n, K, K, s.kT, C);
-        const Mm::B kT = mm.operand(s.kT, K, n, C, s.pack_kT);
-        mm.run_lower_c(n, K, s.k, K, kT, s.KK, C);
-        mm.run_lower_c(n, K, s.q, K, kT, s.P, C);
-        // exp(gc_i - gc_j) = exp(gc_i) exp(-gc_j) costs 2n exps instead of n^2/2; exp(-gc_j) stays
-        // finite while the chunk's total decay is above -80 (else one exp per entry).
-        const bool factored = g_last > -80.f;
-        if (factored)
-          for (int64_t i = 0; i < n; ++i) s.eg[i] = std::exp(s.gc[i]), s.eg_inv[i] = std::exp(-s.gc[i]);
-        for (int64_t i = 0; i < n; ++i) {
-          float* P_row = s.P + i * C;
-          float* T_row = s.Tm + i * C;
-          const float* KK_row = s.KK + i * C;
-          if (factored) {
-            const float ei = s.eg[i], bi = s.beta[i] * s.eg[i];
-#pragma omp simd
-            for (int64_t j = 0; j <= i; ++j) {
-              P_row[j] *= ei * s.eg_inv[j];
-              T_row[j] = bi * KK_row[j] * s.eg_inv[j];
-            }
-          } else {
-            for (int64_t j = 0; j <= i; ++j) {
-              const float d = std::exp(s.gc[i] - s.gc[j]);
-              P_row[j] *= d;
-              T_row[j] = s.beta[i] * KK_row[j] * d;
-            }
-          }
-          for (int64_t j = i + 1; j < n; ++j) P_row[j] = 0.f;
-        }
-        invert_unit_lower(s.Tm, n, C);
-        for (int64_t i = 0; i < n; ++i) {
-#pragma omp simd
-          for (int64_t j = 0; j < n; ++j) s.Tm[i * C + j] *= s.beta[j];
-        }
-
-        // u = Tm v (into vnew's rows), w = -Tm (exp(gc) k) (into wq's first n rows)
-        for (int64_t i = 0; i < n; ++i) {
-          const float e = -std::exp(s.gc[i]);
-          for (int64_t j = 0; j < K; ++j) s.kg[i * K + j] = s.k[i * K + j] * e;
-        }
-        const Mm::B v_op = mm.operand(vnew, n, V, V, s.pack_v);
-        const Mm::B kg_op = mm.operand(s.kg, n, K, K, s.pack_kg);
-        float* w = s.wq;
-        float* qg = s.wq + n * K;
-        if (bf16_gemm) {  // v was packed; u can overwrite it
-          mm.run_lower_a(n, V, s.Tm, C, v_op, vnew, V, false);
-        } else {          // fp32 reads v while writing u: go through o's rows
-          mm.run_lower_a(n, V, s.Tm, C, v_op, o, V, false);
-          std::copy(o, o + n * V, vnew);
-        }
-        mm.run_lower_a(n, K, s.Tm, C, kg_op, w, K, false);
-
-        // [v_new; o] = [u; 0] + [w; exp(gc) q] S   (one product: both rows share S)
-        for (int64_t i = 0; i < n; ++i) {
-          const float e = std::exp(s.gc[i]);
-          for (int64_t j = 0; j < K; ++j) qg[i * K + j] = s.q[i * K + j] * e;
-        }
-        std::fill(o, o + n * V, 0.f);
-        const Mm::B S_op = mm.operand(s.S, K, V, V, s.pack_S);
-        mm.run(2 * n, V, K, s.wq, K, S_op, s.vo, V, true);
-
-        // o += P v_new
-        const Mm::B vnew_op = mm.operand(vnew, n, V, V, s.pack_vnew);
-        mm.run_lower_a(n, V, s.P, C, vnew_op, o, V, true);
-        for (int64_t i = 0; i < n; ++i) store_row(o + i * V, out + (c0 + i) * p.out.token_stride, V);
-
-        // S = exp(g_last) S + (exp(g_last - gc) k)^T v_new
-        const float e_last = std::exp(g_last);
-        for (int64_t i = 0; i < K * V; ++i) s.S[i] *= e_last;
-        float* decay_to_end = s.eg;  // exp(g_last - gc_i), reusing eg
-        for (int64_t i = 0; i < n; ++i) decay_to_end[i] = std::exp(g_last - s.gc[i]);
-        for (int64_t r = 0; r < K; ++r) {
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) s.kT[r * C + i] *= decay_to_end[i];
-        }
-        mm.run(K, V, n, s.kT, C, vnew_op, s.S, V, true);
+        const Mm::B kT_op = mm.operand(s.kT, K, n, C, s.pack_kT);
+        mm.run_lower_c(n, K, s.k, K, kT_op, s.KK, C);
+        mm.run_lower_c(n, K, s.q, K, kT_op, s.QK, C);
+        for (int64_t r = 0; r < G; ++r) head_chunk<TIn>(p, mm, s, h0 + r, c0, n, s.S + r * K * V, bf16_gemm);
       }
-      store_row(s.S, state, K * V);
+      store_row(s.S, state, G * K * V);
     }
     if (p.gemm.release) p.gemm.release();
   });

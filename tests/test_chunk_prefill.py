@@ -129,3 +129,26 @@ def test_prefill_negative_eigenvalues():
     out = ops.chunk_gated_delta_rule(p.q, p.k, p.v, g, beta, state, p.state_indices, p.cu_seqlens)
     assert_close_rel(out, expected, 1e-4, "output")
     assert_close_rel(state, state_ref, 1e-4, "final state")
+
+
+@pytest.mark.parametrize("gemm", gemms())
+def test_grouped_value_heads_match_one_head_per_task(gemm):
+    """The value heads of one key head run as one task (sharing q k^T, k k^T) when the thread count
+    divides the tasks evenly, else one head per task: both give bit-identical results."""
+    p = make_problem([70, 1, 130], 3, 6, 64, 64, torch.bfloat16, torch.float32, seed=3, strided=True)
+    g, beta = p.gates()
+    results = []
+    saved = torch.get_num_threads()
+    try:
+        # 9 grouped tasks: 1 and 3 threads group them (evenly divided), 4 threads run the 18 heads
+        # one by one (9 tasks would leave them unevenly loaded).
+        for threads in (1, 3, 4):
+            torch.set_num_threads(threads)
+            with forced_gemm(gemm):
+                state = p.state.clone()
+                out = ops.chunk_gated_delta_rule(p.q, p.k, p.v, g, beta, state, p.state_indices, p.cu_seqlens)
+            results.append((out, state))
+    finally:
+        torch.set_num_threads(saved)
+    for out, state in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(state, results[0][1])
