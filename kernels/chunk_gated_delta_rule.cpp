@@ -113,7 +113,7 @@ struct ChunkScratch {
   // Carves the buffers out of `base` (64-byte aligned each; base may be null to only count);
   // returns the number of floats used.
   size_t carve(float* base, int64_t K, int64_t V, int64_t heads) {
-    const int64_t C = kChunk, Mx = std::max(K, V);
+    const int64_t C = kChunk;
     size_t used = 0;
     auto take = [&](int64_t n) {
       float* r = base ? base + used : nullptr;
@@ -124,7 +124,8 @@ struct ChunkScratch {
     kT_decayed = take(K * C), kg = take(C * K), wq = take(2 * C * K), vo = take(2 * C * V);
     P = take(C * C), Tm = take(C * C);
     gc = take(C), eg = take(C), eg_inv = take(C), beta = take(C), S = take(heads * K * V);
-    a_bf16 = reinterpret_cast<uint16_t*>(take((2 * C * even(Mx) + 1) / 2));
+    // bf16 copies of the left operands: [k; q]-sized rows (2C x K), Tm / P (C x C), kT (K x C).
+    a_bf16 = reinterpret_cast<uint16_t*>(take(C * std::max(2 * even(K), C) / 2));
     pack_kT = reinterpret_cast<uint32_t*>(take(even(K) / 2 * C));
     pack_v = reinterpret_cast<uint32_t*>(take(C / 2 * V));
     pack_kg = reinterpret_cast<uint32_t*>(take(C / 2 * K));

@@ -19,6 +19,9 @@ SHAPES = [
     ([1000], 1, 2, 64, 64),
     ([1, 64, 5, 130, 1], 2, 4, 64, 128),
     ([17, 1, 129], 1, 1, 96, 192),
+    # head dims far below the chunk: the chunk-sized products (C x C) outgrow the head-sized ones
+    # (the bf16 operand buffer was once sized by the head dims only and overflowed on AMX)
+    ([61, 3], 1, 2, 8, 8),
 ]
 
 

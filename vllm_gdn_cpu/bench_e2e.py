@@ -4,17 +4,21 @@ A 24-layer Qwen3-Next-shaped model (hidden 1024, linear heads 16 k / 32 v x 128,
 every 4th layer, layer 0 MoE as vLLM requires, the rest dense) is generated locally as a config
 with dummy weights, then served by vLLM twice, each in its own process: with our backend
 (VLLM_ATTENTION_BACKEND=GDN_CPU) and with vLLM's built-in CPU GDN path. For batch 1 and 16 it
-reports prefill tokens/s, decode ms/step, and the share of time spent in the GDN core op
+reports prefill tokens/s and decode ms/step, timed per engine step (step 0 prefills the whole
+batch, the rest decode: their median), and the GDN core op's time and share in those steps
 (``vllm::gdn_cpu_attention_core`` for ours, ``vllm::cpu_gdn_attention_core`` for vLLM's),
 measured with torch.profiler on a separate pass so the timings themselves run unprofiled.
-Both backends run with vLLM's default compilation, every measured shape warmed up first, and
-denormals flushed to zero (see ``worker``).
+Both backends run eagerly (``enforce_eager``: no torch.compile, whose compile time on CPU would
+dwarf these runs), every measured shape warmed up first, prefix caching off (the same prompts
+repeat), and denormals flushed to zero (see ``worker``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,39 +58,52 @@ def worker(model_dir: str, backend: str, batches: list[int], prompt_len: int, de
 
     llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               enforce_eager=True, max_model_len=prompt_len + decode_steps + 8, max_num_seqs=max(batches),
-              max_num_batched_tokens=max(batches) * prompt_len, tensor_parallel_size=tp, seed=0)
+              max_num_batched_tokens=max(batches) * prompt_len, tensor_parallel_size=tp, seed=0,
+              enable_prefix_caching=False)  # the same prompts run repeatedly: every run prefills
 
     def prompts(b):
         return [TokensPrompt(prompt_token_ids=[(7 * i + 13 * j) % 31000 + 100 for j in range(prompt_len)])
                 for i in range(b)]
 
-    def run(b, max_tokens):
-        params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        t0 = time.perf_counter()
-        llm.generate(prompts(b), params, use_tqdm=False)
-        return time.perf_counter() - t0
+    engine = llm.llm_engine
+    request_ids = itertools.count()
+
+    def run_steps(b: int, profile: bool) -> list[float]:
+        """b prompts to decode_steps + 1 new tokens, one engine step at a time. Step 0 prefills every
+        prompt (max_num_batched_tokens fits them) and samples the first tokens; the later steps
+        decode. Returns each step's wall time, or with profile its GDN core time."""
+        params = SamplingParams(max_tokens=decode_steps + 1, min_tokens=decode_steps + 1, temperature=0.0,
+                                ignore_eos=True)
+        for p in prompts(b):
+            engine.add_request(f"e2e-{next(request_ids)}", p, params)
+        times = []
+        while engine.has_unfinished_requests():
+            if profile:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    engine.step()
+                times.append(sum(e.cpu_time_total for e in prof.key_averages() if e.key == CORE_OPS[backend]) / 1e6)
+            else:
+                t0 = time.perf_counter()
+                engine.step()
+                times.append(time.perf_counter() - t0)
+        return times
 
     rows = []
     for b in batches:  # warm-up of every measured shape: compilation stays out of the timings
-        run(b, 1), run(b, decode_steps + 1)
+        run_steps(b, profile=False)
     for b in batches:
-        t_prefill = min(run(b, 1) for _ in range(2))
-        t_full = min(run(b, decode_steps + 1) for _ in range(2))
+        passes = [run_steps(b, profile=False) for _ in range(2)]
+        t_prefill = min(p[0] for p in passes)
+        t_decode = min(statistics.median(p[1:decode_steps + 1]) for p in passes)
         row = {"backend": backend, "batch": b, "prompt_len": prompt_len, "tp": tp,
-               "prefill_tok_s": b * prompt_len / t_prefill,
-               "decode_ms_per_step": 1e3 * max(t_full - t_prefill, 0.0) / decode_steps}
-        if tp == 1:  # the profiler sees only this process's ops
-            for phase, max_tokens in (("prefill", 1), ("full", decode_steps + 1)):
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                    t0 = time.perf_counter()
-                    llm.generate(prompts(b), SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens,
-                                                            temperature=0.0, ignore_eos=True), use_tqdm=False)
-                    wall = time.perf_counter() - t0
-                core = sum(e.cpu_time_total for e in prof.key_averages() if e.key == CORE_OPS[backend]) / 1e6
-                row[f"gdn_core_share_{phase}"] = core / wall
-                row[f"gdn_core_s_{phase}"] = core
-            row["gdn_core_ms_per_decode_step"] = 1e3 * (row["gdn_core_s_full"] - row["gdn_core_s_prefill"]) / decode_steps
-            row["gdn_core_prefill_tok_s"] = b * prompt_len / max(row["gdn_core_s_prefill"], 1e-9)
+               "prefill_tok_s": b * prompt_len / t_prefill, "decode_ms_per_step": 1e3 * t_decode}
+        if tp == 1:  # the profiler sees only this process's ops; profiled on a separate pass
+            core = run_steps(b, profile=True)
+            core_decode = statistics.median(core[1:decode_steps + 1])
+            row["gdn_core_prefill_tok_s"] = b * prompt_len / max(core[0], 1e-9)
+            row["gdn_core_ms_per_decode_step"] = 1e3 * core_decode
+            row["gdn_core_share_prefill"] = core[0] / t_prefill
+            row["gdn_core_share_decode"] = core_decode / t_decode
         rows.append(row)
     return {"rows": rows}
 
