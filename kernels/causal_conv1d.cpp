@@ -18,24 +18,28 @@ template <class TX, class TS>
 void conv_kernel(const ConvParams& p) {
   const int64_t D = p.D, W = p.W, H = W - 1, n_blocks = (D + kChannelBlock - 1) / kChannelBlock;
   const int64_t CB = kChannelBlock;
+  // State rows are contiguous over channels in vLLM's default layout ("SD"): vector loads/stores.
+  const bool contiguous_state = p.state_dim_stride == 1;
   parallel_for(p.N * n_blocks, 1, [&](int64_t begin, int64_t end) {
-    // taps [W][CB] and the history ring [H][CB]
-    float* scratch = thread_scratch((W + H) * CB);
-    float* taps = scratch;
-    float* hist = taps + W * CB;
+    float* hist = thread_scratch(H * CB);  // the history ring [H][CB]
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seq = task / n_blocks, c0 = (task % n_blocks) * CB, nc = std::min(CB, D - c0);
       const int64_t bos = p.cu_seqlens[seq], eos = p.cu_seqlens[seq + 1];
       const int64_t slot = p.state_indices[seq];
       const bool from_state = slot >= 0 && (p.has_initial_state == nullptr || p.has_initial_state[seq]);
       TS* state = slot >= 0 ? static_cast<TS*>(p.state) + slot * p.state_slot_stride : nullptr;
+      const float* taps = p.weight + c0;  // tap j of channel c0 + c at taps[j * D + c]
 
-      for (int64_t j = 0; j < W; ++j)
-        for (int64_t c = 0; c < nc; ++c) taps[j * CB + c] = p.weight[(c0 + c) * W + j];
-      for (int64_t j = 0; j < H; ++j)
-        for (int64_t c = 0; c < nc; ++c)
-          hist[j * CB + c] =
-              from_state ? to_float(state[j * p.state_tap_stride + (c0 + c) * p.state_dim_stride]) : 0.f;
+      for (int64_t j = 0; j < H; ++j) {
+        float* row = hist + j * CB;
+        if (!from_state) {
+          std::fill(row, row + nc, 0.f);
+        } else if (contiguous_state) {
+          load_row(state + j * p.state_tap_stride + c0, row, nc);
+        } else {
+          for (int64_t c = 0; c < nc; ++c) row[c] = to_float(state[j * p.state_tap_stride + (c0 + c) * p.state_dim_stride]);
+        }
+      }
 
       int64_t oldest = 0;  // ring position of the oldest history row
       for (int64_t t = bos; t < eos; ++t) {
@@ -45,27 +49,32 @@ void conv_kernel(const ConvParams& p) {
         for (; c + kVecWidth <= nc; c += kVecWidth) {
           const vfloat xv = vload_float(x + c);
           vfloat s = p.bias ? vload(p.bias + c0 + c) : vfloat{};
-          for (int64_t j = 0; j < H; ++j) s += vload(taps + j * CB + c) * vload(hist + ((oldest + j) % H) * CB + c);
-          s += vload(taps + H * CB + c) * xv;
+          for (int64_t j = 0; j < H; ++j) s += vload(taps + j * D + c) * vload(hist + ((oldest + j) % H) * CB + c);
+          s += vload(taps + H * D + c) * xv;
           vstore_float(out + c, p.silu ? vsilu(s) : s);
           vstore(hist + oldest * CB + c, xv);  // the newest input replaces the oldest
         }
         for (; c < nc; ++c) {
           const float xv = to_float(x[c]);
           float s = p.bias ? p.bias[c0 + c] : 0.f;
-          for (int64_t j = 0; j < H; ++j) s += taps[j * CB + c] * hist[((oldest + j) % H) * CB + c];
-          s += taps[H * CB + c] * xv;
+          for (int64_t j = 0; j < H; ++j) s += taps[j * D + c] * hist[((oldest + j) % H) * CB + c];
+          s += taps[H * D + c] * xv;
           out[c] = from_float<TX>(p.silu ? s / (1.f + std::exp(-s)) : s);
           hist[oldest * CB + c] = xv;
         }
         oldest = (oldest + 1) % H;
       }
 
-      if (state != nullptr)
-        for (int64_t j = 0; j < H; ++j)
-          for (int64_t c = 0; c < nc; ++c)
-            state[j * p.state_tap_stride + (c0 + c) * p.state_dim_stride] =
-                from_float<TS>(hist[((oldest + j) % H) * CB + c]);
+      if (state != nullptr) {
+        for (int64_t j = 0; j < H; ++j) {
+          const float* row = hist + ((oldest + j) % H) * CB;
+          if (contiguous_state) {
+            store_row(row, state + j * p.state_tap_stride + c0, nc);
+          } else {
+            for (int64_t c = 0; c < nc; ++c) state[j * p.state_tap_stride + (c0 + c) * p.state_dim_stride] = from_float<TS>(row[c]);
+          }
+        }
+      }
     }
   });
 }

@@ -273,7 +273,7 @@ void causal_conv1d(const at::Tensor& x, const at::Tensor& weight, const std::opt
   const int64_t W = weight.size(1);
   TORCH_CHECK_VALUE(weight.size(0) == D && W >= 2 && W <= 8, op, ": argument 'weight' must have shape [D=", D,
                     ", W] with 2 <= W <= 8, got ", weight.sizes());
-  const at::Tensor w32 = weight.to(at::kFloat).contiguous();
+  const at::Tensor w32 = weight.to(at::kFloat).t().contiguous();  // [W, D]
   at::Tensor b32;
   if (bias.has_value()) b32 = per_head_f32(*bias, D, op, "bias");
   check_dim(conv_state, 3, op, "conv_state", "[num_slots, W-1, D]");

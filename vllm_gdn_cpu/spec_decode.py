@@ -94,7 +94,7 @@ def _spec_rows_core(layer, x, b, a, metadata) -> torch.Tensor:
     num_tokens, dim = x.shape
 
     conv_buffer, ssm_state = layer._state_views(full_conv_buffer=True)  # [slots, W-1+S, D]
-    weight = layer._plain_conv_weight()
+    weight = layer._conv_weight_for_ops()
     history = weight.shape[1] - 1
     q_max = int(lengths.max())
     if history - 1 + q_max > conv_buffer.shape[1]:

@@ -90,7 +90,7 @@ struct ChunkParams {
 struct ConvParams {
   int64_t T, D, W, N;
   Mat2 x;                         // [T, D]
-  const float* weight;            // [D, W] fp32 contiguous
+  const float* weight;            // [W, D] fp32 contiguous (tap-major: each tap a vector over channels)
   const float* bias;              // [D] fp32 or nullptr
   void* state;                    // conv_state [slots, W-1, D] (strides below, in elements)
   DType state_dtype;
