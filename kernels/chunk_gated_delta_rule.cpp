@@ -26,7 +26,6 @@ namespace GDN_ISA {
 namespace {
 
 constexpr int64_t kChunk = 64;
-constexpr int64_t kOwnTriangleBlock = 16;  // row block of the triangular products, own kernels
 
 inline int64_t even(int64_t x) { return (x + 1) / 2 * 2; }
 
@@ -41,9 +40,7 @@ class Mm {
     int64_t ldp;
   };
 
-  Mm(const GemmBackend& g, bool bf16, uint16_t* a_buf)
-      : g_(g), bf16_(bf16), a_buf_(a_buf),
-        tri_block_(g.f32 == nullptr && g.bf16 == nullptr ? kOwnTriangleBlock : g.triangle_block) {}
+  Mm(const GemmBackend& g, bool bf16, uint16_t* a_buf) : g_(g), bf16_(bf16), a_buf_(a_buf) {}
 
   // B[K, N] (row stride ldb); in bf16 mode packed into `pack_buf` (>= ceil(K/2) * N words).
   B operand(const float* b, int64_t K, int64_t N, int64_t ldb, uint32_t* pack_buf) const {
@@ -79,9 +76,9 @@ class Mm {
   // only the first i1 rows of B.
   void run_lower_a(int64_t M, int64_t N, const float* A, int64_t lda, const B& b, float* C, int64_t ldc,
                    bool accumulate) const {
-    if (tri_block_ == 0) return run(M, N, M, A, lda, b, C, ldc, accumulate);
-    for (int64_t i0 = 0; i0 < M; i0 += tri_block_) {
-      const int64_t i1 = std::min(M, i0 + tri_block_);
+    if (g_.triangle_block == 0) return run(M, N, M, A, lda, b, C, ldc, accumulate);
+    for (int64_t i0 = 0; i0 < M; i0 += g_.triangle_block) {
+      const int64_t i1 = std::min(M, i0 + g_.triangle_block);
       run(i1 - i0, N, i1, A + i0 * lda, lda, b, C + i0 * ldc, ldc, accumulate);
     }
   }
@@ -89,9 +86,9 @@ class Mm {
   // The lower triangle (incl. diagonal) of C[M, M] = A B; entries right of each row block are
   // left unwritten.
   void run_lower_c(int64_t M, int64_t K, const float* A, int64_t lda, const B& b, float* C, int64_t ldc) const {
-    if (tri_block_ == 0) return run(M, M, K, A, lda, b, C, ldc, false);
-    for (int64_t i0 = 0; i0 < M; i0 += tri_block_) {
-      const int64_t i1 = std::min(M, i0 + tri_block_);
+    if (g_.triangle_block == 0) return run(M, M, K, A, lda, b, C, ldc, false);
+    for (int64_t i0 = 0; i0 < M; i0 += g_.triangle_block) {
+      const int64_t i1 = std::min(M, i0 + g_.triangle_block);
       run(i1 - i0, i1, K, A + i0 * lda, lda, b, C + i0 * ldc, ldc, false);
     }
   }
@@ -100,7 +97,6 @@ class Mm {
   const GemmBackend& g_;
   bool bf16_;
   uint16_t* a_buf_;
-  int64_t tri_block_;
 };
 
 struct ChunkScratch {

@@ -89,7 +89,9 @@ const KernelTable& resolve_isa(const std::string& want) {
 }
 
 GemmChoice resolve_gemm(const std::string& want, const KernelTable& isa) {
-  const GemmBackend own{nullptr, nullptr, nullptr, false, nullptr, 0};
+  // Our own micro-kernels cost nothing per call: triangular products skip their zero triangle in
+  // 16-row blocks.
+  const GemmBackend own{nullptr, nullptr, nullptr, false, nullptr, 16};
   if (want == "auto") {
     // AMX where usable; otherwise our fp32 kernels. vdpbf16ps does not beat fp32 FMA in MACs per
     // cycle on the CPUs measured (Zen 4), so bf16 products there only add conversion work; the

@@ -56,7 +56,7 @@ struct GemmBackend {
   bool use_bf16;         // run bf16 inputs through bf16 GEMMs (fp32 accumulation)
   void (*release)();     // called by each thread after its GEMMs (AMX tile release), may be null
   // Rows per block when a product with a triangular operand skips its zero triangle; 0: whole
-  // products (engines with a fixed cost per call). Null engines (the ISA's own) use 16.
+  // products (engines with a fixed cost per call).
   int64_t triangle_block;
 };
 
