@@ -137,12 +137,14 @@ struct ChunkScratch {
 constexpr int64_t kRowsAhead = 8;  // measured on Zen 4: 8 rows ahead beat 16 and a whole chunk
 
 template <class T>
-void prefetch_rows(const Mat3& m, int64_t first, int64_t n, int64_t head, int64_t D) {
-  const T* base = static_cast<const T*>(m.data) + head * m.head_stride;
-  for (int64_t i = first; i < first + n; ++i) {
-    const char* row = reinterpret_cast<const char*>(base + i * m.token_stride);
-    for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(row + b, 0, 3);
-  }
+const T* row_of(const Mat3& m, int64_t t, int64_t head) {
+  return static_cast<const T*>(m.data) + t * m.token_stride + head * m.head_stride;
+}
+
+// Rows [t, t + n) of one head (D values each) into L1.
+template <class T>
+void prefetch_head_rows(const Mat3& m, int64_t t, int64_t n, int64_t head, int64_t D) {
+  prefetch_rows<3>(row_of<T>(m, t, head), m.token_stride, n, D * static_cast<int64_t>(sizeof(T)));
 }
 
 // Rows [bos, bos+n) of head `head` of a [T, H, D] tensor -> fp32 [n, D] (l2-normalised and scaled
@@ -150,11 +152,10 @@ void prefetch_rows(const Mat3& m, int64_t first, int64_t n, int64_t head, int64_
 template <class T>
 void gather_rows(const Mat3& m, int64_t bos, int64_t n, int64_t head, int64_t D, float* dst, bool l2norm,
                  float mul) {
-  const T* base = static_cast<const T*>(m.data) + head * m.head_stride;
   for (int64_t i = 0; i < n; ++i) {
     float* row = dst + i * D;
-    if (i + kRowsAhead < n) prefetch_rows<T>(m, bos + i + kRowsAhead, 1, head, D);
-    load_row(base + (bos + i) * m.token_stride, row, D);
+    if (i + kRowsAhead < n) prefetch_head_rows<T>(m, bos + i + kRowsAhead, 1, head, D);
+    load_row(row_of<T>(m, bos + i, head), row, D);
     if (l2norm) {
       l2normalize(row, D, mul);
     } else if (mul != 1.f) {
@@ -213,7 +214,7 @@ void head_chunk(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t h, 
   TIn* out = static_cast<TIn*>(p.out.data) + h * p.out.head_stride;
   float* vnew = s.vo;       // rows [0, n) of vo: u, then v_new
   float* o = s.vo + n * V;  // rows [n, 2n): o
-  prefetch_rows<TIn>(p.v, c0, std::min(n, kRowsAhead), h, V);
+  prefetch_head_rows<TIn>(p.v, c0, std::min(n, kRowsAhead), h, V);
   gather_rows<TIn>(p.v, c0, n, h, V, vnew, false, 1.f);
   float acc = 0.f;
   for (int64_t i = 0; i < n; ++i) {
@@ -338,7 +339,7 @@ void chunk_kernel(const ChunkParams& p, bool bf16_gemm) {
 
       for (int64_t c0 = bos; c0 < eos; c0 += C) {
         const int64_t n = std::min(C, eos - c0);
-        for (const Mat3* m : {&p.k, &p.q}) prefetch_rows<TIn>(*m, c0, std::min(n, kRowsAhead), hk, K);
+        for (const Mat3* m : {&p.k, &p.q}) prefetch_head_rows<TIn>(*m, c0, std::min(n, kRowsAhead), hk, K);
         gather_rows<TIn>(p.k, c0, n, hk, K, s.k, p.use_qk_l2norm, 1.f);
         gather_rows<TIn>(p.q, c0, n, hk, K, s.q, p.use_qk_l2norm, p.scale);
         // KK = k k^T (strictly lower used), QK = q k^T (lower incl. diagonal)

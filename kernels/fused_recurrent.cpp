@@ -89,11 +89,6 @@ inline void finish_tile(const TokenStep& s, const vfloat* acc_k, const vfloat* a
   }
   for (int n = 0; n < NV; ++n) vstore_float(o + n * kVecWidth, oo[n]);
 }
-template <class T>
-inline void prefetch_rows(const T* src, int64_t lds, int64_t rows, int64_t bytes_per_row) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t b = 0; b < bytes_per_row; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(src + r * lds) + b, 0, kPrefetchLocality);
-}
 
 // Bytes per row of a tile of NV vectors, and how many rows ahead pass 1 prefetches.
 template <int NV, class TSrc>
@@ -107,7 +102,7 @@ template <int NV, bool Paired, class TSrc>
 inline void accumulate_tile(const TokenStep& s, int64_t K, const TSrc* src, int64_t lds, vfloat* acc_k, vfloat* acc_q) {
   for (int n = 0; n < NV; ++n) acc_k[n] = acc_q[n] = vfloat{};
   for (int64_t r = 0; r < K; ++r) {
-    prefetch_rows(src + (r + kPrefetchRows<NV, TSrc>) * lds, lds, 1, kTileBytes<NV, TSrc>);
+    prefetch_rows<kPrefetchLocality>(src + (r + kPrefetchRows<NV, TSrc>) * lds, lds, 1, kTileBytes<NV, TSrc>);
     accumulate_row<NV, Paired>(src + r * lds, vbroadcast(s.k[r]), vbroadcast(s.q[r]), acc_k, acc_q);
   }
 }
@@ -254,7 +249,7 @@ void stream_decode(const RecurrentParams& p, const TaskGrid& grid) {
       }
       TState* block = static_cast<TState*>(p.state.data) + slot * p.state.slot_stride + h * K * V + v0;
       if (seq != token_seq) {
-        prefetch_rows(block, V, kAhead, kRowBytes);  // in flight while the token is prepared
+        prefetch_rows<kPrefetchLocality>(block, V, kAhead, kRowBytes);  // in flight while the token is prepared
         const int64_t h_last = grid.head(std::min(end, (seq + 1) * tasks_per_seq) - 1);
         const int64_t hk0 = h / ratio, hk1 = h_last / ratio + 1;
         token = PreparedToken(scratch + buffer * buffer_floats, hk1 - hk0, hk0, h, ratio, K);
@@ -272,7 +267,7 @@ void stream_decode(const RecurrentParams& p, const TaskGrid& grid) {
           for (int n = 0; n < NV; ++n) acc_k[n] = acc_q[n] = vfloat{};
           const vfloat prev_decay = vbroadcast(prev_step.decay);
           for (int64_t r = 0; r < K; ++r) {
-            prefetch_rows(tile + (r + kAhead) * V, V, 1, kRowBytes);
+            prefetch_rows<kPrefetchLocality>(tile + (r + kAhead) * V, V, 1, kRowBytes);
             accumulate_row<NV, Paired>(tile + r * V, vbroadcast(s.k[r]), vbroadcast(s.q[r]), acc_k, acc_q);
             update_row<NV, Paired>(prev + r * V, prev + r * V, prev_decay, vbroadcast(prev_step.k[r]), v_new);
           }
