@@ -228,8 +228,9 @@ void head_chunk(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t h, 
   // exp(gc_i - gc_j) = exp(gc_i) exp(-gc_j) costs 2n exps instead of n^2/2; exp(-gc_j) stays
   // finite while the chunk's total decay is above -80 (else one exp per entry).
   const bool factored = g_last > -80.f;
+  for (int64_t i = 0; i < n; ++i) s.eg[i] = std::exp(s.gc[i]);  // also used by kg, qg and the decay below
   if (factored)
-    for (int64_t i = 0; i < n; ++i) s.eg[i] = std::exp(s.gc[i]), s.eg_inv[i] = std::exp(-s.gc[i]);
+    for (int64_t i = 0; i < n; ++i) s.eg_inv[i] = std::exp(-s.gc[i]);
   for (int64_t i = 0; i < n; ++i) {
     float* P_row = s.P + i * C;
     float* T_row = s.Tm + i * C;
@@ -259,7 +260,7 @@ void head_chunk(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t h, 
 
   // u = Tm v (into vnew's rows), w = -Tm (exp(gc) k) (into wq's first n rows)
   for (int64_t i = 0; i < n; ++i) {
-    const float e = -std::exp(s.gc[i]);
+    const float e = -s.eg[i];
     for (int64_t j = 0; j < K; ++j) s.kg[i * K + j] = s.k[i * K + j] * e;
   }
   const Mm::B v_op = mm.operand(vnew, n, V, V, s.pack_v);
@@ -276,7 +277,7 @@ void head_chunk(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t h, 
 
   // [v_new; o] = [u; 0] + [w; exp(gc) q] S   (one product: both rows share S)
   for (int64_t i = 0; i < n; ++i) {
-    const float e = std::exp(s.gc[i]);
+    const float e = s.eg[i];
     for (int64_t j = 0; j < K; ++j) qg[i * K + j] = s.q[i * K + j] * e;
   }
   std::fill(o, o + n * V, 0.f);
@@ -289,7 +290,7 @@ void head_chunk(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t h, 
   for (int64_t i = 0; i < n; ++i) store_row(o + i * V, out + (c0 + i) * p.out.token_stride, V);
 
   // S = exp(g_last) S + (exp(g_last - gc) k)^T v_new
-  const float e_last = std::exp(g_last);
+  const float e_last = s.eg[n - 1];  // exp(g_last)
   for (int64_t i = 0; i < K * V; ++i) S[i] *= e_last;
   float* decay_to_end = s.eg;  // exp(g_last - gc_i), reusing eg
   for (int64_t i = 0; i < n; ++i) decay_to_end[i] = std::exp(g_last - s.gc[i]);
