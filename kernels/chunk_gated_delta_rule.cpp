@@ -134,7 +134,7 @@ struct ChunkScratch {
 // Consecutive rows of one head are a whole token apart (4 KiB and more): the hardware prefetchers
 // do not follow that stride, and the rows alias to a few cache sets, so rows fetched a chunk ahead
 // are evicted before use. Each row is fetched a few rows ahead of its use instead.
-constexpr int64_t kRowsAhead = 8;  // measured on Zen 4: 8 rows ahead beat 16 and a whole chunk
+constexpr int64_t kRowsAhead = 8;  // measured: 8 rows ahead beat 16 and a whole chunk
 
 template <class T>
 const T* row_of(const Mat3& m, int64_t t, int64_t head) {
@@ -228,9 +228,8 @@ void head_chunk(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t h, 
   // exp(gc_i - gc_j) = exp(gc_i) exp(-gc_j) costs 2n exps instead of n^2/2; exp(-gc_j) stays
   // finite while the chunk's total decay is above -80 (else one exp per entry).
   const bool factored = g_last > -80.f;
-  for (int64_t i = 0; i < n; ++i) s.eg[i] = std::exp(s.gc[i]);  // also used by kg, qg and the decay below
-  if (factored)
-    for (int64_t i = 0; i < n; ++i) s.eg_inv[i] = std::exp(-s.gc[i]);
+  exp_affine(s.gc, n, 1.f, 0.f, s.eg);  // also used by kg, qg and the decay below
+  if (factored) exp_affine(s.gc, n, -1.f, 0.f, s.eg_inv);
   for (int64_t i = 0; i < n; ++i) {
     float* P_row = s.P + i * C;
     float* T_row = s.Tm + i * C;
@@ -293,7 +292,7 @@ void head_chunk(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t h, 
   const float e_last = s.eg[n - 1];  // exp(g_last)
   for (int64_t i = 0; i < K * V; ++i) S[i] *= e_last;
   float* decay_to_end = s.eg;  // exp(g_last - gc_i), reusing eg
-  for (int64_t i = 0; i < n; ++i) decay_to_end[i] = std::exp(g_last - s.gc[i]);
+  exp_affine(s.gc, n, -1.f, g_last, decay_to_end);
   for (int64_t r = 0; r < K; ++r) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) s.kT_decayed[r * C + i] = s.kT[r * C + i] * decay_to_end[i];

@@ -185,9 +185,7 @@ void prepare_token(const RecurrentParams& p, int64_t t, int64_t hk0, int64_t hk1
     kq[hk - hk0] = dot(kf, qf, K);
   }
   gate_range(p.gate, t, h0, h1, decay, beta);
-  int64_t i = 0;
-  for (; i + kVecWidth <= h1 - h0; i += kVecWidth) vstore(decay + i, vexp(vload(decay + i)));
-  for (; i < h1 - h0; ++i) decay[i] = std::exp(decay[i]);
+  exp_affine(decay, h1 - h0, 1.f, 0.f, decay);
 }
 
 // prepare_token's results for the heads of one token, and the TokenStep of one value head.
