@@ -25,7 +25,7 @@ namespace {
 constexpr int kTileVecs = kVecWidth == 16 ? 8 : 4;
 constexpr int64_t kTile = kTileVecs * kVecWidth;
 // Software prefetch of pass 1: 8 KiB of state ahead of the row being read, into L2 (measured on
-// Zen 4: into L1, or 4 KiB ahead, streams 10-15% slower; the hardware prefetchers alone, slower
+// this Xeon: into L1, or 4 KiB ahead, streams 10-15% slower; the hardware prefetchers alone, slower
 // still for bf16 states).
 constexpr int64_t kPrefetchBytes = 8192;
 constexpr int kPrefetchLocality = 2;  // __builtin_prefetch's: 2 = prefetcht1

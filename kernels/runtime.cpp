@@ -94,8 +94,8 @@ GemmChoice resolve_gemm(const std::string& want, const KernelTable& isa) {
   const GemmBackend own{nullptr, nullptr, nullptr, false, nullptr, 16};
   if (want == "auto") {
     // AMX where usable; otherwise our fp32 kernels. vdpbf16ps does not beat fp32 FMA in MACs per
-    // cycle on the CPUs measured (Zen 4), so bf16 products there only add conversion work; the
-    // avx512_bf16 path stays available by name.
+    // cycle on the CPUs measured (Emerald Rapids Xeons), so bf16 products there only add
+    // conversion work; the avx512_bf16 path stays available by name.
     if (amx_usable()) return {&isa, amx_backend()};
     GemmBackend b = own;
     b.name = isa.has_bf16_gemm ? "avx512" : isa.isa;  // the fp32 kernel of that ISA is AVX-512's
