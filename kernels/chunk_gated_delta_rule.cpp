@@ -286,7 +286,7 @@ void head_chunk(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t h, 
   // o += P v_new
   const Mm::B vnew_op = mm.operand(vnew, n, V, V, s.pack_vnew);
   mm.run_lower_a(n, V, s.P, C, vnew_op, o, V, true);
-  for (int64_t i = 0; i < n; ++i) store_row(o + i * V, out + (c0 + i) * p.out.token_stride, V);
+  for (int64_t i = 0; i < n; ++i) store_row_streaming(o + i * V, out + (c0 + i) * p.out.token_stride, V);
 
   // S = exp(g_last) S + (exp(g_last - gc) k)^T v_new
   const float e_last = s.eg[n - 1];  // exp(g_last)
@@ -351,6 +351,7 @@ void chunk_kernel(const ChunkParams& p, bool bf16_gemm) {
       }
       store_row(s.S, state, G * K * V);
     }
+    streaming_stores_done();
     if (p.gemm.release) p.gemm.release();
   });
 }

@@ -288,6 +288,31 @@ inline void store_row(const float* __restrict src, T* __restrict dst, int64_t n)
   for (; i < n; ++i) dst[i] = from_float<T>(src[i]);
 }
 
+// store_row for rows written once and read much later (a prefill's output): whole 64-byte lines go
+// out with non-temporal stores, which skip each line's read-for-ownership miss. Falls back to
+// store_row unless dst is 64-byte aligned and n fills whole lines. Call streaming_stores_done()
+// before the results are handed to another thread.
+template <class T>
+inline void store_row_streaming(const float* __restrict src, T* __restrict dst, int64_t n) {
+#if defined(__AVX512F__)
+  constexpr int64_t kPerLine = 64 / sizeof(T);
+  if (reinterpret_cast<uintptr_t>(dst) % 64 == 0 && n % kPerLine == 0) {
+    alignas(64) T line[kPerLine];
+    for (int64_t i = 0; i < n; i += kPerLine) {
+      store_row(src + i, line, kPerLine);
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_load_si512(line));
+    }
+    return;
+  }
+#endif
+  store_row(src, dst, n);
+}
+inline void streaming_stores_done() {
+#if defined(__AVX512F__)
+  _mm_sfence();  // non-temporal stores are weakly ordered
+#endif
+}
+
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
