@@ -9,6 +9,7 @@ void fused_recurrent(const RecurrentParams&);
 void chunk_gated_delta_rule(const ChunkParams&);
 void causal_conv1d(const ConvParams&);
 void stream_scale(float*, int64_t, float);
+void gemm_probe(const GemmBackend&, bool, double, double*);
 
 #define GDN_STR2(x) #x
 #define GDN_STR(x) GDN_STR2(x)
@@ -19,7 +20,7 @@ const KernelTable& kernel_table() {
   constexpr bool kHasBF16Gemm = false;
 #endif
   static const KernelTable table{GDN_STR(GDN_ISA), kHasBF16Gemm, &gdn_gating, &fused_recurrent, &chunk_gated_delta_rule,
-                                 &causal_conv1d, &stream_scale};
+                                 &causal_conv1d, &stream_scale, &gemm_probe};
   return table;
 }
 

@@ -339,6 +339,14 @@ void stream_scale(at::Tensor& x, double factor) {
   active_kernels().stream_scale(x.data_ptr<float>(), x.numel(), static_cast<float>(factor));
 }
 
+at::Tensor gemm_probe(bool bf16, double seconds) {
+  TORCH_CHECK_VALUE(seconds > 0 && seconds <= 60, "gemm_probe: argument 'seconds' must be in (0, 60], got ", seconds);
+  const GemmChoice gemm = active_gemm();
+  at::Tensor rates = at::zeros({at::get_num_threads()}, at::kDouble);
+  gemm.kernels->gemm_probe(gemm.backend, bf16, seconds, rates.data_ptr<double>());
+  return rates;
+}
+
 std::string runtime_info() {
   const GemmChoice gemm = active_gemm();
   return std::string("isa=") + active_kernels().isa + ";available=" + c10::Join(",", available_isas()) +

@@ -37,6 +37,7 @@ void gdn_decode_step(const at::Tensor& mixed_qkv, const at::Tensor& conv_weight,
 
 // x *= factor in place (fp32, contiguous): the benchmarks' memory-bandwidth probe.
 void stream_scale(at::Tensor& x, double factor);
+at::Tensor gemm_probe(bool bf16, double seconds);
 
 // "isa=...;available=...;threads=N" for vllm_gdn_cpu.ops.runtime_info().
 std::string runtime_info();

@@ -26,6 +26,7 @@ TORCH_LIBRARY(vllm_gdn_cpu, m) {
       "int num_k_heads, int head_k_dim, int head_v_dim, float scale, bool use_qk_l2norm, bool allow_neg_eigval, "
       "float softplus_beta, float softplus_threshold, Tensor(c!) out) -> ()");
   m.def("stream_scale(Tensor(a!) x, float factor) -> ()");
+  m.def("gemm_probe(bool bf16, float seconds) -> Tensor");
   m.def("runtime_info() -> str");
 }
 
@@ -38,7 +39,10 @@ TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CPU, m) {
   m.impl("stream_scale", &gdn::stream_scale);
 }
 
-TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CompositeExplicitAutograd, m) { m.impl("runtime_info", &gdn::runtime_info); }
+TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CompositeExplicitAutograd, m) {
+  m.impl("runtime_info", &gdn::runtime_info);
+  m.impl("gemm_probe", &gdn::gemm_probe);  // takes no tensor: nothing to dispatch on
+}
 
 // Importing vllm_gdn_cpu._C registers the ops above; the module itself has no attributes.
 extern "C" PyObject* PyInit__C(void) {

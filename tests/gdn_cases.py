@@ -45,6 +45,19 @@ def forced_gemm(gemm: str):
     return _forced_env(ops.GEMM_ENV, gemm, lambda: ops.runtime_info()["gemm"].removesuffix("-fp32") == gemm)
 
 
+@contextmanager
+def torch_threads(n: int):
+    """Runs a with-block on n torch threads. Through torch._C: once an in-process vLLM engine has
+    run (the e2e tests), vLLM's CPU worker has replaced torch.set_num_threads with a no-op."""
+    saved = torch.get_num_threads()
+    torch._C.set_num_threads(n)
+    try:
+        assert torch.get_num_threads() == n
+        yield
+    finally:
+        torch._C.set_num_threads(saved)
+
+
 def isas() -> list[str]:
     return ops.runtime_info()["available_isas"]
 

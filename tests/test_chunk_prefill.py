@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gdn_cases import (DTYPE_IDS, DTYPES, assert_close_rel, forced_gemm, forced_isa, gemms, isas, make_problem,
-                       prefill_rtols)
+                       prefill_rtols, torch_threads)
 from vllm_gdn_cpu import ops
 from vllm_gdn_cpu.reference import chunk_gated_delta_rule_ref
 
@@ -141,17 +141,12 @@ def test_grouped_value_heads_match_one_head_per_task(gemm):
     p = make_problem([70, 1, 130], 3, 6, 64, 64, torch.bfloat16, torch.float32, seed=3, strided=True)
     g, beta = p.gates()
     results = []
-    saved = torch.get_num_threads()
-    try:
-        # 9 grouped tasks: 1 and 3 threads group them (evenly divided), 4 threads run the 18 heads
-        # one by one (9 tasks would leave them unevenly loaded).
-        for threads in (1, 3, 4):
-            torch.set_num_threads(threads)
-            with forced_gemm(gemm):
-                state = p.state.clone()
-                out = ops.chunk_gated_delta_rule(p.q, p.k, p.v, g, beta, state, p.state_indices, p.cu_seqlens)
-            results.append((out, state))
-    finally:
-        torch.set_num_threads(saved)
+    # 9 grouped tasks: 1 and 3 threads group them (evenly divided), 4 threads run the 18 heads
+    # one by one (9 tasks would leave them unevenly loaded).
+    for threads in (1, 3, 4):
+        with torch_threads(threads), forced_gemm(gemm):
+            state = p.state.clone()
+            out = ops.chunk_gated_delta_rule(p.q, p.k, p.v, g, beta, state, p.state_indices, p.cu_seqlens)
+        results.append((out, state))
     for out, state in results[1:]:
         assert torch.equal(out, results[0][0]) and torch.equal(state, results[0][1])

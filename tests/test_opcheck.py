@@ -33,3 +33,10 @@ def test_opcheck_fused_recurrent():
 
 def test_opcheck_stream_scale():
     torch.library.opcheck(torch.ops.vllm_gdn_cpu.stream_scale.default, (torch.randn(1000), 0.5))
+
+
+def test_opcheck_gemm_probe():
+    # Its output is a timing, different on every run: only the schema and the fake impl (shape and
+    # dtype of the result) can be checked, not eager-vs-compiled equality.
+    torch.library.opcheck(torch.ops.vllm_gdn_cpu.gemm_probe.default, (True, 0.01),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -2,7 +2,7 @@
 
     python -m vllm_gdn_cpu.bench prefill [--models qwen3-next,...] [--workloads T512,...] [--json]
     python -m vllm_gdn_cpu.bench decode  [--batches 1,16,64] [--layers N] [--json]
-    python -m vllm_gdn_cpu.bench roofline
+    python -m vllm_gdn_cpu.bench roofline                             (limits; per-core scaling ceiling)
     python -m vllm_gdn_cpu.bench overhead [--state-dtype float32]   (fixed per-call cost, decode B=1)
     python -m vllm_gdn_cpu.bench e2e [--batches 1,16] [--tp 2]        (inside vLLM: ours vs built-in)
 
@@ -92,6 +92,25 @@ def best_time_per_gemm_path(fn: Callable[[], object], paths: list[str], repeat: 
 def gemm_peak_gflops(dtype: torch.dtype, n: int = 2048, repeat: int = 5) -> float:
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     return 2 * n**3 / best_time(lambda: torch.matmul(a, b), repeat) / 1e9
+
+
+def core_scaling(threads: int, seconds: float = 0.5) -> dict:
+    """Per-core rate of the prefill's GEMM engine (ops.gemm_probe: L2-resident chunk-sized
+    products) on one thread alone and with `threads` threads computing at once (their median), in
+    bf16 mode (AMX or vdpbf16ps where the path has it) and fp32 mode, and the scaling ceiling this
+    implies for a compute-bound kernel: threads x (rate with all busy / rate alone)."""
+    import statistics
+
+    row = {}
+    for name, bf16 in (("bf16", True), ("fp32", False)):
+        torch._C.set_num_threads(1)  # torch._C's: an in-process vLLM worker disables torch.set_num_threads
+        alone = ops.gemm_probe(bf16, seconds)[0].item()
+        torch._C.set_num_threads(threads)
+        loaded = statistics.median(ops.gemm_probe(bf16, seconds).tolist())
+        row[f"core_{name}_gflops_alone"] = alone
+        row[f"core_{name}_gflops_all_busy"] = loaded
+        row[f"{name}_scaling_ceiling"] = threads * loaded / alone
+    return row
 
 
 def stream_gbps(gib: float = 1.0, repeat: int = 5) -> float:
@@ -335,7 +354,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="state pools stepped in turn (default: at least 12 and 512 MiB of state)")
     d.add_argument("--state-dtypes", default="float32,bfloat16")
 
-    sub.add_parser("roofline", parents=[common], help="measured GEMM peaks and stream bandwidth")
+    sub.add_parser("roofline", parents=[common],
+                   help="measured GEMM peaks, stream bandwidth, per-core GEMM rate alone and with all cores busy")
     from vllm_gdn_cpu.bench_overhead import add_parser as add_overhead_parser, bench_overhead
     from vllm_gdn_cpu.bench_e2e import add_parser as add_e2e_parser, bench_e2e
 
@@ -357,7 +377,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif args.mode == "e2e":
         rows = bench_e2e(args)
     else:
-        rows = [{**gemm_peaks(), "stream_gbps": stream_gbps(), "threads": torch.get_num_threads()}]
+        threads = torch.get_num_threads()
+        rows = [{**gemm_peaks(), "stream_gbps": stream_gbps(), "threads": threads, **core_scaling(threads)}]
         print_row(rows[0], args)
     if args.json:
         json.dump({"mode": args.mode, **info, "rows": rows}, sys.stdout, indent=1)

@@ -58,11 +58,24 @@ def _stream_scale_fake(x, factor):
     return None
 
 
+@torch.library.register_fake("vllm_gdn_cpu::gemm_probe")
+def _gemm_probe_fake(bf16, seconds):
+    return torch.empty(torch.get_num_threads(), dtype=torch.float64)
+
+
 def stream_scale_(x: torch.Tensor, factor: float) -> torch.Tensor:
     """x *= factor in place (float32, contiguous), streamed like the decode kernel streams states.
     Not a GDN op: the benchmarks' probe of in-place memory bandwidth. Returns x."""
     _ops.stream_scale(x, float(factor))
     return x
+
+
+def gemm_probe(bf16: bool = True, seconds: float = 0.5) -> torch.Tensor:
+    """GFLOP/s of each of torch's threads running the prefill's GEMM engine (the active
+    VLLM_GDN_CPU_GEMM path, in bf16 mode where it has one when bf16) on its own L2-resident
+    chunk-sized operands, all threads at once, for `seconds`. Not a GDN op: the benchmarks' probe of
+    per-core compute alone (one thread) and with every core busy. Returns float64 [threads]."""
+    return _ops.gemm_probe(bool(bf16), float(seconds))
 
 
 def gdn_gating(
@@ -229,4 +242,4 @@ def _decode_step_fake(mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_b
     return None
 
 
-__all__ = ["runtime_info", "stream_scale_", "gdn_gating", "causal_conv1d", "gdn_decode_step", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]
+__all__ = ["runtime_info", "stream_scale_", "gemm_probe", "gdn_gating", "causal_conv1d", "gdn_decode_step", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]

@@ -111,6 +111,7 @@ struct KernelTable {
   void (*chunk_gated_delta_rule)(const ChunkParams&);
   void (*causal_conv1d)(const ConvParams&);
   void (*stream_scale)(float* x, int64_t n, float factor);  // benchmark probe, see stream_scale.cpp
+  void (*gemm_probe)(const GemmBackend& gemm, bool bf16, double seconds, double* gflops_per_thread);  // gemm_probe.cpp
 };
 
 }  // namespace gdn
