@@ -64,15 +64,10 @@ struct ChunkScratch {
 // are evicted before use. Each row is fetched a few rows ahead of its use instead.
 constexpr int64_t kRowsAhead = 8;  // measured: 8 rows ahead beat 16 and a whole chunk
 
-template <class T>
-const T* row_of(const Mat3& m, int64_t t, int64_t head) {
-  return static_cast<const T*>(m.data) + t * m.token_stride + head * m.head_stride;
-}
-
 // Rows [t, t + n) of one head (D values each) into L1.
 template <class T>
 void prefetch_head_rows(const Mat3& m, int64_t t, int64_t n, int64_t head, int64_t D) {
-  prefetch_rows<3>(row_of<T>(m, t, head), m.token_stride, n, D * static_cast<int64_t>(sizeof(T)));
+  prefetch_rows<3>(m.row<const T>(t, head), m.token_stride, n, D * static_cast<int64_t>(sizeof(T)));
 }
 
 // Rows [bos, bos+n) of head `head` of a [T, H, D] tensor -> fp32 [n, D] (l2-normalised and scaled
@@ -83,7 +78,7 @@ void gather_rows(const Mat3& m, int64_t bos, int64_t n, int64_t head, int64_t D,
   for (int64_t i = 0; i < n; ++i) {
     float* row = dst + i * D;
     if (i + kRowsAhead < n) prefetch_head_rows<T>(m, bos + i + kRowsAhead, 1, head, D);
-    load_row(row_of<T>(m, bos + i, head), row, D);
+    load_row(m.row<const T>(bos + i, head), row, D);
     if (l2norm) {
       l2normalize(row, D, mul);
     } else if (mul != 1.f) {
@@ -139,7 +134,6 @@ template <class TIn>
 void head_chunk(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t h, int64_t c0, int64_t n, float* S,
                 bool bf16_gemm) {
   const int64_t K = p.K, V = p.V, C = kChunk;
-  TIn* out = static_cast<TIn*>(p.out.data) + h * p.out.head_stride;
   float* vnew = s.vo;       // rows [0, n) of vo: u, then v_new
   float* o = s.vo + n * V;  // rows [n, 2n): o
   prefetch_head_rows<TIn>(p.v, c0, std::min(n, kRowsAhead), h, V);
@@ -214,7 +208,7 @@ void head_chunk(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t h, 
   // o += P v_new
   const Mm::B vnew_op = mm.operand(vnew, n, V, V, s.pack_vnew);
   mm.run_lower_a(n, V, s.P, C, vnew_op, o, V, true);
-  for (int64_t i = 0; i < n; ++i) store_row_streaming(o + i * V, out + (c0 + i) * p.out.token_stride, V);
+  for (int64_t i = 0; i < n; ++i) store_row_streaming(o + i * V, p.out.row<TIn>(c0 + i, h), V);
 
   // S = exp(g_last) S + (exp(g_last - gc) k)^T v_new
   const float e_last = s.eg[n - 1];  // exp(g_last)
@@ -250,11 +244,8 @@ void chunk_kernel(const ChunkParams& p, bool bf16_gemm) {
       const int64_t slot = p.state_indices[seq];
 
       if (slot < 0) {  // padding: zero output, touch no state
-        for (int64_t h = h0; h < h0 + G; ++h) {
-          TIn* out = static_cast<TIn*>(p.out.data) + h * p.out.head_stride;
-          for (int64_t t = bos; t < eos; ++t)
-            for (int64_t j = 0; j < V; ++j) out[t * p.out.token_stride + j] = from_float<TIn>(0.f);
-        }
+        for (int64_t h = h0; h < h0 + G; ++h)
+          for (int64_t t = bos; t < eos; ++t) std::fill_n(p.out.row<TIn>(t, h), V, from_float<TIn>(0.f));
         continue;
       }
       TState* state = static_cast<TState*>(p.state.data) + slot * p.state.slot_stride + h0 * K * V;

@@ -174,8 +174,8 @@ void prepare_token(const RecurrentParams& p, int64_t t, int64_t hk0, int64_t hk1
   for (int64_t hk = hk0; hk < hk1; ++hk) {
     float* qf = qk + (hk - hk0) * 2 * K;
     float* kf = qf + K;
-    load_row(static_cast<const TIn*>(p.q.data) + t * p.q.token_stride + hk * p.q.head_stride, qf, K);
-    load_row(static_cast<const TIn*>(p.k.data) + t * p.k.token_stride + hk * p.k.head_stride, kf, K);
+    load_row(p.q.row<const TIn>(t, hk), qf, K);
+    load_row(p.k.row<const TIn>(t, hk), kf, K);
     if (p.use_qk_l2norm) {
       l2normalize(qf, K, p.scale);
       l2normalize(kf, K, 1.f);
@@ -212,8 +212,7 @@ struct TaskGrid {
 
 template <class TIn>
 void zero_output(const RecurrentParams& p, int64_t t, int64_t h, int64_t v0, int64_t width) {
-  TIn* o = static_cast<TIn*>(p.out.data) + t * p.out.token_stride + h * p.out.head_stride + v0;
-  for (int64_t j = 0; j < width; ++j) o[j] = from_float<TIn>(0.f);
+  std::fill_n(p.out.row<TIn>(t, h) + v0, width, from_float<TIn>(0.f));
 }
 
 // Plain decode (one token per sequence), software-pipelined over the thread's tiles in order: pass 1
@@ -256,8 +255,8 @@ void stream_decode(const RecurrentParams& p, const TaskGrid& grid) {
         token_seq = seq;
       }
       const TokenStep s = token.step(h);
-      const TIn* v = static_cast<const TIn*>(p.v.data) + seq * p.v.token_stride + h * p.v.head_stride + v0;
-      TIn* o = static_cast<TIn*>(p.out.data) + seq * p.out.token_stride + h * p.out.head_stride + v0;
+      const TIn* v = p.v.row<const TIn>(seq, h) + v0;
+      TIn* o = p.out.row<TIn>(seq, h) + v0;
       for (int64_t j = 0; j < width; j += kTileCols) {
         TState* tile = block + j;
         vfloat acc_k[NV], acc_q[NV];
@@ -306,8 +305,8 @@ void multi_token_decode(const RecurrentParams& p, const TaskGrid& grid) {
         const PreparedToken token(scratch, 1, h / ratio, h, ratio, K);
         prepare_token<TIn>(p, t, h / ratio, h / ratio + 1, h, h + 1, token.qk, token.kq, token.decay, token.beta);
         const TokenStep s = token.step(h);
-        const TIn* vt = static_cast<const TIn*>(p.v.data) + t * p.v.token_stride + h * p.v.head_stride + v0;
-        TIn* o = static_cast<TIn*>(p.out.data) + t * p.out.token_stride + h * p.out.head_stride + v0;
+        const TIn* vt = p.v.row<const TIn>(t, h) + v0;
+        TIn* o = p.out.row<TIn>(t, h) + v0;
         const bool first = t == bos, last = t == eos - 1;
         if (first && last) {
           step_block(s, K, width, S, V, S, V, vt, o);

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -99,8 +100,6 @@ def core_scaling(threads: int, seconds: float = 0.5) -> dict:
     products) on one thread alone and with `threads` threads computing at once (their median), in
     bf16 mode (AMX or vdpbf16ps where the path has it) and fp32 mode, and the scaling ceiling this
     implies for a compute-bound kernel: threads x (rate with all busy / rate alone)."""
-    import statistics
-
     row = {}
     for name, bf16 in (("bf16", True), ("fp32", False)):
         torch._C.set_num_threads(1)  # torch._C's: an in-process vLLM worker disables torch.set_num_threads

@@ -20,6 +20,12 @@ struct Mat3 {
   DType dtype;
   int64_t token_stride;  // in elements
   int64_t head_stride;   // in elements
+
+  // The row of token t, head h, as T (const-qualify T to read).
+  template <class T>
+  T* row(int64_t t, int64_t h) const {
+    return static_cast<T*>(data) + t * token_stride + h * head_stride;
+  }
 };
 
 struct GatingParams {
@@ -111,7 +117,8 @@ struct KernelTable {
   void (*chunk_gated_delta_rule)(const ChunkParams&);
   void (*causal_conv1d)(const ConvParams&);
   void (*stream_scale)(float* x, int64_t n, float factor);  // benchmark probe, see stream_scale.cpp
-  void (*gemm_probe)(const GemmBackend& gemm, bool bf16, double seconds, double* gflops_per_thread);  // gemm_probe.cpp
+  void (*gemm_probe)(const GemmBackend& gemm, bool bf16, int64_t M, int64_t N, int64_t K, double seconds,
+                     double* gflops_per_thread);  // benchmark probe, see gemm_probe.cpp
 };
 
 }  // namespace gdn
