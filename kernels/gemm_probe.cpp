@@ -1,7 +1,7 @@
 // gemm_probe: not a GDN op but the benchmarks' measure of per-core compute. Every thread runs the
-// prefill's GEMM engine on its own chunk-sized operands (C[64, 128] = A[64, 128] B[128, 128], the
-// shape of the chunk kernel's products; ~100 KiB, resident in the core's L2) for a fixed time and
-// reports its GFLOP/s. Run on one thread and then on all of them, it shows how much of a core's
+// prefill's GEMM engine on its own operands of the shape it is given (ops.cpp passes the chunk
+// kernel's C[64, 128] = A[64, 128] B[128, 128]: ~100 KiB, resident in the core's L2) for a fixed
+// time and reports its GFLOP/s. Run on one thread and then on all of them, it shows how much of a core's
 // compute rate survives when every core computes (all-core clock, shared power budget): the
 // ceiling of any compute-bound kernel's thread scaling, with memory taken out of the picture.
 #include <chrono>
@@ -13,8 +13,8 @@
 namespace gdn {
 namespace GDN_ISA {
 
-void gemm_probe(const GemmBackend& gemm, bool bf16, double seconds, double* gflops_per_thread) {
-  constexpr int64_t M = 64, N = 128, K = 128;
+void gemm_probe(const GemmBackend& gemm, bool bf16, int64_t M, int64_t N, int64_t K, double seconds,
+                double* gflops_per_thread) {
   constexpr int64_t kCallsPerCheck = 64;
   const bool use_bf16 = bf16 && has_bf16_gemm(gemm);
   const int64_t threads = num_threads();

@@ -9,7 +9,7 @@ void fused_recurrent(const RecurrentParams&);
 void chunk_gated_delta_rule(const ChunkParams&);
 void causal_conv1d(const ConvParams&);
 void stream_scale(float*, int64_t, float);
-void gemm_probe(const GemmBackend&, bool, double, double*);
+void gemm_probe(const GemmBackend&, bool, int64_t, int64_t, int64_t, double, double*);
 
 #define GDN_STR2(x) #x
 #define GDN_STR(x) GDN_STR2(x)

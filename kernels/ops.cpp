@@ -341,9 +341,10 @@ void stream_scale(at::Tensor& x, double factor) {
 
 at::Tensor gemm_probe(bool bf16, double seconds) {
   TORCH_CHECK_VALUE(seconds > 0 && seconds <= 60, "gemm_probe: argument 'seconds' must be in (0, 60], got ", seconds);
+  constexpr int64_t M = 64, N = 128, K = 128;  // the chunk kernel's products (chunk 64, head dim 128)
   const GemmChoice gemm = active_gemm();
   at::Tensor rates = at::zeros({at::get_num_threads()}, at::kDouble);
-  gemm.kernels->gemm_probe(gemm.backend, bf16, seconds, rates.data_ptr<double>());
+  gemm.kernels->gemm_probe(gemm.backend, bf16, M, N, K, seconds, rates.data_ptr<double>());
   return rates;
 }
 
