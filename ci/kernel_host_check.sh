@@ -15,7 +15,7 @@ cmake -S . -B "$build" -G Ninja -DPython_EXECUTABLE="$(command -v "$python")" >/
 ninja -C "$build" >/dev/null
 cp "$build"/_C*.so vllm_gdn_cpu/
 export PYTHONPATH=$PWD
-"$python" -m vllm_gdn_cpu.info
+"$python" -m vllm_gdn_cpu.tools.info
 
 pytest_args=(-q --noconftest -p no:cacheprovider -m "not vllm and not error_path")
 export GDN_PROPERTY_SELECT="not error_path"
@@ -25,7 +25,7 @@ fi
 if [[ $what == bench || $what == all ]]; then
   threads=$(nproc)
   for t in 1 $threads; do
-    "$python" -m vllm_gdn_cpu.bench decode --threads "$t" --no-vllm --no-ref --batches 1,16,64 \
+    "$python" -m vllm_gdn_cpu.tools.bench decode --threads "$t" --no-vllm --no-ref --batches 1,16,64 \
       --state-dtypes float32,bfloat16 --dtype bfloat16
   done
   # Prefill on every fast GEMM path this CPU has, timed side by side (interleaved) in one process.
@@ -33,7 +33,7 @@ if [[ $what == bench || $what == all ]]; then
 have = ops.runtime_info()["available_gemms"]
 print(",".join(p for p in ("amx", "avx512", "avx512_bf16", "avx2") if p in have))')
   for t in 1 $threads; do
-    "$python" -m vllm_gdn_cpu.bench prefill --threads "$t" --no-vllm --no-ref --models qwen3-next \
+    "$python" -m vllm_gdn_cpu.tools.bench prefill --threads "$t" --no-vllm --no-ref --models qwen3-next \
       --workloads T2048,T8192 --gemms "$gemms"
   done
 fi

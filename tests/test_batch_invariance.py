@@ -27,7 +27,7 @@ from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
 from test_e2e_qwen3_next import gdn_cpu_llm  # noqa: E402
-from vllm_gdn_cpu.layer import GDNCPUQwenGatedDeltaNetAttention  # noqa: E402
+from vllm_gdn_cpu.layers.gdn import GDNCPUQwenGatedDeltaNetAttention  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -15,14 +15,14 @@ def run_cli(*args, timeout=600):
 
 
 def test_info_json():
-    info = run_cli("vllm_gdn_cpu.info", "--json")
+    info = run_cli("vllm_gdn_cpu.tools.info", "--json")
     assert info["kernel_isa"]["chosen"] in info["kernel_isa"]["available"]
     assert info["prefill_gemm"]["chosen"].removesuffix("-fp32") in info["prefill_gemm"]["available"]
     assert "torch" in info["prefill_gemm"]["available"] and info["threads"] >= 1
 
 
 def test_bench_prefill_json_side_by_side():
-    out = run_cli("vllm_gdn_cpu.bench", "prefill", "--json", "--models", "qwen3.5-small", "--workloads", "16x128",
+    out = run_cli("vllm_gdn_cpu.tools.bench", "prefill", "--json", "--models", "qwen3.5-small", "--workloads", "16x128",
                   "--repeat", "1")
     (row,) = out["rows"]
     assert row["ours_tok_s"] > 0 and row["torch_ref_tok_s"] > 0 and row["speedup_vs_torch_ref"] > 0
@@ -32,7 +32,7 @@ def test_bench_prefill_json_side_by_side():
 
 
 def test_bench_prefill_gemm_paths_side_by_side():
-    out = run_cli("vllm_gdn_cpu.bench", "prefill", "--json", "--models", "qwen3.5-small", "--workloads", "T512",
+    out = run_cli("vllm_gdn_cpu.tools.bench", "prefill", "--json", "--models", "qwen3.5-small", "--workloads", "T512",
                   "--repeat", "1", "--no-ref", "--no-vllm", "--gemms", "torch,generic")
     (row,) = out["rows"]
     assert row["tok_s_torch"] > 0 and row["tok_s_generic"] > 0
@@ -41,7 +41,7 @@ def test_bench_prefill_gemm_paths_side_by_side():
 
 
 def test_bench_decode_json_side_by_side():
-    out = run_cli("vllm_gdn_cpu.bench", "decode", "--json", "--batches", "2", "--layers", "2", "--repeat", "1",
+    out = run_cli("vllm_gdn_cpu.tools.bench", "decode", "--json", "--batches", "2", "--layers", "2", "--repeat", "1",
                   "--state-dtypes", "float32,bfloat16")
     assert [r["state_dtype"] for r in out["rows"]] == ["float32", "bfloat16"]
     for row in out["rows"]:

@@ -17,7 +17,7 @@ import torch
 
 from test_e2e_qwen3_next import gdn_cpu_llm, vllm_generate  # noqa: E402
 
-from vllm_gdn_cpu.layer import GDNCPUQwenGatedDeltaNetAttention  # noqa: E402
+from vllm_gdn_cpu.layers.gdn import GDNCPUQwenGatedDeltaNetAttention  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

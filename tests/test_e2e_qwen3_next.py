@@ -27,7 +27,7 @@ from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
 import vllm_gdn_cpu  # noqa: E402
-from vllm_gdn_cpu.layer import GDNCPUQwenGatedDeltaNetAttention  # noqa: E402
+from vllm_gdn_cpu.layers.gdn import GDNCPUQwenGatedDeltaNetAttention  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

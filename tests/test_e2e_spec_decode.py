@@ -1,4 +1,4 @@
-"""Speculative decoding with VLLM_ATTENTION_BACKEND=GDN_CPU (vllm_gdn_cpu.spec_decode).
+"""Speculative decoding with VLLM_ATTENTION_BACKEND=GDN_CPU (vllm_gdn_cpu.layers.gdn_spec_decode).
 
 vLLM's ngram method (prompt lookup, no draft model) on the tiny Qwen3-Next: greedy output must be
 identical with and without speculation, and some drafts must be accepted, so that the rollback to

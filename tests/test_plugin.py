@@ -25,8 +25,8 @@ from vllm.v1.attention.backends.registry import (  # noqa: E402
 
 import vllm_gdn_cpu  # noqa: E402
 from vllm_gdn_cpu import plugin  # noqa: E402
-from vllm_gdn_cpu.backend import GDNCPUAttentionBackend  # noqa: E402
-from vllm_gdn_cpu.layer import GDNCPUQwenGatedDeltaNetAttention  # noqa: E402
+from vllm_gdn_cpu.layers.gdn_backend import GDNCPUAttentionBackend  # noqa: E402
+from vllm_gdn_cpu.layers.gdn import GDNCPUQwenGatedDeltaNetAttention  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -72,7 +72,7 @@ def assert_active() -> None:
         OlmoHybridGatedDeltaNetAttention,
     )
 
-    from vllm_gdn_cpu.olmo_layer import GDNCPUOlmoHybridGatedDeltaNetAttention
+    from vllm_gdn_cpu.layers.olmo import GDNCPUOlmoHybridGatedDeltaNetAttention
 
     assert op_registry_oot[plugin.REPLACED_OLMO_LAYER] is GDNCPUOlmoHybridGatedDeltaNetAttention
     assert type(OlmoHybridGatedDeltaNetAttention.__new__(OlmoHybridGatedDeltaNetAttention)) is (
@@ -138,14 +138,19 @@ def test_non_cpu_platform_is_a_clear_error(pristine_registries, monkeypatch):
     assert_inactive()
 
 
-def test_activation_is_logged_once_per_process(monkeypatch):
+def test_activation_is_logged_once_per_layer_class(monkeypatch):
+    from vllm_gdn_cpu.layers import common
+
     messages = []
-    monkeypatch.setattr(plugin, "_activation_logged", False)
-    monkeypatch.setattr(plugin.logger, "info", messages.append)
+    monkeypatch.setattr(common, "_logged_classes", set())
+    monkeypatch.setattr(common.logger, "info", messages.append)
     for _ in range(3):
-        plugin.log_activation()
-    (message,) = messages
-    assert "GDN_CPU" in message
+        common.log_activation("QwenGatedDeltaNetAttention")
+        common.log_activation("MambaMixer2")
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("vllm_gdn_cpu: CPU kernels for QwenGatedDeltaNetAttention (")
+    assert messages[1].startswith("vllm_gdn_cpu: CPU kernels for MambaMixer2 (")
+    message = messages[0]
     for field in ("isa=", "gemm=", "threads="):
         assert field in message
     assert "unknown" not in message, "ops.runtime_info() did not describe the kernels"

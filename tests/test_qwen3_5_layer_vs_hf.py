@@ -24,8 +24,8 @@ pytest.importorskip("transformers")
 
 from test_layer import make_metadata  # noqa: E402
 
-import vllm_gdn_cpu.layer as layer_module  # noqa: E402
-from vllm_gdn_cpu.layer import GDNCPUQwenGatedDeltaNetAttention  # noqa: E402
+import vllm_gdn_cpu.layers.gdn as layer_module  # noqa: E402
+from vllm_gdn_cpu.layers.gdn import GDNCPUQwenGatedDeltaNetAttention  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

@@ -4,7 +4,8 @@ token recurrence: in float64 they agree to rounding. This pins down the math the
 import pytest
 import torch
 
-from vllm_gdn_cpu.reference import _recurrence, chunk_gated_delta_rule_chunked_ref, gdn_gating_ref
+from vllm_gdn_cpu.reference.gdn import _recurrence
+from vllm_gdn_cpu.reference import chunk_gated_delta_rule_chunked_ref, gdn_gating_ref
 
 
 @pytest.mark.parametrize("L", [1, 63, 64, 65, 150])

@@ -81,8 +81,8 @@ def greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
 
 def gdn_layer_shards(worker) -> list[dict]:
     """Runs in each worker: what each GDN layer of this rank holds."""
-    from vllm_gdn_cpu.layer import GDNCPUQwenGatedDeltaNetAttention
-    from vllm_gdn_cpu.olmo_layer import GDNCPUOlmoHybridGatedDeltaNetAttention
+    from vllm_gdn_cpu.layers.gdn import GDNCPUQwenGatedDeltaNetAttention
+    from vllm_gdn_cpu.layers.olmo import GDNCPUOlmoHybridGatedDeltaNetAttention
 
     layers = []
     for module in worker.model_runner.model.modules():
@@ -105,7 +105,7 @@ def model_dir(tmp_path_factory):
     pytest.importorskip("transformers", reason="building the tiny checkpoint needs transformers")
     from transformers import AutoTokenizer, Qwen3NextForCausalLM
 
-    from vllm_gdn_cpu import tiny_models
+    from vllm_gdn_cpu.tools import tiny_models
 
     directory = tiny_models.build_tokenizer(tmp_path_factory.mktemp("tiny-qwen3-next-8l"))
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -193,7 +193,7 @@ def test_pipeline_parallel_2_matches_1(model_dir, prompts, one_rank):
 @pytest.fixture(scope="module")
 def olmo_hybrid_dir(tmp_path_factory):
     pytest.importorskip("transformers", reason="building the tiny checkpoint needs transformers")
-    from vllm_gdn_cpu.tiny_olmo_hybrid import build_tiny_olmo_hybrid
+    from vllm_gdn_cpu.tools.tiny_olmo_hybrid import build_tiny_olmo_hybrid
 
     return build_tiny_olmo_hybrid(tmp_path_factory.mktemp("tiny-olmo-hybrid"))
 

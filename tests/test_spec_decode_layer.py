@@ -1,4 +1,4 @@
-"""Speculative decoding in the layer glue (vllm_gdn_cpu.spec_decode) without an engine.
+"""Speculative decoding in the layer glue (vllm_gdn_cpu.layers.gdn_spec_decode) without an engine.
 
 A layer with vLLM's speculative state layout (S+1 SSM slots per sequence, a conv buffer of W-1+S
 columns) runs spec steps of varying lengths (1 to S+1 tokens per row) and varying accepted counts,
@@ -19,7 +19,7 @@ from test_layer import (  # noqa: E402
 )
 from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata  # noqa: E402
 
-import vllm_gdn_cpu.layer as layer_module  # noqa: E402
+import vllm_gdn_cpu.layers.gdn as layer_module  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

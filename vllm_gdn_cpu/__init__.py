@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 # The variable and value that activate the vLLM plugin (here, free of vLLM imports, so that
-# kernel-only tools such as ``python -m vllm_gdn_cpu.info`` run where vLLM is not installed).
+# kernel-only tools such as ``python -m vllm_gdn_cpu.tools.info`` run where vLLM is not installed).
 ENV_VAR = "VLLM_ATTENTION_BACKEND"
 BACKEND_NAME = "GDN_CPU"
 

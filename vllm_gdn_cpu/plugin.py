@@ -4,18 +4,17 @@ vLLM calls ``register()`` (entry point group ``vllm.general_plugins``) in every 
 (API server, engine core, workers), possibly several times per process, so registration is
 idempotent. Without the variable nothing changes.
 
-The activation log line is written once per process by the first GDN layer that is built (see
-``log_activation``), not by ``register()``: vLLM loads plugins before it configures its logging, so
-an INFO line from ``register()`` would be dropped; the layer is also where the backend really runs.
+Each replaced layer class logs one INFO line per process when it is first built
+(``vllm_gdn_cpu.layers.common.log_activation``), naming the vLLM class, ISA, GEMM path and threads.
 
 Two hooks, both supported out-of-tree extension points of vLLM 0.32:
 
 1. ``PluggableLayer.register_oot`` (model_executor/custom_op.py): ``PluggableLayer.__new__``
    instantiates the registered class whenever model code constructs ``QwenGatedDeltaNetAttention``
-   (Qwen3-Next, Qwen3.5, ...), so our subclass (``vllm_gdn_cpu.layer``) gets vLLM's weights and
+   (Qwen3-Next, Qwen3.5, ...), so our subclass (``vllm_gdn_cpu.layers.gdn``) gets vLLM's weights and
    state layout but runs our CPU forward.
    ``OlmoHybridGatedDeltaNetAttention`` (OLMo-hybrid) is a PluggableLayer too and is replaced the
-   same way (``vllm_gdn_cpu.olmo_layer``).
+   same way (``vllm_gdn_cpu.layers.olmo``).
 2. ``register_backend(MambaAttentionBackendEnum.GDN_ATTN, ..., is_mamba=True)``
    (v1/attention/backends/registry.py): points the existing GDN_ATTN member at our backend class,
    whose ``get_name()`` is ``GDN_CPU``. We override the member rather than adding a new
@@ -29,21 +28,14 @@ from __future__ import annotations
 
 import os
 
-from vllm.logger import init_logger
-
 from vllm_gdn_cpu import BACKEND_NAME, ENV_VAR
 
-BACKEND_CLASS_PATH = "vllm_gdn_cpu.backend.GDNCPUAttentionBackend"
+BACKEND_CLASS_PATH = "vllm_gdn_cpu.layers.gdn_backend.GDNCPUAttentionBackend"
 REPLACED_LAYER = "QwenGatedDeltaNetAttention"
-# OLMo-hybrid's GDN layer (Triton-only in vLLM 0.32): vllm_gdn_cpu.olmo_layer.
+# OLMo-hybrid's GDN layer (Triton-only in vLLM 0.32): vllm_gdn_cpu.layers.olmo.
 REPLACED_OLMO_LAYER = "OlmoHybridGatedDeltaNetAttention"
 
-# Under vLLM's logger namespace so the line goes through vLLM's handlers and format (vLLM configures
-# only the "vllm" logger tree).
-logger = init_logger("vllm.plugins.vllm_gdn_cpu")
-
 _activated = False
-_activation_logged = False
 
 
 def is_requested() -> bool:
@@ -84,8 +76,8 @@ def _register_backend() -> None:
 def _register_layer() -> None:
     from vllm.model_executor.custom_op import PluggableLayer, op_registry_oot
 
-    from vllm_gdn_cpu.layer import GDNCPUQwenGatedDeltaNetAttention
-    from vllm_gdn_cpu.olmo_layer import GDNCPUOlmoHybridGatedDeltaNetAttention
+    from vllm_gdn_cpu.layers.gdn import GDNCPUQwenGatedDeltaNetAttention
+    from vllm_gdn_cpu.layers.olmo import GDNCPUOlmoHybridGatedDeltaNetAttention
 
     replacements = {
         REPLACED_LAYER: GDNCPUQwenGatedDeltaNetAttention,
@@ -102,26 +94,3 @@ def _register_layer() -> None:
     for name, ours in replacements.items():
         if op_registry_oot.get(name) is not ours:
             PluggableLayer.register_oot(ours, name=name)
-
-
-def log_activation() -> None:
-    """Logs the activation line (backend, ISA, GEMM path, threads) once per process."""
-    global _activation_logged
-    if not _activation_logged:
-        _activation_logged = True
-        logger.info(activation_message())
-
-
-def activation_message() -> str:
-    info = _runtime_info()
-    described = ", ".join(f"{key}={info.get(key, 'unknown')}" for key in ("isa", "gemm", "threads"))
-    return f"vllm_gdn_cpu: GDN attention backend {BACKEND_NAME} active ({described})"
-
-
-def _runtime_info() -> dict:
-    from vllm_gdn_cpu import ops
-
-    try:
-        return dict(ops.runtime_info())
-    except Exception:  # a log line must never take the engine down: its fields then say "unknown"
-        return {}

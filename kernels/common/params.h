@@ -1,4 +1,4 @@
-// Plain-data descriptions of each kernel call, shared by the host layer (ops.cpp, which fills
+// Plain-data descriptions of each kernel call, shared by the host layer (the ops.cpp files, which fill
 // them from checked tensors) and the per-ISA kernels (which include no ATen headers).
 #pragma once
 #include <cstdint>
@@ -108,7 +108,7 @@ struct ConvParams {
   Mat2 out;                       // [T, D], same dtype as x
 };
 
-// One entry per compiled ISA (kernels/runtime.cpp picks one at run time).
+// One entry per compiled ISA (kernels/common/runtime.cpp picks one at run time).
 struct KernelTable {
   const char* isa;
   bool has_bf16_gemm;  // this ISA's kernels include the AVX512-BF16 (vdpbf16ps) GEMM

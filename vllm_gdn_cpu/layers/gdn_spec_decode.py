@@ -35,6 +35,7 @@ import dataclasses
 import torch
 
 from vllm_gdn_cpu import ops
+from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS
 
 
 def forward_core_spec(layer, mixed_qkv, b, a, core_attn_out, metadata) -> None:
@@ -152,6 +153,4 @@ def _spec_rows_core(layer, x, b, a, metadata) -> torch.Tensor:
 
 
 def _silu(layer) -> bool:
-    from vllm_gdn_cpu.layer import CONV_ACTIVATIONS
-
     return CONV_ACTIVATIONS[layer.activation]

@@ -1,5 +1,5 @@
 """Fixed cost per call of our decode op (dispatch + argument checks + thread fork/join), at decode
-batch 1: ``python -m vllm_gdn_cpu.bench overhead``.
+batch 1: ``python -m vllm_gdn_cpu.tools.bench overhead``.
 
 The checks cannot be switched off, so the fixed cost is bounded from above by the time of a trivially
 small call (Hk=Hv=1, K=V=8: its arithmetic is a few hundred flops), and compared with the time of a

@@ -10,7 +10,7 @@
 #include <cstring>
 
 #include "common/gemm.h"
-#include "gemm_backends.h"
+#include "common/gemm_backends.h"
 
 namespace gdn {
 namespace {

@@ -1,9 +1,4 @@
-"""Public Python API of the compiled GDN kernels (``torch.ops.vllm_gdn_cpu.*``).
-
-Each wrapper only fills defaults and allocates outputs; argument checking happens in C++ (cheap,
-and the same for callers that use ``torch.ops`` directly), raising ValueError/TypeError/IndexError
-with the argument's name.
-"""
+"""Gated DeltaNet ops: gating, chunked prefill, decode recurrence and the fused decode step."""
 
 from __future__ import annotations
 
@@ -11,71 +6,7 @@ from typing import Optional
 
 import torch
 
-from vllm_gdn_cpu import _C  # noqa: F401  (loads the extension, registers torch.ops.vllm_gdn_cpu)
-
-_ops = torch.ops.vllm_gdn_cpu
-
-ISA_ENV = "VLLM_GDN_CPU_ISA"
-GEMM_ENV = "VLLM_GDN_CPU_GEMM"
-
-
-def runtime_info() -> dict:
-    """What the kernels run on now (honouring VLLM_GDN_CPU_ISA / VLLM_GDN_CPU_GEMM).
-
-    isa: vector ISA of all kernels; gemm: GEMM engine of the chunked prefill ("-fp32" when it does
-    not use bf16 products); available_*: what this build and CPU can run, best first.
-    """
-    fields = dict(item.split("=", 1) for item in _ops.runtime_info().split(";"))
-    return {
-        "isa": fields["isa"],
-        "gemm": fields["gemm"],
-        "available_isas": fields["available"].split(","),
-        "available_gemms": fields["gemms"].split(","),
-        "threads": int(fields["threads"]),
-    }
-
-
-# Fake (meta) implementations: shapes and dtypes only, for torch.compile / FakeTensor tracing.
-@torch.library.register_fake("vllm_gdn_cpu::gdn_gating")
-def _gdn_gating_fake(A_log, a, b, dt_bias, softplus_beta, softplus_threshold, allow_neg_eigval):
-    return a.new_empty(a.shape, dtype=torch.float32), a.new_empty(a.shape, dtype=torch.float32)
-
-
-@torch.library.register_fake("vllm_gdn_cpu::chunk_gated_delta_rule")
-def _chunk_fake(q, k, v, g, beta, state, state_indices, cu_seqlens, has_initial_state, scale,
-                use_qk_l2norm, out):
-    return None
-
-
-@torch.library.register_fake("vllm_gdn_cpu::fused_recurrent_gated_delta_rule")
-def _recurrent_fake(q, k, v, A_log, dt_bias, a, b, state, state_indices, cu_seqlens, scale,
-                    use_qk_l2norm, allow_neg_eigval, softplus_beta, softplus_threshold, out):
-    return None
-
-
-@torch.library.register_fake("vllm_gdn_cpu::stream_scale")
-def _stream_scale_fake(x, factor):
-    return None
-
-
-@torch.library.register_fake("vllm_gdn_cpu::gemm_probe")
-def _gemm_probe_fake(bf16, seconds):
-    return torch.empty(torch.get_num_threads(), dtype=torch.float64)
-
-
-def stream_scale_(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """x *= factor in place (float32, contiguous), streamed like the decode kernel streams states.
-    Not a GDN op: the benchmarks' probe of in-place memory bandwidth. Returns x."""
-    _ops.stream_scale(x, float(factor))
-    return x
-
-
-def gemm_probe(bf16: bool = True, seconds: float = 0.5) -> torch.Tensor:
-    """GFLOP/s of each of torch's threads running the prefill's GEMM engine (the active
-    VLLM_GDN_CPU_GEMM path, in bf16 mode where it has one when bf16) on its own L2-resident
-    chunk-sized operands, all threads at once, for `seconds`. Not a GDN op: the benchmarks' probe of
-    per-core compute alone (one thread) and with every core busy. Returns float64 [threads]."""
-    return _ops.gemm_probe(bool(bf16), float(seconds))
+from vllm_gdn_cpu.ops.common import _ops
 
 
 def gdn_gating(
@@ -169,31 +100,6 @@ def fused_recurrent_gated_delta_rule(
     return o
 
 
-def causal_conv1d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    conv_state: torch.Tensor,
-    state_indices: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    *,
-    has_initial_state: Optional[torch.Tensor] = None,
-    silu: bool = True,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Depthwise causal conv1d (+ SiLU) of a varlen batch, continuing from and updating conv_state.
-
-    x [T, D] (rows may be strided); weight [D, W] (2 <= W <= 8); bias [D] or None; conv_state
-    [slots, W-1, D] with any strides (vLLM's dim-first cache is a transposed view): the last W-1
-    inputs of each sequence, oldest first; state_indices int32 [N] (< 0: padding, history zero,
-    state untouched); cu_seqlens int32 [N+1]; has_initial_state bool [N] (None: all True).
-    Decode is the case of sequences of length 1. Returns [T, D] in x's dtype (fp32 accumulation).
-    """
-    o = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
-    _ops.causal_conv1d(x, weight, bias, conv_state, state_indices, cu_seqlens, has_initial_state, bool(silu), o)
-    return o
-
-
 def gdn_decode_step(
     mixed_qkv: torch.Tensor,
     conv_weight: torch.Tensor,
@@ -230,8 +136,21 @@ def gdn_decode_step(
     return o
 
 
-@torch.library.register_fake("vllm_gdn_cpu::causal_conv1d")
-def _conv_fake(x, weight, bias, conv_state, state_indices, cu_seqlens, has_initial_state, silu, out):
+# Fake (meta) implementations: shapes and dtypes only, for torch.compile / FakeTensor tracing.
+@torch.library.register_fake("vllm_gdn_cpu::gdn_gating")
+def _gdn_gating_fake(A_log, a, b, dt_bias, softplus_beta, softplus_threshold, allow_neg_eigval):
+    return a.new_empty(a.shape, dtype=torch.float32), a.new_empty(a.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("vllm_gdn_cpu::chunk_gated_delta_rule")
+def _chunk_fake(q, k, v, g, beta, state, state_indices, cu_seqlens, has_initial_state, scale,
+                use_qk_l2norm, out):
+    return None
+
+
+@torch.library.register_fake("vllm_gdn_cpu::fused_recurrent_gated_delta_rule")
+def _recurrent_fake(q, k, v, A_log, dt_bias, a, b, state, state_indices, cu_seqlens, scale,
+                    use_qk_l2norm, allow_neg_eigval, softplus_beta, softplus_threshold, out):
     return None
 
 
@@ -240,6 +159,3 @@ def _decode_step_fake(mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_b
                       state_indices, num_k_heads, head_k_dim, head_v_dim, scale, use_qk_l2norm,
                       allow_neg_eigval, softplus_beta, softplus_threshold, out):
     return None
-
-
-__all__ = ["runtime_info", "stream_scale_", "gemm_probe", "gdn_gating", "causal_conv1d", "gdn_decode_step", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]

@@ -1,60 +1,14 @@
-// Argument checking for every op: each failure names the op, the argument and what was expected,
-// and surfaces in Python as ValueError / TypeError / IndexError. Only then are the checked tensors
-// described to the ISA kernels as plain structs.
-#include "ops.h"
-
+// Host entry points of the Gated DeltaNet ops (argument checks, then the active ISA's kernel).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <c10/util/irange.h>
 
-#include <vector>
+#include <utility>
 
-#include "common/params.h"
-#include "runtime.h"
+#include "common/checks.h"
+#include "common/runtime.h"
+#include "ops.h"
 
 namespace gdn {
 namespace {
-
-DType to_dtype(const at::Tensor& t, const char* op, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, op, ": argument '", name, "' must be float32, bfloat16 or float16, got ",
-                       t.scalar_type());
-  }
-  return DType::kFloat32;
-}
-
-void check_cpu(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": argument '", name, "' must be a CPU tensor, got ", t.device());
-}
-
-void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name, const char* layout) {
-  check_cpu(t, op, name);
-  TORCH_CHECK_VALUE(t.dim() == dim, op, ": argument '", name, "' must be ", dim, "-D ", layout, ", got shape ",
-                    t.sizes());
-}
-
-void check_shape(const at::Tensor& t, at::IntArrayRef want, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == want, op, ": argument '", name, "' must have shape ", want, ", got ", t.sizes());
-}
-
-void check_last_dim_contiguous(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": argument '", name,
-                    "' must be contiguous in its last dim, got strides ", t.strides());
-}
-
-Mat3 mat3(const at::Tensor& t, const char* op, const char* name) {
-  check_last_dim_contiguous(t, op, name);
-  return Mat3{t.data_ptr(), to_dtype(t, op, name), t.stride(0), t.stride(1)};
-}
-
-Mat2 mat2(const at::Tensor& t, const char* op, const char* name) {
-  check_last_dim_contiguous(t, op, name);
-  return Mat2{t.data_ptr(), to_dtype(t, op, name), t.stride(0)};
-}
 
 // q, k [T, Hk, K] and v [T, Hv, V] of one float dtype; Hv a multiple of Hk.
 struct QKVShape {
@@ -96,68 +50,6 @@ StatePool check_state(const at::Tensor& state, const QKVShape& s, const char* op
   return StatePool{state.data_ptr(), to_dtype(state, op, "state"), state.stride(0), state.size(0)};
 }
 
-// Slot indices: int32 [N], each < num_slots, non-negative ones distinct (two sequences writing one
-// slot in one call would race). Negative entries are padding.
-const int32_t* check_state_indices(const at::Tensor& idx, int64_t num_slots, const char* op) {
-  check_dim(idx, 1, op, "state_indices", "[N]");
-  TORCH_CHECK_TYPE(idx.scalar_type() == at::kInt, op, ": argument 'state_indices' must be int32, got ",
-                   idx.scalar_type());
-  TORCH_CHECK_VALUE(idx.is_contiguous(), op, ": argument 'state_indices' must be contiguous");
-  const int32_t* p = idx.data_ptr<int32_t>();
-  const int64_t n = idx.size(0);
-  std::vector<int32_t> used;
-  used.reserve(n);
-  for (const auto i : c10::irange(n)) {
-    TORCH_CHECK_INDEX(p[i] < num_slots, op, ": argument 'state_indices' has ", p[i], " at position ", i,
-                      ", out of range for a state pool of ", num_slots, " slots");
-    if (p[i] >= 0) used.push_back(p[i]);
-  }
-  std::sort(used.begin(), used.end());
-  const auto dup = std::adjacent_find(used.begin(), used.end());
-  TORCH_CHECK_VALUE(dup == used.end(), op, ": argument 'state_indices' names slot ", dup == used.end() ? 0 : *dup,
-                    " more than once");
-  return p;
-}
-
-// cu_seqlens: int32 [N+1], starting at 0, non-decreasing, ending at most at T.
-const int32_t* check_cu_seqlens(const at::Tensor& cu, int64_t N, int64_t T, const char* op) {
-  check_dim(cu, 1, op, "cu_seqlens", "[N+1]");
-  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, op, ": argument 'cu_seqlens' must be int32, got ",
-                   cu.scalar_type());
-  TORCH_CHECK_VALUE(cu.is_contiguous(), op, ": argument 'cu_seqlens' must be contiguous");
-  TORCH_CHECK_VALUE(cu.size(0) == N + 1, op, ": argument 'cu_seqlens' must have N+1=", N + 1,
-                    " entries (N = len(state_indices)), got ", cu.size(0));
-  const int32_t* p = cu.data_ptr<int32_t>();
-  TORCH_CHECK_VALUE(p[0] == 0, op, ": argument 'cu_seqlens' must start at 0, got ", p[0]);
-  for (const auto i : c10::irange(N)) {
-    TORCH_CHECK_VALUE(p[i + 1] >= p[i], op, ": argument 'cu_seqlens' must be non-decreasing, got ", p[i], " then ",
-                      p[i + 1], " at position ", i);
-  }
-  TORCH_CHECK_VALUE(p[N] <= T, op, ": argument 'cu_seqlens' ends at ", p[N], ", beyond T=", T, " tokens");
-  return p;
-}
-
-const bool* check_has_initial_state(const at::Tensor& h, int64_t N, const char* op) {
-  check_dim(h, 1, op, "has_initial_state", "[N]");
-  check_shape(h, {N}, op, "has_initial_state");
-  TORCH_CHECK_TYPE(h.scalar_type() == at::kBool, op, ": argument 'has_initial_state' must be bool, got ",
-                   h.scalar_type());
-  TORCH_CHECK_VALUE(h.is_contiguous(), op, ": argument 'has_initial_state' must be contiguous");
-  return h.data_ptr<bool>();
-}
-
-// Rows of out that belong to no sequence are zeroed, so the result never depends on garbage.
-void zero_trailing_rows(at::Tensor& out, int64_t covered) {
-  if (covered < out.size(0)) out.narrow(0, covered, out.size(0) - covered).zero_();
-}
-
-// A_log / dt_bias: [Hv] of any float dtype, used as fp32.
-at::Tensor per_head_f32(const at::Tensor& t, int64_t Hv, const char* op, const char* name) {
-  check_dim(t, 1, op, name, "[Hv]");
-  check_shape(t, {Hv}, op, name);
-  to_dtype(t, op, name);
-  return t.to(at::kFloat).contiguous();
-}
 
 GatingParams gating_params(const at::Tensor& A_log32, const at::Tensor& dt_bias32, const at::Tensor& a,
                            const at::Tensor& b, int64_t T, int64_t Hv, double softplus_beta,
@@ -263,46 +155,6 @@ void fused_recurrent_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, 
   zero_trailing_rows(out, covered);
 }
 
-void causal_conv1d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                   at::Tensor& conv_state, const at::Tensor& state_indices, const at::Tensor& cu_seqlens,
-                   const std::optional<at::Tensor>& has_initial_state, bool silu, at::Tensor& out) {
-  constexpr const char* op = "causal_conv1d";
-  check_dim(x, 2, op, "x", "[T, D]");
-  const int64_t T = x.size(0), D = x.size(1);
-  check_dim(weight, 2, op, "weight", "[D, W]");
-  const int64_t W = weight.size(1);
-  TORCH_CHECK_VALUE(weight.size(0) == D && W >= 2 && W <= 8, op, ": argument 'weight' must have shape [D=", D,
-                    ", W] with 2 <= W <= 8, got ", weight.sizes());
-  const at::Tensor w32 = weight.to(at::kFloat).t().contiguous();  // [W, D]
-  at::Tensor b32;
-  if (bias.has_value()) b32 = per_head_f32(*bias, D, op, "bias");
-  check_dim(conv_state, 3, op, "conv_state", "[num_slots, W-1, D]");
-  TORCH_CHECK_VALUE(conv_state.size(1) == W - 1 && conv_state.size(2) == D, op,
-                    ": argument 'conv_state' must have shape [num_slots, ", W - 1, ", ", D, "], got ",
-                    conv_state.sizes());
-  check_dim(out, 2, op, "out", "[T, D]");
-  check_shape(out, {T, D}, op, "out");
-  TORCH_CHECK_TYPE(out.scalar_type() == x.scalar_type(), op, ": argument 'out' must have x's dtype ",
-                   x.scalar_type(), ", got ", out.scalar_type());
-  ConvParams p{};
-  p.T = T, p.D = D, p.W = W;
-  p.x = mat2(x, op, "x");
-  p.out = mat2(out, op, "out");
-  p.weight = w32.data_ptr<float>();
-  p.bias = bias.has_value() ? b32.data_ptr<float>() : nullptr;
-  p.state = conv_state.data_ptr();
-  p.state_dtype = to_dtype(conv_state, op, "conv_state");
-  p.state_slot_stride = conv_state.stride(0), p.state_tap_stride = conv_state.stride(1);
-  p.state_dim_stride = conv_state.stride(2);
-  p.state_indices = check_state_indices(state_indices, conv_state.size(0), op);
-  p.N = state_indices.size(0);
-  p.cu_seqlens = check_cu_seqlens(cu_seqlens, p.N, T, op);
-  if (has_initial_state.has_value()) p.has_initial_state = check_has_initial_state(*has_initial_state, p.N, op);
-  p.silu = silu;
-  active_kernels().causal_conv1d(p);
-  zero_trailing_rows(out, p.cu_seqlens[p.N]);
-}
-
 void gdn_decode_step(const at::Tensor& mixed_qkv, const at::Tensor& conv_weight,
                      const std::optional<at::Tensor>& conv_bias, at::Tensor& conv_state, const at::Tensor& A_log,
                      const at::Tensor& dt_bias, const at::Tensor& a, const at::Tensor& b, at::Tensor& ssm_state,
@@ -330,29 +182,6 @@ void gdn_decode_step(const at::Tensor& mixed_qkv, const at::Tensor& conv_weight,
   const at::Tensor v = qkv.narrow(1, 2 * Hk * K, Hv * V).view({B, Hv, V});
   fused_recurrent_gated_delta_rule(q, k, v, A_log, dt_bias, a, b, ssm_state, state_indices, std::nullopt, scale,
                                    use_qk_l2norm, allow_neg_eigval, softplus_beta, softplus_threshold, out);
-}
-
-void stream_scale(at::Tensor& x, double factor) {
-  constexpr const char* op = "stream_scale";
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, op, ": argument 'x' must be float32, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.is_contiguous(), op, ": argument 'x' must be contiguous");
-  active_kernels().stream_scale(x.data_ptr<float>(), x.numel(), static_cast<float>(factor));
-}
-
-at::Tensor gemm_probe(bool bf16, double seconds) {
-  TORCH_CHECK_VALUE(seconds > 0 && seconds <= 60, "gemm_probe: argument 'seconds' must be in (0, 60], got ", seconds);
-  constexpr int64_t M = 64, N = 128, K = 128;  // the chunk kernel's products (chunk 64, head dim 128)
-  const GemmChoice gemm = active_gemm();
-  at::Tensor rates = at::zeros({at::get_num_threads()}, at::kDouble);
-  gemm.kernels->gemm_probe(gemm.backend, bf16, M, N, K, seconds, rates.data_ptr<double>());
-  return rates;
-}
-
-std::string runtime_info() {
-  const GemmChoice gemm = active_gemm();
-  return std::string("isa=") + active_kernels().isa + ";available=" + c10::Join(",", available_isas()) +
-         ";gemm=" + gemm.backend.name + (gemm.backend.use_bf16 ? "" : "-fp32") +
-         ";gemms=" + c10::Join(",", available_gemms()) + ";threads=" + std::to_string(at::get_num_threads());
 }
 
 }  // namespace gdn

@@ -1,5 +1,5 @@
 // gemm_probe: not a GDN op but the benchmarks' measure of per-core compute. Every thread runs the
-// prefill's GEMM engine on its own operands of the shape it is given (ops.cpp passes the chunk
+// prefill's GEMM engine on its own operands of the shape it is given (common/ops.cpp passes the chunk
 // kernel's C[64, 128] = A[64, 128] B[128, 128]: ~100 KiB, resident in the core's L2) for a fixed
 // time and reports its GFLOP/s. Run on one thread and then on all of them, it shows how much of a core's
 // compute rate survives when every core computes (all-core clock, shared power budget): the

@@ -30,17 +30,16 @@ from vllm.utils.torch_utils import (
 )
 from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
 
-from vllm_gdn_cpu import ops, spec_decode
-from vllm_gdn_cpu.plugin import log_activation
-
-CONV_ACTIVATIONS = {"silu": True, "swish": True, None: False}
+from vllm_gdn_cpu import ops
+from vllm_gdn_cpu.layers import gdn_spec_decode
+from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, log_activation
 
 
 class GDNCPUQwenGatedDeltaNetAttention(QwenGatedDeltaNetAttention):
     """Drop-in for vLLM's ``QwenGatedDeltaNetAttention`` (Qwen3-Next interleaved and Qwen3.5 flat
     qkvz layouts), registered with ``PluggableLayer.register_oot`` by ``vllm_gdn_cpu.plugin``."""
 
-    # beta = 2*sigmoid(b) when True (OLMo-hybrid's linear_allow_neg_eigval; vllm_gdn_cpu.olmo_layer
+    # beta = 2*sigmoid(b) when True (OLMo-hybrid's linear_allow_neg_eigval; vllm_gdn_cpu.layers.olmo
     # reuses forward_core and sets it per layer).
     allow_neg_eigval: bool = False
 
@@ -50,7 +49,7 @@ class GDNCPUQwenGatedDeltaNetAttention(QwenGatedDeltaNetAttention):
             raise NotImplementedError(
                 f"vllm_gdn_cpu: unsupported conv activation {self.activation!r}"
             )
-        log_activation()
+        log_activation("QwenGatedDeltaNetAttention")
 
     def forward_cpu(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The CPU forward (the in-tree __init__ dispatches ``forward`` to ``self.forward_cpu`` on
@@ -122,7 +121,7 @@ class GDNCPUQwenGatedDeltaNetAttention(QwenGatedDeltaNetAttention):
         """(conv_state [slots, W-1, D], ssm_state [slots, Hv, K, V]) views of this layer's cache.
 
         With speculative decoding vLLM allocates W-1+S conv columns; non-spec rows use the first
-        W-1 (vllm_gdn_cpu.spec_decode asks for the whole buffer)."""
+        W-1 (vllm_gdn_cpu.layers.gdn_spec_decode asks for the whole buffer)."""
         conv_state, ssm_state = self.kv_cache
         if is_conv_state_dim_first():
             conv_state = conv_state.transpose(-1, -2)
@@ -145,7 +144,7 @@ class GDNCPUQwenGatedDeltaNetAttention(QwenGatedDeltaNetAttention):
         prefill continuations, whose ``has_initial_state`` is True).
         """
         if metadata.num_spec_decodes > 0 or metadata.spec_sequence_masks is not None:
-            return spec_decode.forward_core_spec(self, mixed_qkv, b, a, core_attn_out, metadata)
+            return gdn_spec_decode.forward_core_spec(self, mixed_qkv, b, a, core_attn_out, metadata)
         num_decodes = metadata.num_decodes
         num_seqs = num_decodes + metadata.num_prefills
         num_decode_tokens = metadata.num_decode_tokens

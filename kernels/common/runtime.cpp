@@ -1,4 +1,4 @@
-#include "runtime.h"
+#include "common/runtime.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -9,7 +9,7 @@
 #include <mutex>
 
 #include "common/parallel.h"
-#include "gemm_backends.h"
+#include "common/gemm_backends.h"
 
 namespace gdn {
 

@@ -1,4 +1,4 @@
-"""End-to-end benchmark inside vLLM: ``python -m vllm_gdn_cpu.bench e2e``.
+"""End-to-end benchmark inside vLLM: ``python -m vllm_gdn_cpu.tools.bench e2e``.
 
 A 24-layer Qwen3-Next-shaped model (hidden 1024, linear heads 16 k / 32 v x 128, full attention
 every 4th layer, layer 0 MoE as vLLM requires, the rest dense) is generated locally as a config
@@ -116,7 +116,7 @@ def run_backend(backend: str, model_dir: Path, args) -> list[dict]:
         env["VLLM_ATTENTION_BACKEND"] = BACKENDS[backend]
     if args.tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(args.tp))  # one core per rank
-    code = ("import json, sys; from vllm_gdn_cpu.bench_e2e import worker; "
+    code = ("import json, sys; from vllm_gdn_cpu.tools.bench_e2e import worker; "
             f"print('E2E_RESULT ' + json.dumps(worker({str(model_dir)!r}, {backend!r}, {args.batches!r}, "
             f"{args.prompt_len}, {args.decode_steps}, {args.tp})))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

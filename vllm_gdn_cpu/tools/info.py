@@ -1,4 +1,4 @@
-"""``python -m vllm_gdn_cpu.info``: what this machine and build offer and what would be used.
+"""``python -m vllm_gdn_cpu.tools.info``: what this machine and build offer and what would be used.
 
 Prints CPU features, the kernel ISAs and GEMM paths available and chosen (honouring
 VLLM_GDN_CPU_ISA / VLLM_GDN_CPU_GEMM), the BLAS libraries, threads, torch/vLLM versions and whether
@@ -69,7 +69,7 @@ def collect() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vllm_gdn_cpu.info", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m vllm_gdn_cpu.tools.info", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

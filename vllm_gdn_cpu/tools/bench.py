@@ -1,10 +1,10 @@
 """Kernel benchmarks: ours vs vLLM's built-in CPU ops vs a plain-torch reference, side by side.
 
-    python -m vllm_gdn_cpu.bench prefill [--models qwen3-next,...] [--workloads T512,...] [--json]
-    python -m vllm_gdn_cpu.bench decode  [--batches 1,16,64] [--layers N] [--json]
-    python -m vllm_gdn_cpu.bench roofline                             (limits; per-core scaling ceiling)
-    python -m vllm_gdn_cpu.bench overhead [--state-dtype float32]   (fixed per-call cost, decode B=1)
-    python -m vllm_gdn_cpu.bench e2e [--batches 1,16] [--tp 2]        (inside vLLM: ours vs built-in)
+    python -m vllm_gdn_cpu.tools.bench prefill [--models qwen3-next,...] [--workloads T512,...] [--json]
+    python -m vllm_gdn_cpu.tools.bench decode  [--batches 1,16,64] [--layers N] [--json]
+    python -m vllm_gdn_cpu.tools.bench roofline                             (limits; per-core scaling ceiling)
+    python -m vllm_gdn_cpu.tools.bench overhead [--state-dtype float32]   (fixed per-call cost, decode B=1)
+    python -m vllm_gdn_cpu.tools.bench e2e [--batches 1,16] [--tp 2]        (inside vLLM: ours vs built-in)
 
 Every figure comes from the same process and the same run: rates of each implementation, their
 ratios, and percentages of limits measured here (bf16/fp32 GEMM throughput of a large torch
@@ -327,7 +327,7 @@ def print_row(row: dict, args) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vllm_gdn_cpu.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m vllm_gdn_cpu.tools.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -355,8 +355,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     sub.add_parser("roofline", parents=[common],
                    help="measured GEMM peaks, stream bandwidth, per-core GEMM rate alone and with all cores busy")
-    from vllm_gdn_cpu.bench_overhead import add_parser as add_overhead_parser, bench_overhead
-    from vllm_gdn_cpu.bench_e2e import add_parser as add_e2e_parser, bench_e2e
+    from vllm_gdn_cpu.tools.bench_overhead import add_parser as add_overhead_parser, bench_overhead
+    from vllm_gdn_cpu.tools.bench_e2e import add_parser as add_e2e_parser, bench_e2e
 
     add_overhead_parser(sub, common)
     add_e2e_parser(sub, common)

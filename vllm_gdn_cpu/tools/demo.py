@@ -1,6 +1,6 @@
 """Demo: serve a GDN model with vLLM + GDN_CPU on 127.0.0.1 and send one OpenAI completion request.
 
-    python -m vllm_gdn_cpu.demo [--model DIR] [--port N] [--prompt TEXT] [--max-tokens N] ...
+    python -m vllm_gdn_cpu.tools.demo [--model DIR] [--port N] [--prompt TEXT] [--max-tokens N] ...
 
 Without ``--model`` it builds a tiny random Qwen3-Next checkpoint and tokenizer in a cache
 directory (so the reply is gibberish, but every step is real). It starts vLLM's OpenAI server
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 HOST = "127.0.0.1"
-ACTIVATION_MARKER = "GDN attention backend GDN_CPU active"
+ACTIVATION_MARKER = "vllm_gdn_cpu: CPU kernels for "
 SERVER_ENV = {
     "VLLM_ATTENTION_BACKEND": "GDN_CPU",
     "HF_HUB_OFFLINE": "1",
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         model_dir = args.model
     else:
-        from vllm_gdn_cpu.tiny_models import build_tiny_qwen3_next
+        from vllm_gdn_cpu.tools.tiny_models import build_tiny_qwen3_next
 
         model_dir = str(build_tiny_qwen3_next(default_cache_dir() / "tiny-qwen3-next"))
         print(f"[demo] tiny Qwen3-Next checkpoint: {model_dir}")

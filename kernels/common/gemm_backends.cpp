@@ -3,7 +3,7 @@
 //   openblas - cblas_sgemm of the OpenBLAS found at build time (GDN_HAS_OPENBLAS)
 //   amx      - our AMX tile kernel (amx_gemm.cpp), on CPUs that have AMX-BF16
 // Each is called per small GEMM from inside our parallel region, so they must run single-threaded.
-#include "gemm_backends.h"
+#include "common/gemm_backends.h"
 
 #include <ATen/cpu/Utils.h>
 

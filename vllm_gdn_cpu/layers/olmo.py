@@ -16,7 +16,7 @@ gated RMSNorm with norm before gate, ``o_proj``, state shapes, the opaque custom
 * ``__init__``: runs the in-tree one with ``set_triton_allocator`` disabled (nothing of Triton
   runs here);
 * ``_forward_core`` (conv1d + gated delta rule): reads the step's GDN metadata and calls the very
-  same ``forward_core`` as the Qwen layer (``vllm_gdn_cpu.layer``), which handles decode, prefill,
+  same ``forward_core`` as the Qwen layer (``vllm_gdn_cpu.layers.gdn``), which handles decode, prefill,
   chunked-prefill continuation and padding on our kernels. The differences to Qwen are all data:
   key/value head dims may differ (K=96, V=192 in OLMo-Hybrid-7B), the conv has no bias, and
   ``beta = 2*sigmoid(b)`` when the config sets ``linear_allow_neg_eigval`` (the kernels'
@@ -36,8 +36,8 @@ from vllm.model_executor.layers.mamba.gdn.olmo_gdn_linear_attn import (
 )
 from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
 
-from vllm_gdn_cpu.layer import CONV_ACTIVATIONS, GDNCPUQwenGatedDeltaNetAttention
-from vllm_gdn_cpu.plugin import log_activation
+from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, log_activation
+from vllm_gdn_cpu.layers.gdn import GDNCPUQwenGatedDeltaNetAttention
 
 _SHARED = GDNCPUQwenGatedDeltaNetAttention.__dict__
 
@@ -67,7 +67,7 @@ class GDNCPUOlmoHybridGatedDeltaNetAttention(OlmoHybridGatedDeltaNetAttention):
                 f"vllm_gdn_cpu: unsupported conv activation {self.activation!r}"
             )
         _fix_conv1d_weight_loader(self.conv1d.weight)
-        log_activation()
+        log_activation("OlmoHybridGatedDeltaNetAttention")
 
     def _forward_core(
         self,

@@ -1,0 +1,119 @@
+// Argument checks shared by every op's host entry point: each failure names the op, the argument
+// and what was expected, and surfaces in Python as ValueError / TypeError / IndexError. Only then are
+// the checked tensors described to the ISA kernels as plain structs (params.h).
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/params.h"
+
+namespace gdn {
+
+inline DType to_dtype(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": argument '", name, "' must be float32, bfloat16 or float16, got ",
+                       t.scalar_type());
+  }
+  return DType::kFloat32;
+}
+
+inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": argument '", name, "' must be a CPU tensor, got ", t.device());
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name, const char* layout) {
+  check_cpu(t, op, name);
+  TORCH_CHECK_VALUE(t.dim() == dim, op, ": argument '", name, "' must be ", dim, "-D ", layout, ", got shape ",
+                    t.sizes());
+}
+
+inline void check_shape(const at::Tensor& t, at::IntArrayRef want, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == want, op, ": argument '", name, "' must have shape ", want, ", got ", t.sizes());
+}
+
+inline void check_last_dim_contiguous(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": argument '", name,
+                    "' must be contiguous in its last dim, got strides ", t.strides());
+}
+
+inline Mat3 mat3(const at::Tensor& t, const char* op, const char* name) {
+  check_last_dim_contiguous(t, op, name);
+  return Mat3{t.data_ptr(), to_dtype(t, op, name), t.stride(0), t.stride(1)};
+}
+
+inline Mat2 mat2(const at::Tensor& t, const char* op, const char* name) {
+  check_last_dim_contiguous(t, op, name);
+  return Mat2{t.data_ptr(), to_dtype(t, op, name), t.stride(0)};
+}
+
+// Slot indices: int32 [N], each < num_slots, non-negative ones distinct (two sequences writing one
+// slot in one call would race). Negative entries are padding.
+inline const int32_t* check_state_indices(const at::Tensor& idx, int64_t num_slots, const char* op) {
+  check_dim(idx, 1, op, "state_indices", "[N]");
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kInt, op, ": argument 'state_indices' must be int32, got ",
+                   idx.scalar_type());
+  TORCH_CHECK_VALUE(idx.is_contiguous(), op, ": argument 'state_indices' must be contiguous");
+  const int32_t* p = idx.data_ptr<int32_t>();
+  const int64_t n = idx.size(0);
+  std::vector<int32_t> used;
+  used.reserve(n);
+  for (const auto i : c10::irange(n)) {
+    TORCH_CHECK_INDEX(p[i] < num_slots, op, ": argument 'state_indices' has ", p[i], " at position ", i,
+                      ", out of range for a state pool of ", num_slots, " slots");
+    if (p[i] >= 0) used.push_back(p[i]);
+  }
+  std::sort(used.begin(), used.end());
+  const auto dup = std::adjacent_find(used.begin(), used.end());
+  TORCH_CHECK_VALUE(dup == used.end(), op, ": argument 'state_indices' names slot ", dup == used.end() ? 0 : *dup,
+                    " more than once");
+  return p;
+}
+
+// cu_seqlens: int32 [N+1], starting at 0, non-decreasing, ending at most at T.
+inline const int32_t* check_cu_seqlens(const at::Tensor& cu, int64_t N, int64_t T, const char* op) {
+  check_dim(cu, 1, op, "cu_seqlens", "[N+1]");
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, op, ": argument 'cu_seqlens' must be int32, got ",
+                   cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.is_contiguous(), op, ": argument 'cu_seqlens' must be contiguous");
+  TORCH_CHECK_VALUE(cu.size(0) == N + 1, op, ": argument 'cu_seqlens' must have N+1=", N + 1,
+                    " entries (N = len(state_indices)), got ", cu.size(0));
+  const int32_t* p = cu.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(p[0] == 0, op, ": argument 'cu_seqlens' must start at 0, got ", p[0]);
+  for (const auto i : c10::irange(N)) {
+    TORCH_CHECK_VALUE(p[i + 1] >= p[i], op, ": argument 'cu_seqlens' must be non-decreasing, got ", p[i], " then ",
+                      p[i + 1], " at position ", i);
+  }
+  TORCH_CHECK_VALUE(p[N] <= T, op, ": argument 'cu_seqlens' ends at ", p[N], ", beyond T=", T, " tokens");
+  return p;
+}
+
+inline const bool* check_has_initial_state(const at::Tensor& h, int64_t N, const char* op) {
+  check_dim(h, 1, op, "has_initial_state", "[N]");
+  check_shape(h, {N}, op, "has_initial_state");
+  TORCH_CHECK_TYPE(h.scalar_type() == at::kBool, op, ": argument 'has_initial_state' must be bool, got ",
+                   h.scalar_type());
+  TORCH_CHECK_VALUE(h.is_contiguous(), op, ": argument 'has_initial_state' must be contiguous");
+  return h.data_ptr<bool>();
+}
+
+// Rows of out that belong to no sequence are zeroed, so the result never depends on garbage.
+inline void zero_trailing_rows(at::Tensor& out, int64_t covered) {
+  if (covered < out.size(0)) out.narrow(0, covered, out.size(0) - covered).zero_();
+}
+
+// A_log / dt_bias: [Hv] of any float dtype, used as fp32.
+inline at::Tensor per_head_f32(const at::Tensor& t, int64_t Hv, const char* op, const char* name) {
+  check_dim(t, 1, op, name, "[Hv]");
+  check_shape(t, {Hv}, op, name);
+  to_dtype(t, op, name);
+  return t.to(at::kFloat).contiguous();
+}
+
+}  // namespace gdn

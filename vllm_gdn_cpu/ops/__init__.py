@@ -1,0 +1,23 @@
+"""Public Python API of the compiled kernels (``torch.ops.vllm_gdn_cpu.*``), one module per layer
+family (``gdn``), the ops they share (``conv``) and the run-time report and probes (``common``).
+Plain-torch references of every op live in ``vllm_gdn_cpu.reference``.
+
+Each wrapper only fills defaults and allocates outputs; argument checking happens in C++ (cheap,
+and the same for callers that use ``torch.ops`` directly), raising ValueError/TypeError/IndexError
+with the argument's name.
+"""
+
+from vllm_gdn_cpu.ops.common import GEMM_ENV, ISA_ENV, gemm_probe, runtime_info, stream_scale_
+from vllm_gdn_cpu.ops.conv import causal_conv1d
+from vllm_gdn_cpu.ops.gdn import (
+    chunk_gated_delta_rule,
+    fused_recurrent_gated_delta_rule,
+    gdn_decode_step,
+    gdn_gating,
+)
+
+__all__ = [
+    "GEMM_ENV", "ISA_ENV", "runtime_info", "stream_scale_", "gemm_probe",
+    "causal_conv1d",
+    "gdn_gating", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "gdn_decode_step",
+]

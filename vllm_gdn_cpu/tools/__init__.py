@@ -1,0 +1,1 @@
+"""Command-line tools: bench, info, demo, and the tiny-model builders the tests and demo use."""
