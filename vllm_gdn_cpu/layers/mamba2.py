@@ -1,0 +1,245 @@
+"""vLLM's ``MambaMixer2`` (Mamba2 / SSD layers) with its conv + SSM core on our CPU kernels.
+
+``GDNCPUMambaMixer2`` keeps everything of vLLM's ``MambaMixer2`` (weights and their TP sharding and
+loading, ``in_proj``, the gated RMSNorm, ``out_proj``, state shapes and dtypes, the MAMBA2
+attention backend and its metadata) and replaces the conv1d + SSM core. The core runs as the
+custom op ``vllm::mamba2_cpu_core`` (opaque to torch.compile, like vLLM's ``mamba_mixer2``), which
+reads the step's ``Mamba2AttentionMetadata`` and calls, with no Python loop over tokens:
+
+* decode tokens (batch order: decodes first): ``ops.causal_conv1d`` over length-1 sequences (conv
+  state update) and ``ops.mamba2_state_update``;
+* prefill tokens (new prompts, chunked-prefill continuations and prefix-cache hits, which continue
+  from the slot's state when ``has_initial_states_p``): ``ops.causal_conv1d`` + ``ops.mamba2_chunk_scan``.
+
+Prefix caching ("align" mamba cache mode, vLLM's default for hybrids): MambaMixer2 declares one
+*prefill checkpoint* per prefill row (``get_kv_cache_spec``: ``num_prefill_checkpoint_blocks=1``),
+so the scheduler does not split a prompt at block boundaries; instead the layer must export the
+state after the first ``checkpoint_offsets[i]`` tokens of row i into the cache block
+``checkpoint_meta.state_indices[i]``. What vLLM's GPU path stores there
+(ops/ssd_checkpoint.py ``store_prefill_checkpoint``): the SSM state at that token (an SSD chunk
+state) and, as conv state, the W-1 pre-conv inputs (x|B|C) before the offset, oldest first. We
+store the same: the SSM state through the scan op's ``checkpoint_offsets/slots``, the conv
+history by vectorised indexing (reaching back into the row's initial conv state when the offset
+is shorter than W-1, where the Triton kernel would read another row's tokens). vLLM's own CPU path
+crashes here (its CPU scan returns no chunk states: IndexError at ``varlen_states[last_chunk_indices_p]``).
+
+State: ``layer.kv_cache = (conv_state, ssm_state)``; conv ``[slots, W-1, conv_dim]`` on CPU ("SD"
+layout; a transposed view in the dim-first layout), SSM ``[slots, H, P, N]``, both as our ops take
+them. Not supported (clear error at layer build): speculative decoding and vLLM's ReplaySSM decode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.mamba.mamba_mixer2 import MambaMixer2
+from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
+from vllm.utils.torch_utils import (
+    LayerNameType,
+    _encode_layer_name,
+    _resolve_layer_name,
+    direct_register_custom_op,
+)
+from vllm.v1.attention.backends.mamba2_attn import Mamba2AttentionMetadata
+
+from vllm_gdn_cpu import ops
+from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, log_activation
+
+
+class GDNCPUMambaMixer2(MambaMixer2):
+    """Drop-in for vLLM's ``MambaMixer2`` (Mamba2, Granite-4.0-H, NemotronH, Falcon-H1, Zamba2, ...),
+    registered with ``PluggableLayer.register_oot`` by ``vllm_gdn_cpu.plugin``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.activation not in CONV_ACTIVATIONS:
+            raise NotImplementedError(
+                f"vllm_gdn_cpu: unsupported MambaMixer2 conv activation {self.activation!r} in {self.prefix}"
+            )
+        if self.num_spec > 0:
+            raise NotImplementedError(
+                f"vllm_gdn_cpu: speculative decoding ({self.num_spec} speculative tokens) is not "
+                f"supported for Mamba2 layers (MambaMixer2, {self.prefix}) by the GDN_CPU backend; "
+                "run without --speculative-config, or unset VLLM_ATTENTION_BACKEND"
+            )
+        if self.use_replayssm:
+            raise NotImplementedError(
+                "vllm_gdn_cpu: --use-replayssm is not supported for Mamba2 layers by the GDN_CPU "
+                "backend (vLLM's ReplaySSM decode kernels are Triton/FlashInfer)"
+            )
+        log_activation("MambaMixer2")
+
+    def forward(self, hidden_states: torch.Tensor, mup_vector: torch.Tensor | None = None):
+        """vLLM's ``MambaMixer2.forward`` with the core op swapped for ours."""
+        projected_states, _ = self.in_proj(hidden_states)
+        if mup_vector is not None:
+            projected_states = projected_states * mup_vector
+        # zeros, not empty: rows past the step's real tokens (padding) are never written by the
+        # core but still go through the norm and out_proj.
+        ssm_output = torch.zeros(
+            (hidden_states.shape[0], (self.num_heads // self.tp_size) * self.head_dim),
+            dtype=hidden_states.dtype,
+            device=hidden_states.device,
+        )
+        torch.ops.vllm.mamba2_cpu_core(projected_states, ssm_output, _encode_layer_name(self.prefix))
+        gate = projected_states[..., : self.tped_intermediate_size]
+        output, _ = self.out_proj(self.norm(ssm_output, gate))
+        return output
+
+    # -- weights and state views -------------------------------------------------------------
+
+    def _plain_conv_weight(self) -> torch.Tensor:
+        """The conv taps as [D, W]. On AVX512-BF16 (or Arm bf16) CPUs vLLM repacks a bf16 width-4
+        conv weight in place after loading for its own kernel and keeps the plain copy as
+        ``_cpu_unpacked_conv_weight`` (model_executor/layers/utils.py)."""
+        unpacked = getattr(self.conv1d, "_cpu_unpacked_conv_weight", None)
+        if unpacked is not None:
+            return unpacked
+        weight = self.conv1d.weight
+        if weight.dim() != 3 or weight.shape[1] != 1:
+            raise RuntimeError(
+                f"vllm_gdn_cpu: unexpected conv1d weight layout {tuple(weight.shape)} in {self.prefix}"
+            )
+        return weight.squeeze(1)
+
+    def _conv_weight_for_ops(self) -> torch.Tensor:
+        """[D, W] view of a tap-major float32 copy (the form our conv kernel reads, so the op
+        converts nothing); rebuilt whenever the weight tensor changes."""
+        weight = self._plain_conv_weight()
+        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
+        cached = getattr(self, "_tap_major_conv_weight", None)
+        if cached is None or cached[0] != key:
+            cached = (key, weight.detach().float().t().contiguous())
+            self._tap_major_conv_weight = cached
+        return cached[1].t()
+
+    def _state_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv_state [slots, W-1, conv_dim], ssm_state [slots, H, P, N]) views of the cache."""
+        conv_state, ssm_state = self.kv_cache[0], self.kv_cache[1]
+        if is_conv_state_dim_first():
+            conv_state = conv_state.transpose(-1, -2)
+        return conv_state[:, : self.conv_kernel_size - 1], ssm_state
+
+    def _split_heads(self, conv_out: torch.Tensor):
+        """conv output [T, conv_dim] -> x [T, H, P], B [T, G, N], C [T, G, N] (views)."""
+        x, B, C = self.split_hidden_states_B_C_fn(conv_out)
+        groups = self.n_groups // self.tp_size
+        return (
+            x.unflatten(-1, (self.num_heads // self.tp_size, self.head_dim)),
+            B.unflatten(-1, (groups, self.ssm_state_size)),
+            C.unflatten(-1, (groups, self.ssm_state_size)),
+        )
+
+    # -- the core ------------------------------------------------------------------------------
+
+    def forward_core(
+        self, projected_states: torch.Tensor, output: torch.Tensor, metadata: Mamba2AttentionMetadata
+    ) -> None:
+        """Conv1d + SSM for one step: writes output[:num_actual_tokens] and the states."""
+        xbc, dt = torch.split(
+            projected_states[..., self.tped_intermediate_size :],
+            [self.tped_conv_size, self.tped_dt_size],
+            dim=-1,
+        )
+        num_decodes, num_decode_tokens = metadata.num_decodes, metadata.num_decode_tokens
+        num_prefill_tokens = metadata.num_prefill_tokens
+        conv_state, ssm_state = self._state_views()
+        weight, bias = self._conv_weight_for_ops(), self.conv1d.bias
+        silu = CONV_ACTIVATIONS[self.activation]
+        out = output.unflatten(-1, (self.num_heads // self.tp_size, self.head_dim))
+
+        if num_decodes > 0:
+            decode = slice(0, num_decode_tokens)
+            slots = metadata.state_indices_tensor_d[:num_decodes, 0].contiguous()
+            cu = torch.arange(num_decodes + 1, dtype=torch.int32, device=xbc.device)
+            conv_out = ops.causal_conv1d(xbc[decode], weight, bias, conv_state, slots, cu, silu=silu)
+            x, B, C = self._split_heads(conv_out)
+            ops.mamba2_state_update(
+                x, dt[decode], self.A, B, C, self.D, self.dt_bias, ssm_state, slots, out=out[decode]
+            )
+
+        if metadata.num_prefills > 0:
+            prefill = slice(num_decode_tokens, num_decode_tokens + num_prefill_tokens)
+            slots = metadata.state_indices_tensor_p.contiguous()
+            cu = metadata.query_start_loc_p
+            has_initial_state = metadata.has_initial_states_p
+            checkpoint = metadata.checkpoint_meta
+            offsets = checkpoint_slots = None
+            if checkpoint is not None:
+                offsets = checkpoint.checkpoint_offsets.to(torch.int32)
+                # Rows without a checkpoint (offset 0) carry NULL_BLOCK_ID: pass no slot for them.
+                checkpoint_slots = torch.where(
+                    offsets > 0, checkpoint.state_indices.to(torch.int32), -1
+                ).contiguous()
+                # Read before the conv op overwrites the rows' conv states.
+                conv_history = self._checkpoint_conv_history(
+                    xbc[prefill], conv_state, slots, cu, has_initial_state, offsets
+                )
+            conv_out = ops.causal_conv1d(
+                xbc[prefill], weight, bias, conv_state, slots, cu,
+                has_initial_state=has_initial_state, silu=silu,
+            )
+            x, B, C = self._split_heads(conv_out)
+            ops.mamba2_chunk_scan(
+                x, dt[prefill], self.A, B, C, self.D, self.dt_bias, ssm_state, slots, cu,
+                has_initial_state=has_initial_state, checkpoint_offsets=offsets,
+                checkpoint_slots=checkpoint_slots, out=out[prefill],
+            )
+            if checkpoint is not None:
+                rows, history = conv_history
+                conv_state[checkpoint_slots[rows].long()] = history
+
+    def _checkpoint_conv_history(self, xbc, conv_state, slots, cu, has_initial_state, offsets):
+        """(rows, history [R, W-1, conv_dim]): for each prefill row with a checkpoint (offset o > 0),
+        the conv state a sequence has after its first o query tokens: the W-1 pre-conv inputs
+        before the offset, oldest first; positions before the query come from the row's initial
+        conv state (zeros without one)."""
+        width = self.conv_kernel_size - 1
+        rows = torch.nonzero(offsets > 0).squeeze(1)
+        rel = offsets[rows].long()[:, None] - width + torch.arange(width)  # [R, W-1], query-relative
+        from_x = xbc[(cu[rows].long()[:, None] + rel.clamp(min=0))]  # [R, W-1, D]
+        history = from_x.to(conv_state.dtype)
+        before = rel < 0
+        if bool(before.any()):
+            old = conv_state[slots[rows].long()[:, None], (rel + width).clamp(min=0)]  # [R, W-1, D]
+            if has_initial_state is not None:
+                old = old * has_initial_state[rows].to(old.dtype)[:, None, None]
+            history = torch.where(before[:, :, None], old, history)
+        return rows, history
+
+
+def mamba2_cpu_core(
+    projected_states: torch.Tensor,
+    output: torch.Tensor,
+    layer_name: LayerNameType,
+) -> None:
+    forward_context = get_forward_context()
+    layer = forward_context.no_compile_layers[_resolve_layer_name(layer_name)]
+    attn_metadata = forward_context.attn_metadata
+    if attn_metadata is None:  # profiling / dummy run: no state is bound, output stays zero
+        return
+    if not isinstance(attn_metadata, dict):
+        raise TypeError(
+            f"vllm_gdn_cpu: expected per-layer attention metadata (a dict), got {type(attn_metadata)}"
+        )
+    metadata = attn_metadata.get(layer.prefix)
+    if metadata is None:  # as vLLM's MambaMixer2: no metadata for this layer in this step
+        return
+    layer.forward_core(projected_states, output, metadata)
+
+
+def _mamba2_cpu_core_fake(
+    projected_states: torch.Tensor,
+    output: torch.Tensor,
+    layer_name: LayerNameType,
+) -> None:
+    return None
+
+
+direct_register_custom_op(
+    op_name="mamba2_cpu_core",
+    op_func=mamba2_cpu_core,
+    mutates_args=["output"],
+    fake_impl=_mamba2_cpu_core_fake,
+)
