@@ -137,7 +137,11 @@ def test_prefill_negative_eigenvalues():
 @pytest.mark.parametrize("gemm", gemms())
 def test_grouped_value_heads_match_one_head_per_task(gemm):
     """The value heads of one key head run as one task (sharing q k^T, k k^T) when the thread count
-    divides the tasks evenly, else one head per task: both give bit-identical results."""
+    divides the tasks evenly, else one head per task: both give bit-identical results on our own
+    GEMM engines. An external BLAS (torch's MKL, OpenBLAS) picks its blocking from the operands'
+    shapes and strides, which differ between the two schedules: MKL's AVX2 code path (AVX2-only
+    CPUs, or MKL_ENABLE_INSTRUCTIONS=AVX2) then sums in another order, so there the results agree to
+    one rounding of the output dtype instead."""
     p = make_problem([70, 1, 130], 3, 6, 64, 64, torch.bfloat16, torch.float32, seed=3, strided=True)
     g, beta = p.gates()
     results = []
@@ -149,4 +153,9 @@ def test_grouped_value_heads_match_one_head_per_task(gemm):
             out = ops.chunk_gated_delta_rule(p.q, p.k, p.v, g, beta, state, p.state_indices, p.cu_seqlens)
         results.append((out, state))
     for out, state in results[1:]:
-        assert torch.equal(out, results[0][0]) and torch.equal(state, results[0][1])
+        if gemm in ("torch", "openblas"):
+            # fp32 state: a different summation order; bf16 output: at most one bf16 rounding apart.
+            torch.testing.assert_close(state, results[0][1], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out.float(), results[0][0].float(), rtol=2**-7, atol=1e-5)
+        else:
+            assert torch.equal(out, results[0][0]) and torch.equal(state, results[0][1])

@@ -46,6 +46,26 @@ bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_sup
 #endif
 bool always() { return true; }
 
+// Rank of an ISA name in the cap order (higher = newer); -1 when unknown.
+int isa_rank(const std::string& name) {
+  static const char* const order[] = {"generic", "avx2", "avx512", "avx512_bf16", "amx"};
+  for (int i = 0; i < 5; ++i)
+    if (name == order[i]) return i;
+  return -1;
+}
+
+// VLLM_GDN_CPU_MAX_ISA as a rank (no cap: amx's).
+int max_isa_rank() {
+  const char* v = std::getenv(kMaxIsaEnv);
+  if (v == nullptr || *v == '\0') return isa_rank("amx");
+  const int rank = isa_rank(v);
+  TORCH_CHECK_VALUE(rank >= 0, kMaxIsaEnv, "=", v, " is not a known ISA; expected one of: generic, avx2, avx512, "
+                    "avx512_bf16, amx");
+  return rank;
+}
+
+bool amx_allowed() { return amx_usable() && max_isa_rank() >= isa_rank("amx"); }
+
 const std::vector<IsaEntry>& compiled_isas() {
   static const std::vector<IsaEntry> isas = {
 #if GDN_HAVE_ISA_AVX512_BF16
@@ -62,6 +82,9 @@ const std::vector<IsaEntry>& compiled_isas() {
   return isas;
 }
 
+// The CPU runs this ISA and the cap (VLLM_GDN_CPU_MAX_ISA) admits it.
+bool usable(const IsaEntry& e) { return e.cpu_supports() && isa_rank(e.name) <= max_isa_rank(); }
+
 const IsaEntry* find_isa(const std::string& name) {
   for (const auto& e : compiled_isas())
     if (name == e.name) return &e;
@@ -76,14 +99,14 @@ std::string env_or_auto(const char* var) {
 const KernelTable& resolve_isa(const std::string& want) {
   if (want == "auto") {
     for (const auto& e : compiled_isas())
-      if (e.cpu_supports()) return e.table();
+      if (usable(e)) return e.table();
   }
   const IsaEntry* e = find_isa(want);
   std::vector<std::string> compiled;
   for (const auto& c : compiled_isas()) compiled.emplace_back(c.name);
   TORCH_CHECK_VALUE(e != nullptr, kIsaEnv, "=", want, " is not a known ISA; expected auto or one of: ",
                     c10::Join(", ", compiled));
-  TORCH_CHECK_VALUE(e->cpu_supports(), kIsaEnv, "=", want, ": this CPU cannot run it (usable: ",
+  TORCH_CHECK_VALUE(usable(*e), kIsaEnv, "=", want, ": this CPU cannot run it (usable: ",
                     c10::Join(", ", available_isas()), ")");
   return e->table();
 }
@@ -96,13 +119,13 @@ GemmChoice resolve_gemm(const std::string& want, const KernelTable& isa) {
     // AMX where usable; otherwise our fp32 kernels. vdpbf16ps does not beat fp32 FMA in MACs per
     // cycle on the CPUs measured (Emerald Rapids Xeons), so bf16 products there only add
     // conversion work; the avx512_bf16 path stays available by name.
-    if (amx_usable()) return {&isa, amx_backend()};
+    if (amx_allowed()) return {&isa, amx_backend()};
     GemmBackend b = own;
     b.name = isa.has_bf16_gemm ? "avx512" : isa.isa;  // the fp32 kernel of that ISA is AVX-512's
     return {&isa, b};
   }
   if (want == "amx") {
-    TORCH_CHECK_VALUE(amx_usable(), kGemmEnv, "=amx: this CPU has no usable AMX-BF16 tiles (or this build "
+    TORCH_CHECK_VALUE(amx_allowed(), kGemmEnv, "=amx: this CPU has no usable AMX-BF16 tiles (or this build "
                       "has no AMX kernel: compiler without -mamx-tile); usable: ", c10::Join(", ", available_gemms()));
     return {&isa, amx_backend()};
   }
@@ -116,7 +139,7 @@ GemmChoice resolve_gemm(const std::string& want, const KernelTable& isa) {
   const IsaEntry* e = find_isa(want);
   TORCH_CHECK_VALUE(e != nullptr, kGemmEnv, "=", want, " is not a known GEMM path; expected auto or one of: amx, "
                     "avx512_bf16, avx512, avx2, generic, openblas, torch");
-  TORCH_CHECK_VALUE(e->cpu_supports(), kGemmEnv, "=", want, ": this CPU cannot run it (usable: ",
+  TORCH_CHECK_VALUE(usable(*e), kGemmEnv, "=", want, ": this CPU cannot run it (usable: ",
                     c10::Join(", ", available_gemms()), ")");
   GemmBackend b = own;
   b.name = e->name;
@@ -127,7 +150,7 @@ GemmChoice resolve_gemm(const std::string& want, const KernelTable& isa) {
 // Resolution is cached per value of the variables, so tests can switch paths by setting them.
 struct Cache {
   std::mutex mu;
-  std::string isa_value = "\x01", gemm_value = "\x01";
+  std::string isa_value = "\x01", gemm_value = "\x01";  // each prefixed with the cap's value
   const KernelTable* isa = nullptr;
   GemmChoice gemm{};
 };
@@ -141,13 +164,13 @@ Cache& cache() {
 std::vector<std::string> available_isas() {
   std::vector<std::string> out;
   for (const auto& e : compiled_isas())
-    if (e.cpu_supports()) out.emplace_back(e.name);
+    if (usable(e)) out.emplace_back(e.name);
   return out;
 }
 
 std::vector<std::string> available_gemms() {
   std::vector<std::string> out;
-  if (amx_usable()) out.emplace_back("amx");
+  if (amx_allowed()) out.emplace_back("amx");
   for (const auto& isa : available_isas()) out.push_back(isa);
   if (openblas_available()) out.emplace_back("openblas");
   out.emplace_back("torch");
@@ -156,10 +179,10 @@ std::vector<std::string> available_gemms() {
 
 const KernelTable& active_kernels() {
   Cache& c = cache();
-  const std::string value = env_or_auto(kIsaEnv);
+  const std::string value = env_or_auto(kMaxIsaEnv) + "|" + env_or_auto(kIsaEnv);
   std::lock_guard<std::mutex> lock(c.mu);
   if (c.isa == nullptr || value != c.isa_value) {
-    c.isa = &resolve_isa(value);
+    c.isa = &resolve_isa(env_or_auto(kIsaEnv));
     c.isa_value = value;
     c.gemm_value = "\x01";  // the GEMM choice depends on the ISA
   }
@@ -169,10 +192,10 @@ const KernelTable& active_kernels() {
 GemmChoice active_gemm() {
   const KernelTable& isa = active_kernels();
   Cache& c = cache();
-  const std::string value = env_or_auto(kGemmEnv);
+  const std::string value = env_or_auto(kMaxIsaEnv) + "|" + env_or_auto(kGemmEnv);
   std::lock_guard<std::mutex> lock(c.mu);
   if (value != c.gemm_value) {
-    c.gemm = resolve_gemm(value, isa);
+    c.gemm = resolve_gemm(env_or_auto(kGemmEnv), isa);
     c.gemm_value = value;
   }
   return c.gemm;

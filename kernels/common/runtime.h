@@ -9,6 +9,10 @@ namespace gdn {
 
 // Forces the vector ISA of all kernels: auto | avx512_bf16 | avx512 | avx2 | generic.
 constexpr const char* kIsaEnv = "VLLM_GDN_CPU_ISA";
+// Caps what this CPU is taken to support: avx512_bf16 | avx512 | avx2 | generic (amx or unset: no
+// cap). For tests that emulate an older CPU on a newer one (with torch's ATEN_CPU_CAPABILITY and
+// oneDNN's ONEDNN_MAX_CPU_ISA): ISAs and GEMM engines above the cap are reported unavailable.
+constexpr const char* kMaxIsaEnv = "VLLM_GDN_CPU_MAX_ISA";
 // Forces the GEMM engine of the chunked prefill:
 //   auto | amx | avx512_bf16 | avx512 | avx2 | generic | openblas | torch.
 constexpr const char* kGemmEnv = "VLLM_GDN_CPU_GEMM";

@@ -7,7 +7,7 @@ and the same for callers that use ``torch.ops`` directly), raising ValueError/Ty
 with the argument's name.
 """
 
-from vllm_gdn_cpu.ops.common import GEMM_ENV, ISA_ENV, gemm_probe, runtime_info, stream_scale_
+from vllm_gdn_cpu.ops.common import GEMM_ENV, ISA_ENV, MAX_ISA_ENV, gemm_probe, runtime_info, stream_scale_
 from vllm_gdn_cpu.ops.conv import causal_conv1d
 from vllm_gdn_cpu.ops.gdn import (
     chunk_gated_delta_rule,
@@ -17,7 +17,7 @@ from vllm_gdn_cpu.ops.gdn import (
 )
 
 __all__ = [
-    "GEMM_ENV", "ISA_ENV", "runtime_info", "stream_scale_", "gemm_probe",
+    "GEMM_ENV", "ISA_ENV", "MAX_ISA_ENV", "runtime_info", "stream_scale_", "gemm_probe",
     "causal_conv1d",
     "gdn_gating", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "gdn_decode_step",
 ]

@@ -10,6 +10,8 @@ _ops = torch.ops.vllm_gdn_cpu
 
 ISA_ENV = "VLLM_GDN_CPU_ISA"
 GEMM_ENV = "VLLM_GDN_CPU_GEMM"
+# Caps what the CPU is taken to support (tests emulating an older CPU), see kernels/common/runtime.h.
+MAX_ISA_ENV = "VLLM_GDN_CPU_MAX_ISA"
 
 
 def runtime_info() -> dict:
