@@ -10,6 +10,8 @@ void chunk_gated_delta_rule(const ChunkParams&);
 void causal_conv1d(const ConvParams&);
 void stream_scale(float*, int64_t, float);
 void gemm_probe(const GemmBackend&, bool, int64_t, int64_t, int64_t, double, double*);
+void mamba2_chunk_scan(const Mamba2Params&);
+void mamba2_state_update(const Mamba2Params&);
 
 #define GDN_STR2(x) #x
 #define GDN_STR(x) GDN_STR2(x)
@@ -20,7 +22,8 @@ const KernelTable& kernel_table() {
   constexpr bool kHasBF16Gemm = false;
 #endif
   static const KernelTable table{GDN_STR(GDN_ISA), kHasBF16Gemm, &gdn_gating, &fused_recurrent, &chunk_gated_delta_rule,
-                                 &causal_conv1d, &stream_scale, &gemm_probe};
+                                 &causal_conv1d, &stream_scale, &gemm_probe,
+                                 &mamba2_chunk_scan, &mamba2_state_update};
   return table;
 }
 

@@ -35,6 +35,20 @@ void gdn_decode_step(const at::Tensor& mixed_qkv, const at::Tensor& conv_weight,
                      double scale, bool use_qk_l2norm, bool allow_neg_eigval, double softplus_beta,
                      double softplus_threshold, at::Tensor& out);
 
+// Mamba2 (SSD): chunked prefill and one-token decode (kernels/mamba2/ops.cpp).
+void mamba2_chunk_scan(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                       const at::Tensor& C, const std::optional<at::Tensor>& D,
+                       const std::optional<at::Tensor>& dt_bias, at::Tensor& state, const at::Tensor& state_indices,
+                       const at::Tensor& cu_seqlens, const std::optional<at::Tensor>& has_initial_state,
+                       const std::optional<at::Tensor>& z, bool dt_softplus, double dt_min, double dt_max,
+                       const std::optional<at::Tensor>& checkpoint_offsets,
+                       const std::optional<at::Tensor>& checkpoint_slots, at::Tensor& out);
+void mamba2_state_update(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                         const at::Tensor& C, const std::optional<at::Tensor>& D,
+                         const std::optional<at::Tensor>& dt_bias, at::Tensor& state,
+                         const at::Tensor& state_indices, const std::optional<at::Tensor>& z, bool dt_softplus,
+                         double dt_min, double dt_max, at::Tensor& out);
+
 // x *= factor in place (fp32, contiguous): the benchmarks' memory-bandwidth probe.
 void stream_scale(at::Tensor& x, double factor);
 at::Tensor gemm_probe(bool bf16, double seconds);

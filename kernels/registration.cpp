@@ -25,6 +25,15 @@ TORCH_LIBRARY(vllm_gdn_cpu, m) {
       "Tensor A_log, Tensor dt_bias, Tensor a, Tensor b, Tensor(b!) ssm_state, Tensor state_indices, "
       "int num_k_heads, int head_k_dim, int head_v_dim, float scale, bool use_qk_l2norm, bool allow_neg_eigval, "
       "float softplus_beta, float softplus_threshold, Tensor(c!) out) -> ()");
+  m.def(
+      "mamba2_chunk_scan(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? dt_bias, "
+      "Tensor(a!) state, Tensor state_indices, Tensor cu_seqlens, Tensor? has_initial_state, Tensor? z, "
+      "bool dt_softplus, float dt_min, float dt_max, Tensor? checkpoint_offsets, Tensor? checkpoint_slots, "
+      "Tensor(b!) out) -> ()");
+  m.def(
+      "mamba2_state_update(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? dt_bias, "
+      "Tensor(a!) state, Tensor state_indices, Tensor? z, bool dt_softplus, float dt_min, float dt_max, "
+      "Tensor(b!) out) -> ()");
   m.def("stream_scale(Tensor(a!) x, float factor) -> ()");
   m.def("gemm_probe(bool bf16, float seconds) -> Tensor");
   m.def("runtime_info() -> str");
@@ -36,6 +45,8 @@ TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CPU, m) {
   m.impl("fused_recurrent_gated_delta_rule", &gdn::fused_recurrent_gated_delta_rule);
   m.impl("causal_conv1d", &gdn::causal_conv1d);
   m.impl("gdn_decode_step", &gdn::gdn_decode_step);
+  m.impl("mamba2_chunk_scan", &gdn::mamba2_chunk_scan);
+  m.impl("mamba2_state_update", &gdn::mamba2_state_update);
   m.impl("stream_scale", &gdn::stream_scale);
 }
 

@@ -108,6 +108,26 @@ struct ConvParams {
   Mat2 out;                       // [T, D], same dtype as x
 };
 
+// Mamba2 (SSD) prefill (mamba2_chunk_scan) and decode (mamba2_state_update): H heads of dim P, G
+// groups of B/C with d_state Nst (head h reads group h / (H / G)), state [slots, H, P, Nst].
+struct Mamba2Params {
+  int64_t N, H, P, G, Nst;     // sequences, heads, head dim, groups, d_state
+  Mat3 x, B, C, z, out;        // x/z/out [T, H, P], B/C [T, G, Nst]; z.data null if absent
+  Mat2 dt;                     // [T, H] raw (before bias/softplus), any float dtype
+  const float* A;              // [H] fp32, <= 0
+  const float* D;              // [H] fp32 or nullptr
+  const float* dt_bias;        // [H] fp32 or nullptr
+  bool dt_softplus;
+  float dt_min, dt_max;        // dt = clamp(softplus(dt + dt_bias), dt_min, dt_max)
+  StatePool state;
+  const int32_t* state_indices;       // [N], < 0: padding
+  const int32_t* cu_seqlens;          // [N+1] (prefill; decode: sequence i is token i)
+  const bool* has_initial_state;      // [N] or nullptr (all true)
+  const int32_t* checkpoint_offsets;  // [N] or nullptr: o > 0 also writes the state after o tokens
+  const int32_t* checkpoint_slots;    //   into slot checkpoint_slots[i]
+  GemmBackend gemm;                   // prefill only
+};
+
 // One entry per compiled ISA (kernels/common/runtime.cpp picks one at run time).
 struct KernelTable {
   const char* isa;
@@ -119,6 +139,8 @@ struct KernelTable {
   void (*stream_scale)(float* x, int64_t n, float factor);  // benchmark probe, see stream_scale.cpp
   void (*gemm_probe)(const GemmBackend& gemm, bool bf16, int64_t M, int64_t N, int64_t K, double seconds,
                      double* gflops_per_thread);  // benchmark probe, see gemm_probe.cpp
+  void (*mamba2_chunk_scan)(const Mamba2Params&);
+  void (*mamba2_state_update)(const Mamba2Params&);
 };
 
 }  // namespace gdn
