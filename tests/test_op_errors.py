@@ -126,3 +126,107 @@ def test_forcing_each_available_isa_is_reported():
     for isa in ops.runtime_info()["available_isas"]:
         with forced_isa(isa):
             assert ops.runtime_info()["isa"] == isa
+
+
+# ----------------------------------------------------------------------------- Mamba2
+
+
+@pytest.fixture
+def m2():
+    from mamba2_cases import make_m2
+
+    return make_m2([5, 3], 4, 16, 2, 32, torch.float32, torch.float32, with_z=True)
+
+
+def m2_scan(m, **over):
+    args = dict(x=m.x, dt=m.dt, A=m.A, B=m.B, C=m.C, D=m.D, dt_bias=m.dt_bias, state=m.state,
+                state_indices=m.state_indices, cu_seqlens=m.cu_seqlens, z=m.z)
+    args.update(over)
+    return ops.mamba2_chunk_scan(**args)
+
+
+def m2_update(m, **over):
+    args = dict(x=m.x[:2], dt=m.dt[:2], A=m.A, B=m.B[:2], C=m.C[:2], D=m.D, dt_bias=m.dt_bias, state=m.state,
+                state_indices=m.state_indices, z=m.z[:2])
+    args.update(over)
+    return ops.mamba2_state_update(**args)
+
+
+I32 = dict(dtype=torch.int32)
+M2_COMMON_CASES = [
+    ("x dims", lambda m, n: dict(x=m.x[:n].flatten(1)), ValueError, "'x' must be 3-D"),
+    ("x dtype", lambda m, n: dict(x=m.x[:n].double()), TypeError, "'x' must be float32"),
+    ("x stride", lambda m, n: dict(x=m.x[:n].transpose(0, 2).contiguous().transpose(0, 2)), ValueError,
+     "'x' must be contiguous in its last dim"),
+    ("dt shape", lambda m, n: dict(dt=m.dt[:n, :3]), ValueError, "'dt' must have shape"),
+    ("dt dtype", lambda m, n: dict(dt=m.dt[:n].double()), TypeError, "'dt' must be float32"),
+    ("B groups", lambda m, n: dict(B=torch.zeros(n, 3, 32), C=torch.zeros(n, 3, 32)), ValueError,
+     "number of groups \\(3\\) that divides"),
+    ("B tokens", lambda m, n: dict(B=m.B[: n - 1]), ValueError, "'B' must have T="),
+    ("C shape", lambda m, n: dict(C=m.C[:n, :, :16]), ValueError, "'C' must have shape"),
+    ("B dtype", lambda m, n: dict(B=m.B[:n].bfloat16()), TypeError, "'B' must have x's dtype"),
+    ("z shape", lambda m, n: dict(z=m.z[:n, :2]), ValueError, "'z' must have shape"),
+    ("A shape", lambda m, n: dict(A=m.A[:2]), ValueError, "'A' must have shape"),
+    ("A positive", lambda m, n: dict(A=-m.A), ValueError, "'A' must be <= 0"),
+    ("D shape", lambda m, n: dict(D=m.D[:3]), ValueError, "'D' must have shape"),
+    ("dt_bias dtype", lambda m, n: dict(dt_bias=m.dt_bias.int()), TypeError, "'dt_bias' must be float32"),
+    ("dt_limit", lambda m, n: dict(dt_limit=(0.5, 0.1)), ValueError, "'dt_limit' must satisfy 0 <= lo <= hi"),
+    ("dt_limit neg", lambda m, n: dict(dt_limit=(-1.0, 1.0)), ValueError, "'dt_limit'"),
+    ("state shape", lambda m, n: dict(state=m.state[:, :, :8]), ValueError, "'state' must have shape"),
+    ("state layout", lambda m, n: dict(state=m.state.transpose(2, 3).contiguous().transpose(2, 3)), ValueError,
+     "'state' must be contiguous within each slot"),
+    ("state dtype", lambda m, n: dict(state=m.state.double()), TypeError, "'state' must be float32"),
+    ("idx range", lambda m, n: dict(state_indices=torch.tensor([1, 99], **I32)), IndexError,
+     "'state_indices' has 99 at position 1"),
+    ("idx dup", lambda m, n: dict(state_indices=torch.tensor([3, 3], **I32)), ValueError,
+     "names slot 3 more than once"),
+    ("idx dtype", lambda m, n: dict(state_indices=m.state_indices.long()), TypeError, "'state_indices' must be int32"),
+    ("out dtype", lambda m, n: dict(out=torch.empty(n, 4, 16, dtype=torch.bfloat16)), TypeError,
+     "'out' must have x's dtype"),
+    ("out shape", lambda m, n: dict(out=torch.empty(n, 4, 8)), ValueError, "'out' must have shape"),
+]
+
+M2_SCAN_CASES = M2_COMMON_CASES + [
+    ("cu len", lambda m, n: dict(cu_seqlens=m.cu_seqlens[:2]), ValueError, "'cu_seqlens' must have N\\+1=3"),
+    ("cu end", lambda m, n: dict(cu_seqlens=torch.tensor([0, 5, 9], **I32)), ValueError, "beyond T=8"),
+    ("has_init", lambda m, n: dict(has_initial_state=torch.tensor([1, 0])), TypeError,
+     "'has_initial_state' must be bool"),
+    ("ckpt alone", lambda m, n: dict(checkpoint_offsets=torch.tensor([1, 1], **I32)), ValueError,
+     "'checkpoint_offsets' and 'checkpoint_slots' must be given together"),
+    ("ckpt dtype", lambda m, n: dict(checkpoint_offsets=torch.tensor([1, 1]), checkpoint_slots=torch.tensor(
+        [0, 2], **I32)), TypeError, "'checkpoint_offsets' must be int32"),
+    ("ckpt beyond len", lambda m, n: dict(checkpoint_offsets=torch.tensor([1, 4], **I32), checkpoint_slots=torch.tensor(
+        [0, 2], **I32)), ValueError, "'checkpoint_offsets' has 4 at position 1, outside \\[0, 3\\]"),
+    ("ckpt slot range", lambda m, n: dict(checkpoint_offsets=torch.tensor([1, 1], **I32),
+                                          checkpoint_slots=torch.tensor([0, 50], **I32)), IndexError,
+     "'checkpoint_slots' has 50 at position 1"),
+    ("ckpt slot in idx", lambda m, n: dict(checkpoint_offsets=torch.tensor([1, 1], **I32),
+                                           checkpoint_slots=torch.tensor([0, 1], **I32)), ValueError,
+     "'checkpoint_slots' names slot 1 at position 1, which is in state_indices"),
+    ("ckpt slot dup", lambda m, n: dict(checkpoint_offsets=torch.tensor([1, 1], **I32),
+                                        checkpoint_slots=torch.tensor([0, 0], **I32)), ValueError,
+     "which is another checkpoint's slot"),
+]
+
+M2_UPDATE_CASES = M2_COMMON_CASES + [
+    ("seq count", lambda m, n: dict(state_indices=torch.tensor([1], **I32)), ValueError,
+     "'state_indices' must have one entry per sequence"),
+]
+
+
+@pytest.mark.parametrize("case", M2_SCAN_CASES, ids=[c[0] for c in M2_SCAN_CASES])
+def test_mamba2_chunk_scan_rejects(m2, case):
+    _, override, exc, message = case
+    before = m2.state.clone()
+    with pytest.raises(exc, match=message):
+        m2_scan(m2, **override(m2, 8))
+    assert torch.equal(m2.state, before)
+
+
+@pytest.mark.parametrize("case", M2_UPDATE_CASES, ids=[c[0] for c in M2_UPDATE_CASES])
+def test_mamba2_state_update_rejects(m2, case):
+    _, override, exc, message = case
+    before = m2.state.clone()
+    with pytest.raises(exc, match=message):
+        m2_update(m2, **override(m2, 2))
+    assert torch.equal(m2.state, before)

@@ -40,3 +40,26 @@ def test_opcheck_gemm_probe():
     # dtype of the result) can be checked, not eager-vs-compiled equality.
     torch.library.opcheck(torch.ops.vllm_gdn_cpu.gemm_probe.default, (True, 0.01),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_opcheck_mamba2_chunk_scan():
+    from mamba2_cases import make_m2
+
+    p = make_m2([70, 5], 4, 16, 2, 32, torch.bfloat16, torch.float32, with_z=True, extra_slots=4)
+    torch.library.opcheck(
+        torch.ops.vllm_gdn_cpu.mamba2_chunk_scan.default,
+        (p.x, p.dt, p.A, p.B, p.C, p.D, p.dt_bias, p.state, p.state_indices, p.cu_seqlens,
+         torch.tensor([True, False]), p.z, True, 0.0, float("inf"), torch.tensor([64, 5], dtype=torch.int32),
+         torch.tensor([0, 2], dtype=torch.int32), torch.empty_like(p.x)),
+    )
+
+
+def test_opcheck_mamba2_state_update():
+    from mamba2_cases import make_m2
+
+    p = make_m2([1, 1, 1], 4, 16, 2, 32, torch.float32, torch.bfloat16)
+    torch.library.opcheck(
+        torch.ops.vllm_gdn_cpu.mamba2_state_update.default,
+        (p.x, p.dt, p.A, p.B, p.C, p.D, p.dt_bias, p.state, p.state_indices, None, True, 0.0, float("inf"),
+         torch.empty_like(p.x)),
+    )
