@@ -5,6 +5,7 @@
     python -m vllm_gdn_cpu.tools.bench roofline                             (limits; per-core scaling ceiling)
     python -m vllm_gdn_cpu.tools.bench overhead [--state-dtype float32]   (fixed per-call cost, decode B=1)
     python -m vllm_gdn_cpu.tools.bench e2e [--batches 1,16] [--tp 2]        (inside vLLM: ours vs built-in)
+    python -m vllm_gdn_cpu.tools.bench mamba2-prefill | mamba2-decode ...   (Mamba2 SSD: tools/bench_mamba2.py)
 
 Every figure comes from the same process and the same run: rates of each implementation, their
 ratios, and percentages of limits measured here (bf16/fp32 GEMM throughput of a large torch
@@ -397,6 +398,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     add_overhead_parser(sub, common)
     add_e2e_parser(sub, common)
+    from vllm_gdn_cpu.tools import bench_mamba2
+
+    bench_mamba2.add_parsers(sub, common)
 
     args = parser.parse_args(argv)
     if args.threads:
@@ -412,6 +416,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows = bench_overhead(args)
     elif args.mode == "e2e":
         rows = bench_e2e(args)
+    elif args.mode.startswith("mamba2-"):
+        rows = bench_mamba2.run(args)
     else:
         threads = torch.get_num_threads()
         rows = [{**gemm_peaks(), "stream_gbps": stream_gbps(), "threads": threads, **core_scaling(threads)}]

@@ -1,0 +1,242 @@
+"""Mamba2 (SSD) kernel benchmarks: ours vs vLLM's CPU ops vs the plain-torch reference, side by side.
+
+    python -m vllm_gdn_cpu.tools.bench mamba2-prefill [--models mamba2-2.7b,...] [--workloads T2048,8x256]
+    python -m vllm_gdn_cpu.tools.bench mamba2-decode  [--models ...] [--batches 1,16] [--state-dtypes ...]
+
+Prefill: vLLM's side is the function its MambaMixer2 calls on CPU (``_mamba_chunk_scan_combined_fwd_cpu``:
+softplus of dt + bias, then ``torch.ops._C.mamba_chunk_scan_fwd_cpu``; it returns the final states,
+which the layer then scatters into the cache: that scatter is not timed, ours writes the slots in
+place). Rate in GFLOP/s counts the chunked algorithm's products (C B^T per group and chunk, per head
+C S, the masked intra-chunk product and the chunk state update; triangles as half), and each row's %
+is of the GEMM peak of the dtype its GEMM path multiplies in (bench.add_roofline).
+Decode: ``layers`` state pools stepped in turn (cold states, as in a model); GB/s counts the state
+read and written once per step, % of the in-place stream (bench.stream_gbps). vLLM's side is its CPU
+``selective_state_update`` with MambaMixer2's tied shapes (fp32 states only: it refuses others).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_gdn_cpu import ops, reference
+from vllm_gdn_cpu.tools.bench import (
+    COLD_STATE_BYTES,
+    add_roofline,
+    best_time,
+    gemm_peaks,
+    path_uses_bf16_products,
+    print_row,
+    stream_gbps,
+)
+
+CHUNK = 64  # the kernel's chunk (kernels/mamba2/chunk_scan.cpp)
+
+
+@dataclass(frozen=True)
+class SSMShape:
+    name: str
+    H: int  # heads
+    P: int  # head dim
+    G: int  # groups
+    N: int  # d_state
+
+
+MODELS = {
+    "mamba2-2.7b": SSMShape("mamba2-2.7b", 80, 64, 1, 128),
+    "nemotron-h-like": SSMShape("nemotron-h-like", 64, 64, 8, 128),
+    "granite-4.0-h-like": SSMShape("granite-4.0-h-like", 48, 64, 1, 128),
+}
+
+WORKLOADS = {"T512": [512], "T2048": [2048], "8x256": [256] * 8, "16x128": [128] * 16}
+
+
+def prefill_flops(s: SSMShape, seqlens: list[int]) -> float:
+    total = 0.0
+    for L in seqlens:
+        for c0 in range(0, L, CHUNK):
+            n = min(CHUNK, L - c0)
+            tri = n * (n + 1) / 2
+            total += s.G * tri * s.N + s.H * (2 * n * s.N * s.P + tri * s.P)
+    return 2 * total
+
+
+def _inputs(s: SSMShape, seqlens: list[int], dtype: torch.dtype, state_dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(0)
+    T, Nseq = sum(seqlens), len(seqlens)
+    x = torch.randn(T, s.H, s.P, generator=gen).to(dtype)
+    dt = (torch.randn(T, s.H, generator=gen) - 2.0).to(dtype)
+    A = -torch.exp(torch.linspace(-2.0, 1.0, s.H))
+    B = torch.randn(T, s.G, s.N, generator=gen).to(dtype)
+    C = torch.randn(T, s.G, s.N, generator=gen).to(dtype)
+    D = torch.ones(s.H)
+    dt_bias = torch.linspace(-1.0, 1.0, s.H)
+    state = torch.zeros(Nseq + 1, s.H, s.P, s.N, dtype=state_dtype)  # slot 0: vLLM's null block
+    idx = torch.arange(1, Nseq + 1, dtype=torch.int32)
+    cu = torch.zeros(Nseq + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(seqlens).cumsum(0)
+    return x, dt, A, B, C, D, dt_bias, state, idx, cu
+
+
+def _vllm_prefill():
+    try:
+        from vllm.model_executor.layers.mamba.ops.cpu.mamba_ssm import _mamba_chunk_scan_combined_fwd_cpu
+
+        return _mamba_chunk_scan_combined_fwd_cpu
+    except Exception:  # noqa: BLE001 - any import failure means "not available here"
+        return None
+
+
+def _vllm_decode():
+    try:
+        from vllm.model_executor.layers.mamba.ops.cpu.mamba_ssm import selective_state_update
+
+        return selective_state_update
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def torch_prefill(x, dt, A, B, C, D, dt_bias, state, idx, cu):
+    """The plain-torch chunked reference (fp32), one sequence at a time."""
+    H = x.shape[1]
+    dtf = reference.mamba2_dt(dt, dt_bias)
+    bounds = cu.tolist()
+    for i in range(len(bounds) - 1):
+        s, e = bounds[i], bounds[i + 1]
+        S = state[int(idx[i])].float()
+        y, _ = reference.mamba2_chunked_ref(x[s:e].float(), dtf[s:e], A, B[s:e].float().repeat_interleave(
+            H // B.shape[1], 1), C[s:e].float().repeat_interleave(H // B.shape[1], 1), S, chunk=CHUNK)
+        state[int(idx[i])] = S.to(state.dtype)
+
+
+def bench_mamba2_prefill(args) -> list[dict]:
+    vl = None if args.no_vllm else _vllm_prefill()
+    dtype = getattr(torch, args.dtype)
+    peaks_before = gemm_peaks()
+    rows = []
+    for model in args.models.split(","):
+        s = MODELS[model]
+        for wl in args.workloads.split(","):
+            seqlens = WORKLOADS[wl]
+            T = sum(seqlens)
+            x, dt, A, B, C, D, dt_bias, state, idx, cu = _inputs(s, seqlens, dtype, torch.float32)
+            out = torch.empty_like(x)
+            bf16_products = dtype == torch.bfloat16 and path_uses_bf16_products()
+            row = {"model": model, "workload": wl, "tokens": T, "dtype": args.dtype,
+                   "threads": torch.get_num_threads(), "gemm": ops.runtime_info()["gemm"],
+                   "gemm_products": "bf16" if bf16_products else "fp32"}
+            t = best_time(lambda: ops.mamba2_chunk_scan(x, dt, A, B, C, D, dt_bias, state, idx, cu, out=out),
+                          args.repeat)
+            row["ours_tok_s"] = T / t
+            row["ours_gflops"] = prefill_flops(s, seqlens) / t / 1e9
+            if vl is not None:
+                out_v = torch.empty_like(x)
+                init = state[idx.long()]
+
+                def vllm():
+                    vl(x, dt, A, B, C, 256, out_v, D=D, dt_bias=dt_bias, initial_states=init, cu_seqlens=cu,
+                       dt_softplus=True, state_dtype=torch.float32)
+
+                try:
+                    tv = best_time(vllm, args.repeat)
+                    row["vllm_tok_s"] = T / tv
+                    row["speedup_vs_vllm"] = tv / t
+                except RuntimeError as e:
+                    row["vllm_error"] = str(e).splitlines()[0][:120]
+            if not args.no_ref and T <= args.ref_max_tokens:
+                tr = best_time(lambda: torch_prefill(x, dt, A, B, C, D, dt_bias, state, idx, cu), 1, 0)
+                row["torch_ref_tok_s"] = T / tr
+                row["speedup_vs_torch_ref"] = tr / t
+            rows.append(row)
+            print_row(row, args)
+    add_roofline(rows, peaks_before)
+    if not args.json:
+        print(f"# GEMM peaks measured in this run (torch matmul): {rows[0]['bf16_gemm_gflops']:.0f} GFLOP/s bf16, "
+              f"{rows[0]['fp32_gemm_gflops']:.0f} GFLOP/s fp32; each row against the peak of the dtype its "
+              f"GEMM path multiplies in:")
+        for row in rows:
+            print(f"#   {row['model']} {row['workload']} ({row['gemm']}, {row['gemm_products']} products): "
+                  f"{row['ours_gflops']:.0f} GFLOP/s, {row['pct_of_path_gemm_peak']:.0f}% of the "
+                  f"{row['gemm_products']} peak")
+    return rows
+
+
+def bench_mamba2_decode(args) -> list[dict]:
+    vl = None if args.no_vllm else _vllm_decode()
+    dtype = getattr(torch, args.dtype)
+    bw = stream_gbps()
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for model in args.models.split(","):
+        s = MODELS[model]
+        for batch in [int(b) for b in args.batches.split(",")]:
+            x = torch.randn(batch, s.H, s.P, generator=gen).to(dtype)
+            dt = (torch.randn(batch, s.H, generator=gen) - 2.0).to(dtype)
+            A = -torch.exp(torch.linspace(-2.0, 1.0, s.H))
+            B = torch.randn(batch, s.G, s.N, generator=gen).to(dtype)
+            C = torch.randn(batch, s.G, s.N, generator=gen).to(dtype)
+            D, dt_bias = torch.ones(s.H), torch.zeros(s.H)
+            idx = torch.arange(1, batch + 1, dtype=torch.int32)  # slot 0: vLLM's null block
+            out = torch.empty_like(x)
+            for sdt_name in args.state_dtypes.split(","):
+                sdt = getattr(torch, sdt_name)
+                layer_bytes = (batch + 1) * s.H * s.P * s.N * sdt.itemsize
+                layers = args.layers or max(8, -(-COLD_STATE_BYTES // layer_bytes))
+                pools = [torch.zeros(batch + 1, s.H, s.P, s.N, dtype=sdt) for _ in range(layers)]
+                moved = 2 * batch * s.H * s.P * s.N * sdt.itemsize
+
+                def ours():
+                    for pool in pools:
+                        ops.mamba2_state_update(x, dt, A, B, C, D, dt_bias, pool, idx, out=out)
+
+                row = {"model": model, "batch": batch, "dtype": args.dtype, "state_dtype": sdt_name,
+                       "layers": layers, "threads": torch.get_num_threads(), "stream_gbps": bw}
+                t = best_time(ours, args.repeat) / layers
+                row["ours_us_per_layer"] = t * 1e6
+                row["ours_gbps"] = moved / t / 1e9
+                row["ours_pct_of_stream"] = 100 * row["ours_gbps"] / bw
+                if vl is not None:
+                    A_v = A[:, None, None].expand(s.H, s.P, s.N)
+                    dt_v = dt[:, :, None].expand(batch, s.H, s.P)
+                    D_v, bias_v = D[:, None].expand(s.H, s.P), dt_bias[:, None].expand(s.H, s.P)
+
+                    def vllm():
+                        for pool in pools:
+                            vl(pool, x, dt_v, A_v, B, C, D_v, None, bias_v, dt_softplus=True,
+                               state_batch_indices=idx, dst_state_batch_indices=idx, out=out)
+
+                    try:
+                        tv = best_time(vllm, args.repeat) / layers
+                        row["vllm_us_per_layer"] = tv * 1e6
+                        row["speedup_vs_vllm"] = tv / t
+                    except (RuntimeError, AssertionError) as e:  # e.g. a state dtype it refuses
+                        row["vllm_error"] = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+                if not args.no_ref:
+                    def torch_ref():
+                        for pool in pools[:2]:
+                            reference.mamba2_state_update_ref(x, dt, A, B, C, D, dt_bias, pool, idx)
+
+                    tr = best_time(torch_ref, 1, 0) / 2
+                    row["torch_ref_us_per_layer"] = tr * 1e6
+                    row["speedup_vs_torch_ref"] = tr / t
+                rows.append(row)
+                print_row(row, args)
+    return rows
+
+
+def add_parsers(sub, common) -> None:
+    p = sub.add_parser("mamba2-prefill", parents=[common], help="Mamba2 chunked SSD prefill, tokens/s per layer")
+    p.add_argument("--models", default="mamba2-2.7b,nemotron-h-like", help=f"of {', '.join(MODELS)}")
+    p.add_argument("--workloads", default="T2048,8x256", help=f"of {', '.join(WORKLOADS)}")
+    p.add_argument("--ref-max-tokens", type=int, default=2048, help="skip the slow torch reference above this")
+    d = sub.add_parser("mamba2-decode", parents=[common], help="Mamba2 decode step over cold states")
+    d.add_argument("--models", default="mamba2-2.7b,nemotron-h-like", help=f"of {', '.join(MODELS)}")
+    d.add_argument("--batches", default="1,16")
+    d.add_argument("--layers", type=int, default=0,
+                   help="state pools stepped in turn (default: at least 8 and 512 MiB of state)")
+    d.add_argument("--state-dtypes", default="float32,bfloat16")
+
+
+def run(args) -> list[dict]:
+    return bench_mamba2_prefill(args) if args.mode == "mamba2-prefill" else bench_mamba2_decode(args)
