@@ -38,6 +38,7 @@ def pristine_registries(monkeypatch):
     saved_layers, saved_backends = dict(op_registry_oot), dict(_MAMBA_ATTN_OVERRIDES)
     op_registry_oot.pop(plugin.REPLACED_LAYER, None)
     op_registry_oot.pop(plugin.REPLACED_OLMO_LAYER, None)
+    op_registry_oot.pop(plugin.REPLACED_MAMBA2_LAYER, None)
     _MAMBA_ATTN_OVERRIDES.pop(GDN_ATTN, None)
     monkeypatch.setattr(plugin, "_activated", False)
     monkeypatch.delenv(plugin.ENV_VAR, raising=False)
@@ -56,6 +57,7 @@ def registry_state() -> tuple:
 def assert_inactive() -> None:
     assert plugin.REPLACED_LAYER not in op_registry_oot
     assert plugin.REPLACED_OLMO_LAYER not in op_registry_oot
+    assert plugin.REPLACED_MAMBA2_LAYER not in op_registry_oot
     assert not GDN_ATTN.is_overridden()
     assert GDN_ATTN.get_class() is GDNAttentionBackend
 
@@ -78,6 +80,12 @@ def assert_active() -> None:
     assert type(OlmoHybridGatedDeltaNetAttention.__new__(OlmoHybridGatedDeltaNetAttention)) is (
         GDNCPUOlmoHybridGatedDeltaNetAttention
     )
+    from vllm.model_executor.layers.mamba.mamba_mixer2 import MambaMixer2
+
+    from vllm_gdn_cpu.layers.mamba2 import GDNCPUMambaMixer2
+
+    assert op_registry_oot[plugin.REPLACED_MAMBA2_LAYER] is GDNCPUMambaMixer2
+    assert type(MambaMixer2.__new__(MambaMixer2)) is GDNCPUMambaMixer2
 
 
 def test_entry_point_is_discoverable():

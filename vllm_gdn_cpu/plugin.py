@@ -14,7 +14,8 @@ Two hooks, both supported out-of-tree extension points of vLLM 0.32:
    (Qwen3-Next, Qwen3.5, ...), so our subclass (``vllm_gdn_cpu.layers.gdn``) gets vLLM's weights and
    state layout but runs our CPU forward.
    ``OlmoHybridGatedDeltaNetAttention`` (OLMo-hybrid) is a PluggableLayer too and is replaced the
-   same way (``vllm_gdn_cpu.layers.olmo``).
+   same way (``vllm_gdn_cpu.layers.olmo``), and so is Mamba2's ``MambaMixer2``
+   (``vllm_gdn_cpu.layers.mamba2``, which keeps vLLM's MAMBA2 backend and metadata).
 2. ``register_backend(MambaAttentionBackendEnum.GDN_ATTN, ..., is_mamba=True)``
    (v1/attention/backends/registry.py): points the existing GDN_ATTN member at our backend class,
    whose ``get_name()`` is ``GDN_CPU``. We override the member rather than adding a new
@@ -34,6 +35,9 @@ BACKEND_CLASS_PATH = "vllm_gdn_cpu.layers.gdn_backend.GDNCPUAttentionBackend"
 REPLACED_LAYER = "QwenGatedDeltaNetAttention"
 # OLMo-hybrid's GDN layer (Triton-only in vLLM 0.32): vllm_gdn_cpu.layers.olmo.
 REPLACED_OLMO_LAYER = "OlmoHybridGatedDeltaNetAttention"
+# Mamba2 layers (Mamba2, Granite-4.0-H, NemotronH, Falcon-H1, ...): vllm_gdn_cpu.layers.mamba2.
+# They keep vLLM's MAMBA2 attention backend (its metadata builder is plain torch).
+REPLACED_MAMBA2_LAYER = "MambaMixer2"
 
 _activated = False
 
@@ -77,11 +81,13 @@ def _register_layer() -> None:
     from vllm.model_executor.custom_op import PluggableLayer, op_registry_oot
 
     from vllm_gdn_cpu.layers.gdn import GDNCPUQwenGatedDeltaNetAttention
+    from vllm_gdn_cpu.layers.mamba2 import GDNCPUMambaMixer2
     from vllm_gdn_cpu.layers.olmo import GDNCPUOlmoHybridGatedDeltaNetAttention
 
     replacements = {
         REPLACED_LAYER: GDNCPUQwenGatedDeltaNetAttention,
         REPLACED_OLMO_LAYER: GDNCPUOlmoHybridGatedDeltaNetAttention,
+        REPLACED_MAMBA2_LAYER: GDNCPUMambaMixer2,
     }
     # Check all before registering any: refusing must leave vLLM unchanged.
     for name, ours in replacements.items():
