@@ -38,8 +38,9 @@ struct TokenStep {
 };
 
 // Row r of a tile: pass 1 accumulates S^T k and S^T q, pass 2 applies the rank-1 update. With
-// kPaired (bf16 states on AVX-512, in-place only) vectors 2j and 2j + 1 hold the even and the odd
-// columns of columns [32j, 32j + 32) (see vload_bf16_pair); v_new and the accumulators follow.
+// kPaired (bf16 states on AVX-512 without AVX512-BF16 and on AVX2, in-place only) vectors 2j and
+// 2j + 1 hold the even and the odd columns of columns [2jW, 2jW + 2W), W = kVecWidth (see
+// vload_bf16_pair); v_new and the accumulators follow.
 template <class TSrc, class TDst>
 constexpr bool kPaired = kHasBf16Pairs && std::is_same_v<TSrc, bf16_t> && std::is_same_v<TDst, bf16_t>;
 
@@ -226,6 +227,9 @@ void stream_decode(const RecurrentParams& p, const TaskGrid& grid) {
   constexpr int64_t kAhead = kPrefetchRows<NV, TState>;
   constexpr bool Paired = kPaired<TState, TState>;
   parallel_for(p.N * tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
+    // Local copies of the captured sizes: the state stores (vector types, which may alias anything)
+    // would otherwise make the compiler reload them through the closure on every row.
+    const int64_t K = p.K, V = p.V;
     // Tokens are prepared a sequence at a time (all of its heads in this range, gates vectorised);
     // two buffers, as the previous tile's token stays in use while the next one is prepared.
     const int64_t buffer_floats = PreparedToken::floats(p.Hk, ratio, K);
@@ -263,11 +267,19 @@ void stream_decode(const RecurrentParams& p, const TaskGrid& grid) {
         if (prev) {  // both passes, row by row
           for (int n = 0; n < NV; ++n) acc_k[n] = acc_q[n] = vfloat{};
           const vfloat prev_decay = vbroadcast(prev_step.decay);
-          for (int64_t r = 0; r < K; ++r) {
-            prefetch_rows<kPrefetchLocality>(tile + (r + kAhead) * V, V, 1, kRowBytes);
+          auto both_passes = [&](int64_t r, const TState* ahead) {
+            prefetch_rows<kPrefetchLocality>(ahead, V, 1, kRowBytes);
             accumulate_row<NV, Paired>(tile + r * V, vbroadcast(s.k[r]), vbroadcast(s.q[r]), acc_k, acc_q);
             update_row<NV, Paired>(prev + r * V, prev + r * V, prev_decay, vbroadcast(prev_step.k[r]), v_new);
-          }
+          };
+          // The prefetches run kAhead rows ahead in the order tiles are walked: past the tile's last
+          // row, into the next column tile of the block (tiles narrower than the block: AVX2), or
+          // after the block's last tile into the block below (the next head's, next in task order).
+          const TState* next = j + kTileCols < width ? tile + kTileCols : block + K * V;
+          const int64_t split = std::max<int64_t>(K - kAhead, 0);
+          int64_t r = 0;
+          for (; r < split; ++r) both_passes(r, tile + (r + kAhead) * V);
+          for (; r < K; ++r) both_passes(r, next + (r + kAhead - K) * V);
         } else {  // the thread's first tile
           accumulate_tile<NV, Paired>(s, K, tile, V, acc_k, acc_q);
         }
