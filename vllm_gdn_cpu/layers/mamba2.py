@@ -202,9 +202,10 @@ class GDNCPUMambaMixer2(MambaMixer2):
         history = from_x.to(conv_state.dtype)
         before = rel < 0
         if bool(before.any()):
-            old = conv_state[slots[rows].long()[:, None], (rel + width).clamp(min=0)]  # [R, W-1, D]
+            old = conv_state[slots[rows].long()[:, None], (rel + width).clamp(0, width - 1)]  # [R, W-1, D]
             if has_initial_state is not None:
-                old = old * has_initial_state[rows].to(old.dtype)[:, None, None]
+                # where, not a multiply: a slot without a state may hold NaN garbage
+                old = torch.where(has_initial_state[rows][:, None, None], old, 0.0)
             history = torch.where(before[:, :, None], old, history)
         return rows, history
 
