@@ -21,7 +21,10 @@ HF's. The bf16 engines' agreement with HF fp32 is printed (and held to a loose f
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -227,3 +230,22 @@ def test_vllm_own_path_without_the_variable(model_dirs, call_counts, monkeypatch
     assert tokens == want
     assert call_counts["mamba_chunk_scan_combined_varlen"] > 0 and call_counts["selective_state_update"] > 0
     assert all(call_counts[name] == 0 for name in OUR_OPS), call_counts
+
+
+@pytest.mark.error_path
+def test_speculative_decoding_is_a_clear_error(model_dirs):
+    """Speculative decoding of Mamba2 layers is not supported: the engine refuses at layer build,
+    naming the reason (in a subprocess: a half-built engine would leave this process unusable)."""
+    script = (
+        "import vllm_gdn_cpu; from vllm import LLM; vllm_gdn_cpu.register(); "
+        f"LLM(model={str(model_dirs('mamba2'))!r}, dtype='float32', skip_tokenizer_init=True, "
+        "enforce_eager=True, max_model_len=256, enable_prefix_caching=False, "
+        "speculative_config={'method': 'ngram', 'num_speculative_tokens': 2, 'prompt_lookup_max': 3})"
+    )
+    env = {**os.environ, "VLLM_ATTENTION_BACKEND": "GDN_CPU", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "VLLM_CPU_KVCACHE_SPACE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    assert "NotImplementedError: vllm_gdn_cpu: speculative decoding (2 speculative tokens) is not " \
+           "supported for Mamba2 layers" in result.stderr, result.stderr[-3000:]
