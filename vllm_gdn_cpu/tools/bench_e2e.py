@@ -11,6 +11,11 @@ measured with torch.profiler on a separate pass so the timings themselves run un
 Both backends run eagerly (``enforce_eager``: no torch.compile, whose compile time on CPU would
 dwarf these runs), every measured shape warmed up first, prefix caching off (the same prompts
 repeat), and denormals flushed to zero (see ``worker``).
+
+``--model granite_4h`` benchmarks a Granite-4.0-H-shaped Mamba2 hybrid instead (hidden 1024, Mamba2
+layers of 32 heads x 64 with d_state 128 and one group, an attention layer every 8th, dense MLPs):
+our ``MambaMixer2`` replacement (core op ``vllm::mamba2_cpu_core``) vs vLLM's CPU Mamba2 path
+(``vllm::mamba_mixer2``). The ``gdn_core_*`` fields then time that core op.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 
 BACKENDS = {"ours": "GDN_CPU", "vllm": None}
 CORE_OPS = {"ours": "vllm::gdn_cpu_attention_core", "vllm": "vllm::cpu_gdn_attention_core"}
+MAMBA2_CORE_OPS = {"ours": "vllm::mamba2_cpu_core", "vllm": "vllm::mamba_mixer2"}
 
 
 def write_config(directory: Path, num_layers: int) -> Path:
@@ -45,7 +51,44 @@ def write_config(directory: Path, num_layers: int) -> Path:
     return directory
 
 
-def worker(model_dir: str, backend: str, batches: list[int], prompt_len: int, decode_steps: int, tp: int) -> dict:
+def write_granite_4h_config(directory: Path, num_layers: int) -> Path:
+    """A Granite-4.0-H-shaped Mamba2 hybrid (GraniteMoeHybrid without experts): attention every 8th layer."""
+    from transformers import GraniteMoeHybridConfig
+
+    config = GraniteMoeHybridConfig(
+        vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=num_layers,
+        layer_types=["attention" if i % 8 == 7 else "mamba" for i in range(num_layers)],
+        num_attention_heads=8, num_key_value_heads=2, position_embedding_type="nope",
+        num_local_experts=0, shared_intermediate_size=2816, mamba_n_heads=32, mamba_d_head=64,
+        mamba_n_groups=1, mamba_d_state=128, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=256,
+        max_position_embeddings=8192, dtype="bfloat16",
+    )
+    config.architectures = ["GraniteMoeHybridForCausalLM"]
+    config.save_pretrained(directory)
+    return directory
+
+
+def mamba2_decays(model) -> int:
+    """Dummy weights leave Mamba2's A (= -exp(A_log), applied only when loading real checkpoints)
+    uniform around 0, half of it positive (growing states; our ops refuse A > 0). Sets A to -1..-16
+    per layer, as real Mamba2 checkpoints initialise it, for both backends alike."""
+    import torch
+
+    count = 0
+    for module in model.modules():
+        A = getattr(module, "A", None)
+        if isinstance(A, torch.nn.Parameter) and hasattr(module, "dt_bias"):
+            with torch.no_grad():
+                A.copy_(-torch.linspace(1.0, 16.0, A.numel()))
+            count += 1
+    return count
+
+
+MODELS = {"qwen3_next": (write_config, CORE_OPS), "granite_4h": (write_granite_4h_config, MAMBA2_CORE_OPS)}
+
+
+def worker(model_dir: str, backend: str, batches: list[int], prompt_len: int, decode_steps: int, tp: int,
+           model: str = "qwen3_next") -> dict:
     """Runs in a child process whose environment already selects the backend."""
     import torch
     from vllm import LLM, SamplingParams
@@ -60,6 +103,8 @@ def worker(model_dir: str, backend: str, batches: list[int], prompt_len: int, de
               enforce_eager=True, max_model_len=prompt_len + decode_steps + 8, max_num_seqs=max(batches),
               max_num_batched_tokens=max(batches) * prompt_len, tensor_parallel_size=tp, seed=0,
               enable_prefix_caching=False)  # the same prompts run repeatedly: every run prefills
+    if model == "granite_4h":
+        assert all(llm.apply_model(mamba2_decays)), "no Mamba2 layer found"
 
     def prompts(b):
         return [TokensPrompt(prompt_token_ids=[(7 * i + 13 * j) % 31000 + 100 for j in range(prompt_len)])
@@ -81,7 +126,8 @@ def worker(model_dir: str, backend: str, batches: list[int], prompt_len: int, de
             if profile:
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                     engine.step()
-                times.append(sum(e.cpu_time_total for e in prof.key_averages() if e.key == CORE_OPS[backend]) / 1e6)
+                core_op = MODELS[model][1][backend]
+                times.append(sum(e.cpu_time_total for e in prof.key_averages() if e.key == core_op) / 1e6)
             else:
                 t0 = time.perf_counter()
                 engine.step()
@@ -104,6 +150,7 @@ def worker(model_dir: str, backend: str, batches: list[int], prompt_len: int, de
             row["gdn_core_ms_per_decode_step"] = 1e3 * core_decode
             row["gdn_core_share_prefill"] = core[0] / t_prefill
             row["gdn_core_share_decode"] = core_decode / t_decode
+        row["model"] = model
         rows.append(row)
     return {"rows": rows}
 
@@ -118,7 +165,7 @@ def run_backend(backend: str, model_dir: Path, args) -> list[dict]:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(args.tp))  # one core per rank
     code = ("import json, sys; from vllm_gdn_cpu.tools.bench_e2e import worker; "
             f"print('E2E_RESULT ' + json.dumps(worker({str(model_dir)!r}, {backend!r}, {args.batches!r}, "
-            f"{args.prompt_len}, {args.decode_steps}, {args.tp})))")
+            f"{args.prompt_len}, {args.decode_steps}, {args.tp}, {args.model!r})))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=args.timeout)
     for line in proc.stdout.splitlines():
@@ -137,12 +184,14 @@ def add_parser(sub, common) -> None:
     e.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (ours only when > 1)")
     e.add_argument("--backends", default="ours,vllm")
     e.add_argument("--timeout", type=int, default=1800)
+    e.add_argument("--model", choices=sorted(MODELS), default="qwen3_next",
+                   help="qwen3_next (GDN layers) or granite_4h (Mamba2 layers, MambaMixer2)")
 
 
 def bench_e2e(args) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="gdn_e2e_") as tmp:
-        model_dir = write_config(Path(tmp), args.layers)
+        model_dir = MODELS[args.model][0](Path(tmp), args.layers)
         for backend in args.backends.split(","):
             for row in run_backend(backend, model_dir, args):
                 rows.append(row)
