@@ -92,17 +92,46 @@ inline void transpose_16x16(const float* __restrict src, int64_t lds, float* __r
   }
   for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
 }
+constexpr int64_t kTransposeBlock = 16;
+inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  transpose_16x16(src, lds, dst, ldd);
+}
+#elif defined(__AVX2__)
+// dst[8, 8] = transpose(src[8, 8]) in registers: 24 shuffles instead of 64 scalar moves.
+inline void transpose_8x8(const float* __restrict src, int64_t lds, float* __restrict dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {  // 2x2 blocks of single floats
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // 4x4 within each 128-bit lane
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int j = 0; j < 4; ++j) {  // and across the 128-bit lanes of rows j and j + 4
+    _mm256_storeu_ps(dst + j * ldd, _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));
+    _mm256_storeu_ps(dst + (j + 4) * ldd, _mm256_permute2f128_ps(r[j], r[j + 4], 0x31));
+  }
+}
+constexpr int64_t kTransposeBlock = 8;
+inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  transpose_8x8(src, lds, dst, ldd);
+}
 #endif
 
 // dst[K, M] = transpose(src[M, K])
 inline void transpose(const float* __restrict src, int64_t M, int64_t K, int64_t lds, float* __restrict dst,
                       int64_t ldd) {
   int64_t i0 = 0;
-#if defined(__AVX512F__)
-  for (; i0 + 16 <= M; i0 += 16) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  constexpr int64_t B = kTransposeBlock;
+  for (; i0 + B <= M; i0 += B) {
     int64_t p0 = 0;
-    for (; p0 + 16 <= K; p0 += 16) transpose_16x16(src + i0 * lds + p0, lds, dst + p0 * ldd + i0, ldd);
-    for (int64_t i = i0; i < i0 + 16; ++i)
+    for (; p0 + B <= K; p0 += B) transpose_block(src + i0 * lds + p0, lds, dst + p0 * ldd + i0, ldd);
+    for (int64_t i = i0; i < i0 + B; ++i)
       for (int64_t p = p0; p < K; ++p) dst[p * ldd + i] = src[i * lds + p];
   }
 #endif

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #if defined(__x86_64__) && (defined(__AVX2__) || defined(__AVX512F__))
 #include <immintrin.h>
 #endif
@@ -319,50 +320,6 @@ inline void from_even_odd(vfloat even, vfloat odd, vfloat& lo, vfloat& hi) {
   lo = reinterpret_cast<const vfloat&>(lv);
   hi = reinterpret_cast<const vfloat&>(hv);
 }
-#elif defined(__AVX2__)
-// The same pair layout on AVX2, 16 columns per 256-bit vector pair: one load, a shift and a mask
-// per 16 columns where widening takes two vpmovzxwd and two shifts. The way back rounds both halves
-// in 16-bit words (hi: the truncated bf16 values, lo: the 16 bits dropped), 10 integer operations
-// per 16 columns where rounding, the NaN test and vpackusdw + vextracti128 took ~30; NaN stays NaN
-// except a signalling NaN whose payload lies in the low 16 bits alone (no arithmetic result is one:
-// x86 arithmetic returns quiet NaNs), which becomes infinity.
-constexpr bool kHasBf16Pairs = true;
-inline void vload_bf16_pair(const bf16_t* p, vfloat& even, vfloat& odd) {
-  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m256i e = _mm256_slli_epi32(x, 16), o = _mm256_and_si256(x, _mm256_set1_epi32(int(0xffff0000u)));
-  even = reinterpret_cast<const vfloat&>(e);
-  odd = reinterpret_cast<const vfloat&>(o);
-}
-inline void vstore_bf16_pair(bf16_t* p, vfloat even, vfloat odd) {
-  const __m256i e = reinterpret_cast<const __m256i&>(even), o = reinterpret_cast<const __m256i&>(odd);
-  const __m256i hi = _mm256_blend_epi16(_mm256_srli_epi32(e, 16), o, 0xaa);  // lane i: columns 2i, 2i + 1
-  const __m256i lo = _mm256_blend_epi16(e, _mm256_slli_epi32(o, 16), 0xaa);
-  // Round to nearest even: up where lo + (hi & 1) > 0x8000 (saturating: lo <= 0xffff).
-  const __m256i s = _mm256_adds_epu16(lo, _mm256_and_si256(hi, _mm256_set1_epi16(1)));
-  const __m256i up = _mm256_cmpeq_epi16(_mm256_max_epu16(s, _mm256_set1_epi16(int16_t(0x8001))), s);  // -1 or 0
-  // hi + 1 where up, except the NaNs 0x7fff (signed saturation keeps it) and 0xffff (which wraps to 0;
-  // the unsigned max restores it).
-  const __m256i r = _mm256_max_epu16(_mm256_subs_epi16(hi, up), hi);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), r);
-}
-// 16 fp32 values in column order (lo: 0..7, hi: 8..15) <-> even and odd columns.
-inline void to_even_odd(vfloat lo, vfloat hi, vfloat& even, vfloat& odd) {
-  const __m256 l = reinterpret_cast<const __m256&>(lo), h = reinterpret_cast<const __m256&>(hi);
-  // Within 128-bit lanes first ([l0 l2 h0 h2 | l4 l6 h4 h6]), then 64-bit pairs across lanes.
-  const __m256d e = _mm256_castps_pd(_mm256_shuffle_ps(l, h, _MM_SHUFFLE(2, 0, 2, 0)));
-  const __m256d o = _mm256_castps_pd(_mm256_shuffle_ps(l, h, _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m256 ev = _mm256_castpd_ps(_mm256_permute4x64_pd(e, _MM_SHUFFLE(3, 1, 2, 0)));
-  const __m256 od = _mm256_castpd_ps(_mm256_permute4x64_pd(o, _MM_SHUFFLE(3, 1, 2, 0)));
-  even = reinterpret_cast<const vfloat&>(ev);
-  odd = reinterpret_cast<const vfloat&>(od);
-}
-inline void from_even_odd(vfloat even, vfloat odd, vfloat& lo, vfloat& hi) {
-  const __m256 e = reinterpret_cast<const __m256&>(even), o = reinterpret_cast<const __m256&>(odd);
-  const __m256 a = _mm256_unpacklo_ps(e, o), b = _mm256_unpackhi_ps(e, o);  // [0..3 | 8..11], [4..7 | 12..15]
-  const __m256 lv = _mm256_permute2f128_ps(a, b, 0x20), hv = _mm256_permute2f128_ps(a, b, 0x31);
-  lo = reinterpret_cast<const vfloat&>(lv);
-  hi = reinterpret_cast<const vfloat&>(hv);
-}
 #else
 constexpr bool kHasBf16Pairs = false;
 #endif  // __AVX512F__
@@ -397,11 +354,31 @@ inline void store_row_streaming(const float* __restrict src, T* __restrict dst, 
     }
     return;
   }
+#elif defined(__AVX2__) && defined(__F16C__)
+  // 32 bytes at a time, converted in registers (no line buffer: reading back four 16-byte stores
+  // as one load would stall on store forwarding).
+  if (reinterpret_cast<uintptr_t>(dst) % 64 == 0 && n % (64 / sizeof(T)) == 0) {
+    for (int64_t i = 0; i < n; i += 32 / sizeof(T)) {
+      __m256i x;
+      if constexpr (std::is_same_v<T, float>) {
+        x = _mm256_castps_si256(_mm256_loadu_ps(src + i));
+      } else if constexpr (std::is_same_v<T, bf16_t>) {
+        const vuint a = bf16_bits(vload(src + i)), b = bf16_bits(vload(src + i + 8));
+        x = _mm256_permute4x64_epi64(_mm256_packus_epi32(reinterpret_cast<const __m256i&>(a),
+                                                         reinterpret_cast<const __m256i&>(b)), 0xd8);
+      } else {
+        x = _mm256_set_m128i(_mm256_cvtps_ph(_mm256_loadu_ps(src + i + 8), _MM_FROUND_TO_NEAREST_INT),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+      }
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), x);
+    }
+    return;
+  }
 #endif
   store_row(src, dst, n);
 }
 inline void streaming_stores_done() {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
   _mm_sfence();  // non-temporal stores are weakly ordered
 #endif
 }
