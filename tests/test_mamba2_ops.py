@@ -55,7 +55,8 @@ def test_prefill_fp32_all_isas(isa, shape):
         prefill_and_compare(p, label=isa)
 
 
-GEMM_SHAPES = [([1, 64, 5, 130, 37], 8, 64, 2, 128), ([200], 4, 48, 1, 40)]
+# The chunk is 128 tokens with bf16 products, 64 otherwise: lengths around both.
+GEMM_SHAPES = [([1, 64, 5, 130, 37], 8, 64, 2, 128), ([127, 128, 257], 4, 48, 1, 40)]
 
 
 @pytest.mark.parametrize("gemm", gemms())
@@ -107,13 +108,15 @@ def test_prefill_padding_empty_and_initial_states(isa):
 
 
 @pytest.mark.parametrize("gemm", gemms()[:2])
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
-def test_prefill_checkpoints(gemm, state_dtype):
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)],
+                         ids=["f32", "bf16"])
+def test_prefill_checkpoints(gemm, dtype, state_dtype):
     """checkpoint_offsets: a chunk ends at the offset and that state goes to the checkpoint slot;
-    offsets 1, a chunk boundary (64, 128), mid-chunk, len, 0 (none); PAD entries write none."""
-    seqlens = [130, 64, 100, 5, 70, 40]
-    p = make_m2(seqlens, 4, 32, 1, 48, torch.float32, state_dtype, seed=4, extra_slots=8)
-    offsets = torch.tensor([64, 1, 37, 5, 0, 40], dtype=torch.int32)  # 5 and 40: == len
+    offsets 1, a chunk boundary (128: both chunk lengths), mid-chunk, len, 0 (none); PAD entries
+    write none."""
+    seqlens = [300, 64, 100, 5, 70, 40]
+    p = make_m2(seqlens, 4, 32, 1, 48, dtype, state_dtype, seed=4, extra_slots=8)
+    offsets = torch.tensor([128, 1, 37, 5, 0, 40], dtype=torch.int32)  # 5 and 40: == len
     ck_slots = torch.tensor([0, 2, 4, 6, 8, 12], dtype=torch.int32)
     p.state_indices[5] = -1  # padding: its checkpoint slot (12) must stay untouched
     p.kw = dict(checkpoint_offsets=offsets, checkpoint_slots=ck_slots,
