@@ -37,14 +37,24 @@ inline float update_row(TS* row, const float* B, const float* C, int64_t n, floa
     acc0 += h0 * vload(C + i);
   }
   acc0 += acc1;
+#if defined(__AVX512F__)
+  float s = _mm512_reduce_add_ps(reinterpret_cast<const __m512&>(acc0));  // a shuffle tree, not 16 serial adds
+#else
   float s = 0.f;
   for (int j = 0; j < kVecWidth; ++j) s += acc0[j];
+#endif
   for (; i < n; ++i) {
     const float h = decay * to_float(row[i]) + dtx * B[i];
     row[i] = from_float<TS>(h);
     s += h * C[i];
   }
   return s;
+}
+
+// Requests the lines of [p, p + bytes) for writing into L2 (prefetches never fault).
+inline void prefetch_lines(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 1, 2);
 }
 
 template <class TIn, class TS>
@@ -55,7 +65,8 @@ void state_update_kernel(const Mamba2Params& p) {
   int64_t pb = P;
   while (p.N * H * ((P + pb - 1) / pb) < want && pb > 8) pb = (pb + 1) / 2;
   const int64_t blocks = (P + pb - 1) / pb;
-  const int64_t prefetch_rows = std::max<int64_t>(1, kPrefetchBytes / (N * static_cast<int64_t>(sizeof(TS))));
+  const int64_t row_bytes = N * static_cast<int64_t>(sizeof(TS));
+  const int64_t prefetch_rows = std::max<int64_t>(1, kPrefetchBytes / row_bytes);
 
   parallel_for(p.N * H * blocks, 1, [&](int64_t begin, int64_t end) {
     float* buf = thread_scratch(2 * N + 2 * P + 64);
@@ -78,8 +89,11 @@ void state_update_kernel(const Mamba2Params& p) {
       const float dt = mamba2::step_size(p, mamba2::raw_dt(p, seq, h), h);
       const float decay = std::exp(p.A[h] * dt);  // A <= 0, dt >= 0: exponent <= 0
       TS* S = static_cast<TS*>(p.state.data) + slot * p.state.slot_stride + (h * P + p0) * N;
+      // Every line of the row kPrefetchBytes ahead, for writing, into L2 (as stream_scale). Past the
+      // block that is the next block or head of the same slot: the thread's next task, usually.
+      if (task == begin) prefetch_lines(S, prefetch_rows * row_bytes);
       for (int64_t r = 0; r < n; ++r) {
-        __builtin_prefetch(S + std::min(r + prefetch_rows, n - 1) * N, 1, 2);
+        prefetch_lines(reinterpret_cast<const char*>(S + (r + prefetch_rows) * N), row_bytes);
         y[r] = update_row(S + r * N, Bf, Cf, N, decay, dt * xf[r]);
       }
       const TIn* z = p.z.data ? p.z.row<const TIn>(seq, h) + p0 : nullptr;

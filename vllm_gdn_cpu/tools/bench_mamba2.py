@@ -31,7 +31,8 @@ from vllm_gdn_cpu.tools.bench import (
     stream_gbps,
 )
 
-CHUNK = 64  # the kernel's chunk (kernels/mamba2/chunk_scan.cpp)
+# The kernel's chunk (kernels/mamba2/chunk_scan.cpp): 128 tokens on paths with bf16 products, else 64.
+CHUNK_BF16, CHUNK_F32 = 128, 64
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,11 @@ MODELS = {
 WORKLOADS = {"T512": [512], "T2048": [2048], "8x256": [256] * 8, "16x128": [128] * 16}
 
 
-def prefill_flops(s: SSMShape, seqlens: list[int]) -> float:
+def prefill_flops(s: SSMShape, seqlens: list[int], chunk: int) -> float:
     total = 0.0
     for L in seqlens:
-        for c0 in range(0, L, CHUNK):
-            n = min(CHUNK, L - c0)
+        for c0 in range(0, L, chunk):
+            n = min(chunk, L - c0)
             tri = n * (n + 1) / 2
             total += s.G * tri * s.N + s.H * (2 * n * s.N * s.P + tri * s.P)
     return 2 * total
@@ -106,7 +107,7 @@ def torch_prefill(x, dt, A, B, C, D, dt_bias, state, idx, cu):
         s, e = bounds[i], bounds[i + 1]
         S = state[int(idx[i])].float()
         y, _ = reference.mamba2_chunked_ref(x[s:e].float(), dtf[s:e], A, B[s:e].float().repeat_interleave(
-            H // B.shape[1], 1), C[s:e].float().repeat_interleave(H // B.shape[1], 1), S, chunk=CHUNK)
+            H // B.shape[1], 1), C[s:e].float().repeat_interleave(H // B.shape[1], 1), S, chunk=CHUNK_F32)
         state[int(idx[i])] = S.to(state.dtype)
 
 
@@ -129,7 +130,8 @@ def bench_mamba2_prefill(args) -> list[dict]:
             t = best_time(lambda: ops.mamba2_chunk_scan(x, dt, A, B, C, D, dt_bias, state, idx, cu, out=out),
                           args.repeat)
             row["ours_tok_s"] = T / t
-            row["ours_gflops"] = prefill_flops(s, seqlens) / t / 1e9
+            chunk = CHUNK_BF16 if bf16_products else CHUNK_F32
+            row["ours_gflops"] = prefill_flops(s, seqlens, chunk) / t / 1e9
             if vl is not None:
                 out_v = torch.empty_like(x)
                 init = state[idx.long()]
