@@ -16,10 +16,11 @@ namespace {
 // ahead into L2 as in the GDN decode kernel).
 constexpr int64_t kPrefetchBytes = 8192;
 
-// One state row of n values (n a multiple of the vector width handled in vectors, the rest
-// scalar). Returns h_new . C.
+// One state row of n values (whole vectors, then the rest scalar). Returns h_new . C as a vector
+// of partial sums (the tail's in lane 0): the caller reduces the rows' vectors after the rows, so
+// no row waits for its own reduction.
 template <class TS>
-inline float update_row(TS* row, const float* B, const float* C, int64_t n, float decay, float dtx) {
+inline vfloat update_row(TS* row, const float* B, const float* C, int64_t n, float decay, float dtx) {
   const vfloat dv = vbroadcast(decay), xv = vbroadcast(dtx);
   vfloat acc0{}, acc1{};
   int64_t i = 0;
@@ -36,19 +37,14 @@ inline float update_row(TS* row, const float* B, const float* C, int64_t n, floa
     vstore_float(row + i, h0);
     acc0 += h0 * vload(C + i);
   }
-  acc0 += acc1;
-#if defined(__AVX512F__)
-  float s = _mm512_reduce_add_ps(reinterpret_cast<const __m512&>(acc0));  // a shuffle tree, not 16 serial adds
-#else
   float s = 0.f;
-  for (int j = 0; j < kVecWidth; ++j) s += acc0[j];
-#endif
   for (; i < n; ++i) {
     const float h = decay * to_float(row[i]) + dtx * B[i];
     row[i] = from_float<TS>(h);
     s += h * C[i];
   }
-  return s;
+  acc0[0] += s;
+  return acc0 + acc1;
 }
 
 // Requests the lines of [p, p + bytes) for writing into L2 (prefetches never fault).
@@ -69,9 +65,10 @@ void state_update_kernel(const Mamba2Params& p) {
   const int64_t prefetch_rows = std::max<int64_t>(1, kPrefetchBytes / row_bytes);
 
   parallel_for(p.N * H * blocks, 1, [&](int64_t begin, int64_t end) {
-    float* buf = thread_scratch(2 * N + 2 * P + 64);
+    float* buf = thread_scratch(2 * N + 2 * P + P * kVecWidth + 64);
     float *Bf = buf, *Cf = buf + N, *y = buf + 2 * N;
     float* xf = y + P;
+    float* yv = xf + P;  // per row, its vector of partial sums of h . C
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seq = task / (H * blocks), h = task / blocks % H, blk = task % blocks;
       const int64_t p0 = blk * pb, p1 = std::min(P, p0 + pb), n = p1 - p0;
@@ -94,7 +91,12 @@ void state_update_kernel(const Mamba2Params& p) {
       if (task == begin) prefetch_lines(S, prefetch_rows * row_bytes);
       for (int64_t r = 0; r < n; ++r) {
         prefetch_lines(reinterpret_cast<const char*>(S + (r + prefetch_rows) * N), row_bytes);
-        y[r] = update_row(S + r * N, Bf, Cf, N, decay, dt * xf[r]);
+        vstore(yv + r * kVecWidth, update_row(S + r * N, Bf, Cf, N, decay, dt * xf[r]));
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        float sum = 0.f;
+        for (int j = 0; j < kVecWidth; ++j) sum += yv[r * kVecWidth + j];
+        y[r] = sum;
       }
       const TIn* z = p.z.data ? p.z.row<const TIn>(seq, h) + p0 : nullptr;
       mamba2::finish_row(y, x, z, p.D ? p.D[h] : 0.f, p.D != nullptr, n);
