@@ -5,6 +5,7 @@
 // One task = (sequence, head, block of P rows): enough tasks for every thread at batch 1.
 #include <algorithm>
 
+#include "common/gemm.h"
 #include "common/parallel.h"
 #include "mamba2/common.h"
 
@@ -19,12 +20,17 @@ constexpr int64_t kPrefetchBytes = 8192;
 // One state row of n values (whole vectors, then the rest scalar). Returns h_new . C as a vector
 // of partial sums (the tail's in lane 0): the caller reduces the rows' vectors after the rows, so
 // no row waits for its own reduction.
+// `ahead` is the row kPrefetchBytes ahead: its lines are requested (for writing, into L2) as this
+// row's are consumed, one per line, as stream_scale does, rather than in one burst per row.
 template <class TS>
-inline vfloat update_row(TS* row, const float* B, const float* C, int64_t n, float decay, float dtx) {
+inline vfloat update_row(TS* row, const TS* ahead, const float* B, const float* C, int64_t n, float decay,
+                         float dtx) {
   const vfloat dv = vbroadcast(decay), xv = vbroadcast(dtx);
   vfloat acc0{}, acc1{};
   int64_t i = 0;
+  constexpr int64_t kPerLine = 64 / sizeof(TS);
   for (; i + 2 * kVecWidth <= n; i += 2 * kVecWidth) {
+    for (int64_t b = 0; b < 2 * kVecWidth; b += kPerLine) __builtin_prefetch(ahead + i + b, 1, 2);
     const vfloat h0 = dv * vload_float(row + i) + xv * vload(B + i);
     const vfloat h1 = dv * vload_float(row + i + kVecWidth) + xv * vload(B + i + kVecWidth);
     vstore_float(row + i, h0);
@@ -33,6 +39,7 @@ inline vfloat update_row(TS* row, const float* B, const float* C, int64_t n, flo
     acc1 += h1 * vload(C + i + kVecWidth);
   }
   for (; i + kVecWidth <= n; i += kVecWidth) {
+    __builtin_prefetch(ahead + i, 1, 2);
     const vfloat h0 = dv * vload_float(row + i) + xv * vload(B + i);
     vstore_float(row + i, h0);
     acc0 += h0 * vload(C + i);
@@ -51,6 +58,26 @@ inline vfloat update_row(TS* row, const float* B, const float* C, int64_t n, flo
 inline void prefetch_lines(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 1, 2);
+}
+
+// y[r] = sum of the kVecWidth partial sums of row r (yv [n, kVecWidth]); with AVX-512, 16 rows at
+// a time as a 16 x 16 transpose and 15 vector adds instead of 16 serial scalar adds per row.
+inline void row_sums(float* yv, int64_t n, float* y) {
+  int64_t r = 0;
+#if defined(__AVX512F__)
+  alignas(64) float t[16 * 16];
+  for (; r + 16 <= n; r += 16) {
+    transpose_16x16(yv + r * 16, 16, t, 16);
+    vfloat sum = vload(t);
+    for (int j = 1; j < 16; ++j) sum += vload(t + j * 16);
+    vstore(y + r, sum);
+  }
+#endif
+  for (; r < n; ++r) {
+    float sum = 0.f;
+    for (int j = 0; j < kVecWidth; ++j) sum += yv[r * kVecWidth + j];
+    y[r] = sum;
+  }
 }
 
 template <class TIn, class TS>
@@ -90,14 +117,9 @@ void state_update_kernel(const Mamba2Params& p) {
       // block that is the next block or head of the same slot: the thread's next task, usually.
       if (task == begin) prefetch_lines(S, prefetch_rows * row_bytes);
       for (int64_t r = 0; r < n; ++r) {
-        prefetch_lines(reinterpret_cast<const char*>(S + (r + prefetch_rows) * N), row_bytes);
-        vstore(yv + r * kVecWidth, update_row(S + r * N, Bf, Cf, N, decay, dt * xf[r]));
+        vstore(yv + r * kVecWidth, update_row(S + r * N, S + (r + prefetch_rows) * N, Bf, Cf, N, decay, dt * xf[r]));
       }
-      for (int64_t r = 0; r < n; ++r) {
-        float sum = 0.f;
-        for (int j = 0; j < kVecWidth; ++j) sum += yv[r * kVecWidth + j];
-        y[r] = sum;
-      }
+      row_sums(yv, n, y);
       const TIn* z = p.z.data ? p.z.row<const TIn>(seq, h) + p0 : nullptr;
       mamba2::finish_row(y, x, z, p.D ? p.D[h] : 0.f, p.D != nullptr, n);
       store_row(y, out, n);
