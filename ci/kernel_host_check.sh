@@ -36,4 +36,13 @@ print(",".join(p for p in ("amx", "avx512", "avx512_bf16", "avx2") if p in have)
     "$python" -m vllm_gdn_cpu.tools.bench prefill --threads "$t" --no-vllm --no-ref --models qwen3-next \
       --workloads T2048,T8192 --gemms "$gemms"
   done
+  # Mamba2 (SSD): decode over cold states, prefill on the path the CPU selects and on each other fast one.
+  for t in 1 $threads; do
+    "$python" -m vllm_gdn_cpu.tools.bench mamba2-decode --threads "$t" --no-vllm --no-ref --batches 1,16 \
+      --state-dtypes float32,bfloat16
+    for g in ${gemms//,/ }; do
+      VLLM_GDN_CPU_GEMM=$g "$python" -m vllm_gdn_cpu.tools.bench mamba2-prefill --threads "$t" --no-vllm --no-ref \
+        --workloads T2048,8x256
+    done
+  done
 fi
