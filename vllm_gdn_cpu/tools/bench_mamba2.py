@@ -11,11 +11,15 @@ C S, the masked intra-chunk product and the chunk state update; triangles as hal
 is of the GEMM peak of the dtype its GEMM path multiplies in (bench.add_roofline).
 Decode: ``layers`` state pools stepped in turn (cold states, as in a model); GB/s counts the state
 read and written once per step, % of the in-place stream (bench.stream_gbps). vLLM's side is its CPU
-``selective_state_update`` with MambaMixer2's tied shapes (fp32 states only: it refuses others).
+``selective_state_update`` with MambaMixer2's tied shapes.
+With ``--cpu-time`` each row also gets one-thread figures by CPU time (ours, vLLM's, and the limit:
+torch's matmul in the path's product dtype for the prefill, stream_scale_ over as many bytes for the
+decode), which a machine shared with other work distorts far less than wall time on all threads.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +82,30 @@ def _inputs(s: SSMShape, seqlens: list[int], dtype: torch.dtype, state_dtype: to
     cu = torch.zeros(Nseq + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(seqlens).cumsum(0)
     return x, dt, A, B, C, D, dt_bias, state, idx, cu
+
+
+def best_cpu_time_1t(fn, repeat: int) -> float:
+    """Best CPU time of fn() on one torch thread (time.thread_time of the calling thread, which runs
+    a one-thread parallel region itself), after one warm-up. On a shared machine this, unlike wall
+    time, does not count the time the thread waits for a core; caches and memory stay shared."""
+    saved = torch.get_num_threads()
+    torch._C.set_num_threads(1)  # torch._C's: an in-process vLLM worker disables torch.set_num_threads
+    try:
+        fn()
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.thread_time()
+            fn()
+            best = min(best, time.thread_time() - t0)
+        return best
+    finally:
+        torch._C.set_num_threads(saved)
+
+
+def matmul_peak_1t(dtype: torch.dtype, n: int = 1024, repeat: int = 5) -> float:
+    """GFLOP/s of torch's n x n matmul in dtype on one thread, by CPU time (best_cpu_time_1t)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return 2 * n**3 / best_cpu_time_1t(lambda: torch.matmul(a, b), repeat) / 1e9
 
 
 def _vllm_prefill():
@@ -150,6 +178,16 @@ def bench_mamba2_prefill(args) -> list[dict]:
                 tr = best_time(lambda: torch_prefill(x, dt, A, B, C, D, dt_bias, state, idx, cu), 1, 0)
                 row["torch_ref_tok_s"] = T / tr
                 row["speedup_vs_torch_ref"] = tr / t
+            if args.cpu_time:  # one thread, CPU time: robust to a loaded machine
+                peak_1t = matmul_peak_1t(torch.bfloat16 if bf16_products else torch.float32)
+                t1 = best_cpu_time_1t(
+                    lambda: ops.mamba2_chunk_scan(x, dt, A, B, C, D, dt_bias, state, idx, cu, out=out), args.repeat)
+                row["ours_1t_cpu_gflops"] = prefill_flops(s, seqlens, chunk) / t1 / 1e9
+                row["matmul_1t_cpu_gflops"] = peak_1t
+                row["ours_1t_pct_of_matmul"] = 100 * row["ours_1t_cpu_gflops"] / peak_1t
+                if vl is not None:
+                    tv1 = best_cpu_time_1t(vllm, args.repeat)
+                    row["speedup_vs_vllm_1t_cpu"] = tv1 / t1
             rows.append(row)
             print_row(row, args)
     add_roofline(rows, peaks_before)
@@ -222,9 +260,21 @@ def bench_mamba2_decode(args) -> list[dict]:
                     tr = best_time(torch_ref, 1, 0) / 2
                     row["torch_ref_us_per_layer"] = tr * 1e6
                     row["speedup_vs_torch_ref"] = tr / t
+                if args.cpu_time:  # one thread, CPU time, vs stream_scale_ over as many bytes
+                    flat = [torch.zeros(moved // 8) for _ in range(layers)]
+                    t1 = best_cpu_time_1t(ours, args.repeat) / layers
+                    ts1 = best_cpu_time_1t(lambda: [ops.stream_scale_(f, 1.0) for f in flat], args.repeat) / layers
+                    row["ours_1t_cpu_gbps"] = moved / t1 / 1e9
+                    row["stream_1t_cpu_gbps"] = moved / ts1 / 1e9
+                    row["ours_1t_pct_of_stream"] = 100 * ts1 / t1
+                    del flat
                 rows.append(row)
                 print_row(row, args)
     return rows
+
+
+CPU_TIME_HELP = ("also time ours (and vLLM's) on one thread by CPU time (time.thread_time) against the same "
+                 "limit measured the same way: figures that a loaded machine does not distort as much")
 
 
 def add_parsers(sub, common) -> None:
@@ -232,12 +282,14 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--models", default="mamba2-2.7b,nemotron-h-like", help=f"of {', '.join(MODELS)}")
     p.add_argument("--workloads", default="T2048,8x256", help=f"of {', '.join(WORKLOADS)}")
     p.add_argument("--ref-max-tokens", type=int, default=2048, help="skip the slow torch reference above this")
+    p.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
     d = sub.add_parser("mamba2-decode", parents=[common], help="Mamba2 decode step over cold states")
     d.add_argument("--models", default="mamba2-2.7b,nemotron-h-like", help=f"of {', '.join(MODELS)}")
     d.add_argument("--batches", default="1,16")
     d.add_argument("--layers", type=int, default=0,
                    help="state pools stepped in turn (default: at least 8 and 512 MiB of state)")
     d.add_argument("--state-dtypes", default="float32,bfloat16")
+    d.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
 
 
 def run(args) -> list[dict]:
