@@ -305,3 +305,14 @@ def test_decode_matches_vllm_cpu_op(dtype):
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3 if dtype == torch.float16 else 1e-5
     assert_close_rel(out, out_v, tol, "output vs vLLM")
     assert_close_rel(state, state_v, 1e-5, "states vs vLLM")
+
+
+@pytest.mark.parametrize("dt_dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_dt_dtype_independent_of_x(dt_dtype):
+    """dt may come in another float dtype than x (e.g. fp32 dt beside bf16 activations)."""
+    p = make_m2([70, 1, 9], 4, 16, 2, 32, torch.bfloat16, torch.float32, seed=24, with_z=True)
+    p.dt = p.dt.to(dt_dtype)
+    prefill_and_compare(p)
+    q = make_m2([1] * 5, 4, 16, 2, 32, torch.bfloat16, torch.float32, seed=25)
+    q.dt = q.dt.to(dt_dtype)
+    decode_and_compare(q)

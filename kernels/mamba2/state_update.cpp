@@ -96,6 +96,7 @@ void state_update_kernel(const Mamba2Params& p) {
     float *Bf = buf, *Cf = buf + N, *y = buf + 2 * N;
     float* xf = y + P;
     float* yv = xf + P;  // per row, its vector of partial sums of h . C
+    int64_t loaded_seq = -1, loaded_group = -1;  // whose B and C rows Bf, Cf hold
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seq = task / (H * blocks), h = task / blocks % H, blk = task % blocks;
       const int64_t p0 = blk * pb, p1 = std::min(P, p0 + pb), n = p1 - p0;
@@ -106,8 +107,11 @@ void state_update_kernel(const Mamba2Params& p) {
         continue;
       }
       const int64_t g = h / heads_per_group;
-      load_row(p.B.row<const TIn>(seq, g), Bf, N);
-      load_row(p.C.row<const TIn>(seq, g), Cf, N);
+      if (seq != loaded_seq || g != loaded_group) {  // consecutive tasks share them mostly
+        load_row(p.B.row<const TIn>(seq, g), Bf, N);
+        load_row(p.C.row<const TIn>(seq, g), Cf, N);
+        loaded_seq = seq, loaded_group = g;
+      }
       const TIn* x = p.x.row<const TIn>(seq, h) + p0;
       load_row(x, xf, n);
       const float dt = mamba2::step_size(p, mamba2::raw_dt(p, seq, h), h);
