@@ -38,6 +38,8 @@ class FakeMixer:
     _state_views = GDNCPUMambaMixer2._state_views
     _split_heads = GDNCPUMambaMixer2._split_heads
     _checkpoint_conv_history = GDNCPUMambaMixer2._checkpoint_conv_history
+    _spec_decode_core = GDNCPUMambaMixer2._spec_decode_core
+    num_spec = 0
     _conv_weight_for_ops = GDNCPUMambaMixer2._conv_weight_for_ops
     _plain_conv_weight = GDNCPUMambaMixer2._plain_conv_weight
 
@@ -155,3 +157,51 @@ def test_checkpoint_history_ignores_garbage_of_slots_without_state():
     )
     assert rows.tolist() == [0]
     assert history[0, :, 0].tolist() == [0.0, 0.0, 1.0]
+
+
+def test_speculative_decode_rows(monkeypatch):
+    """Speculative decode rows (``_spec_decode_core``): row i has q_i tokens (1 + drafts) and
+    a_i = tokens accepted in its previous step. The SSM state starts from slot
+    ``state_indices_d[i, a_i - 1]`` and the state after token t lands in ``state_indices_d[i, t]``;
+    the conv history starts at column a_i - 1 of the rolling buffer (W-1+S columns, in slot
+    ``state_indices_d[i, 0]``), which afterwards holds ``prior[1:] ++ tokens`` from column 0."""
+    monkeypatch.setattr(layer_module, "is_conv_state_dim_first", lambda: False)
+    generator = torch.Generator().manual_seed(1)
+    spec = 3
+    mixer = FakeMixer(generator, dim_first=False)
+    mixer.num_spec = spec
+    mixer.kv_cache = (torch.randn(NUM_SLOTS, W - 1 + spec, CONV_DIM, generator=generator), mixer.kv_cache[1])
+    # Rows: 3 drafts after 2 accepted; 1 draft after all 4 accepted (state read from the last
+    # column); no draft after 1 accepted; no draft, fresh columns. Unused columns name slot 0.
+    spec_idx = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 0, 0], [11, 0, 0, 0]], dtype=torch.int32)
+    lengths, accepted = [4, 2, 1, 1], [2, 4, 1, 1]
+    total = sum(lengths)
+    projected = torch.randn(total + 2, INTER + CONV_DIM + H, generator=generator)
+    output = torch.zeros(total + 2, INTER)
+    conv_before, ssm_before = mixer.kv_cache[0].clone(), mixer.kv_cache[1].clone()
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    metadata = SimpleNamespace(
+        num_decodes=len(lengths), num_decode_tokens=total, num_prefills=0, num_prefill_tokens=0,
+        state_indices_tensor_d=spec_idx, query_start_loc_d=cu,
+        num_accepted_tokens=torch.tensor(accepted, dtype=torch.int32),
+    )
+    mixer.forward_core(projected, output, metadata)
+
+    xbc_all, dt_all = projected[:, INTER:INTER + CONV_DIM], projected[:, INTER + CONV_DIM:]
+    for i, (q, a) in enumerate(zip(lengths, accepted)):
+        tokens = slice(int(cu[i]), int(cu[i]) + q)
+        base = int(spec_idx[i, 0])
+        prior = conv_before[base, a - 1 : a - 1 + W - 1]
+        y, _, _ = reference_sequence(mixer, xbc_all[tokens], dt_all[tokens], prior, ssm_before[int(spec_idx[i, a - 1])],
+                                     True)
+        torch.testing.assert_close(output[tokens].double(), y.flatten(1), rtol=1e-4, atol=1e-4)
+        for t in range(q):
+            head = slice(int(cu[i]), int(cu[i]) + t + 1)
+            _, _, ssm_t = reference_sequence(mixer, xbc_all[head], dt_all[head], prior,
+                                             ssm_before[int(spec_idx[i, a - 1])], True)
+            torch.testing.assert_close(mixer.kv_cache[1][int(spec_idx[i, t])].double(), ssm_t, rtol=1e-4, atol=1e-4)
+        rolled = torch.cat([prior[1:], xbc_all[tokens]])
+        torch.testing.assert_close(mixer.kv_cache[0][base, : rolled.shape[0]], rolled)
+    assert output[total:].abs().max() == 0
+    # Slot 0 is named only in unused columns: untouched.
+    assert torch.equal(mixer.kv_cache[1][0], ssm_before[0]) and torch.equal(mixer.kv_cache[0][0], conv_before[0])

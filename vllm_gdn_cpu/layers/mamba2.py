@@ -25,7 +25,9 @@ crashes here (its CPU scan returns no chunk states: IndexError at ``varlen_state
 
 State: ``layer.kv_cache = (conv_state, ssm_state)``; conv ``[slots, W-1, conv_dim]`` on CPU ("SD"
 layout; a transposed view in the dim-first layout), SSM ``[slots, H, P, N]``, both as our ops take
-them. Not supported (clear error at layer build): speculative decoding and vLLM's ReplaySSM decode.
+them. Speculative decoding: ``_spec_decode_core`` (prefix caching off: vLLM 0.32's "align"-mode
+speculative pre-copy is a Triton kernel). Not supported (clear error at layer build): vLLM's
+ReplaySSM decode.
 """
 
 from __future__ import annotations
@@ -56,12 +58,6 @@ class GDNCPUMambaMixer2(MambaMixer2):
         if self.activation not in CONV_ACTIVATIONS:
             raise NotImplementedError(
                 f"vllm_gdn_cpu: unsupported MambaMixer2 conv activation {self.activation!r} in {self.prefix}"
-            )
-        if self.num_spec > 0:
-            raise NotImplementedError(
-                f"vllm_gdn_cpu: speculative decoding ({self.num_spec} speculative tokens) is not "
-                f"supported for Mamba2 layers (MambaMixer2, {self.prefix}) by the GDN_CPU backend; "
-                "run without --speculative-config, or unset VLLM_ATTENTION_BACKEND"
             )
         if self.use_replayssm:
             raise NotImplementedError(
@@ -114,12 +110,16 @@ class GDNCPUMambaMixer2(MambaMixer2):
             self._tap_major_conv_weight = cached
         return cached[1].t()
 
-    def _state_views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(conv_state [slots, W-1, conv_dim], ssm_state [slots, H, P, N]) views of the cache."""
+    def _state_views(self, full_conv_buffer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv_state [slots, W-1, conv_dim], ssm_state [slots, H, P, N]) views of the cache.
+        With speculative decoding vLLM allocates W-1+S conv columns; prefill rows use the first W-1
+        (speculative decode rows ask for the whole buffer)."""
         conv_state, ssm_state = self.kv_cache[0], self.kv_cache[1]
         if is_conv_state_dim_first():
             conv_state = conv_state.transpose(-1, -2)
-        return conv_state[:, : self.conv_kernel_size - 1], ssm_state
+        if not full_conv_buffer:
+            conv_state = conv_state[:, : self.conv_kernel_size - 1]
+        return conv_state, ssm_state
 
     def _split_heads(self, conv_out: torch.Tensor):
         """conv output [T, conv_dim] -> x [T, H, P], B [T, G, N], C [T, G, N] (views)."""
@@ -149,7 +149,10 @@ class GDNCPUMambaMixer2(MambaMixer2):
         silu = CONV_ACTIVATIONS[self.activation]
         out = output.unflatten(-1, (self.num_heads // self.tp_size, self.head_dim))
 
-        if num_decodes > 0:
+        if num_decodes > 0 and self.num_spec > 0:
+            self._spec_decode_core(xbc[:num_decode_tokens], dt[:num_decode_tokens], out[:num_decode_tokens],
+                                   metadata, weight, bias, silu)
+        elif num_decodes > 0:
             decode = slice(0, num_decode_tokens)
             slots = metadata.state_indices_tensor_d[:num_decodes, 0].contiguous()
             cu = torch.arange(num_decodes + 1, dtype=torch.int32, device=xbc.device)
@@ -189,6 +192,73 @@ class GDNCPUMambaMixer2(MambaMixer2):
             if checkpoint is not None:
                 rows, history = conv_history
                 conv_state[checkpoint_slots[rows].long()] = history
+
+    def _spec_decode_core(self, xbc, dt, out, metadata, weight, bias, silu) -> None:
+        """Decode rows under speculative decoding (vLLM puts every decoding request here, with
+        1 + drafts tokens; ``num_accepted_tokens[i]`` = a says how many tokens of its previous step
+        were accepted). Semantics of vLLM's MambaMixer2 (``selective_state_update`` with
+        ``num_accepted_tokens``, ``causal_conv1d_update`` sliding window), as in our GDN version
+        (vllm_gdn_cpu.layers.gdn_spec_decode):
+
+        * SSM: start from slot ``state_indices_d[i, a-1]``, store the state after token t of this
+          step in slot ``state_indices_d[i, t]``: one ``ops.mamba2_state_update`` call per draft
+          position (at most S+1), each after copying the previous position's slot into this one's
+          (a loop over draft positions, never over sequences or prompt tokens);
+        * conv (rolling buffer B of W-1+S columns in the slot ``state_indices_d[i, 0]``): the W-1
+          inputs before this step's first token are ``B[a-1 : a-1+W-1]``; afterwards
+          ``B[0 : W-2+q_i] = prior[1:] ++ x``, so the next step reads again at its a-1.
+        """
+        num_seqs = metadata.num_decodes
+        cu = metadata.query_start_loc_d[: num_seqs + 1].long()
+        lengths = cu.diff()
+        spec_idx = metadata.state_indices_tensor_d[:num_seqs].long()
+        accepted = metadata.num_accepted_tokens[:num_seqs].long()
+        num_tokens, dim = xbc.shape
+        conv_buffer, ssm_state = self._state_views(full_conv_buffer=True)  # [slots, W-1+S, D]
+        history = self.conv_kernel_size - 1
+        q_max = int(lengths.max())
+        if history - 1 + q_max > conv_buffer.shape[1]:
+            raise RuntimeError(
+                f"vllm_gdn_cpu: {q_max} speculative tokens do not fit a conv buffer of "
+                f"{conv_buffer.shape[1]} columns in {self.prefix}"
+            )
+
+        # conv: the priors at the accepted offset, then our conv op over the varlen rows
+        base_slot = spec_idx[:, 0]
+        real = base_slot >= 0
+        slot0 = base_slot.clamp(min=0)
+        cols = (accepted - 1).clamp(min=0)[:, None] + torch.arange(history)  # [N, W-1]
+        prior = conv_buffer[slot0[:, None], cols]  # [N, W-1, D] (a copy)
+        prior = torch.where(real[:, None, None], prior, 0).contiguous()
+        conv_out = ops.causal_conv1d(
+            xbc, weight, bias, prior.clone(), torch.where(real, torch.arange(num_seqs), -1).to(torch.int32),
+            cu.to(torch.int32), silu=silu,
+        )
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), lengths, output_size=num_tokens)
+        pos_in_seq = torch.arange(num_tokens) - cu[seq_of_token]
+        padded = torch.zeros(num_seqs, q_max, dim, dtype=conv_buffer.dtype)
+        padded[seq_of_token, pos_in_seq] = xbc.to(conv_buffer.dtype)
+        rolled = torch.cat([prior[:, 1:].to(conv_buffer.dtype), padded], dim=1)
+        conv_buffer[slot0[real], : rolled.shape[1]] = rolled[real]
+
+        # SSM: one call per draft position; the state after token t is kept in spec_idx[:, t]
+        x, B, C = self._split_heads(conv_out)
+        step_out = torch.empty((num_seqs, *out.shape[1:]), dtype=out.dtype)
+        src = spec_idx.gather(1, (accepted - 1).clamp(min=0)[:, None]).squeeze(1)
+        for t in range(q_max):
+            active = (lengths > t) & real
+            dst = spec_idx[:, t]
+            copy = active & (src != dst)
+            if bool(copy.any()):
+                ssm_state[dst[copy]] = ssm_state[src[copy]]
+            rows = (cu[:-1] + t).clamp(max=max(num_tokens - 1, 0))
+            slots = torch.where(active, dst, -1).to(torch.int32)
+            ops.mamba2_state_update(
+                x.index_select(0, rows), dt.index_select(0, rows), self.A, B.index_select(0, rows),
+                C.index_select(0, rows), self.D, self.dt_bias, ssm_state, slots, out=step_out,
+            )
+            out[rows[active]] = step_out[active]
+            src = torch.where(active, dst, src)
 
     def _checkpoint_conv_history(self, xbc, conv_state, slots, cu, has_initial_state, offsets):
         """(rows, history [R, W-1, conv_dim]): for each prefill row with a checkpoint (offset o > 0),
