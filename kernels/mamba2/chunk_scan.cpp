@@ -1,8 +1,10 @@
 // mamba2_chunk_scan: prefill with the chunked SSD form of Mamba2 (as mamba_ssm's ssd_minimal). One
-// task = (sequence, block of heads of one group); it walks its chunks of up to L tokens in order,
-// carrying each head's fp32 state, kept transposed as St [N, P] so that every product below is a
-// plain row-major GEMM. Per chunk (a = A dt <= 0, Acs = cumsum(a) within the chunk):
-//   CB      = C B^T                                       once per (group, chunk), shared by heads
+// task = (sequence, block of up to 8 heads of one group); it walks its chunks of up to L tokens in
+// order, carrying each head's fp32 state, kept transposed as St [N, P] and the task's heads side by
+// side ([N, heads * P]), so that every product below is a plain row-major GEMM and C St and the
+// state update are one product each for all the task's heads. Per chunk (a = A dt <= 0,
+// Acs = cumsum(a) within the chunk):
+//   CB      = C B^T                          once per task and chunk, shared by the task's heads
 //   M[i,j]  = CB[i,j] exp(Acs_i - Acs_j)                 j <= i   (exponent <= 0)
 //   Y       = exp(Acs_i) * (C St)  +  M (dt * x)
 //   St      = exp(Acs_end) St + B^T (exp(Acs_end - Acs_j) dt_j x_j)   (exponents <= 0)
@@ -30,10 +32,10 @@ constexpr int64_t kChunkBf16 = 128, kChunkF32 = 64;
 constexpr int64_t kRowsAhead = 8;  // rows a token apart are prefetched this far ahead (as GDN's)
 
 struct Scratch {
-  // The task's hb heads side by side: Xdt, Y [L, hb*P] and St [N, hb*P] (head r in columns
+  // The task's hb heads side by side: Xdt, Y, Yi [L, hb*P] and St [N, hb*P] (head r in columns
   // [r*P, r*P + P)), so that C St and the state update are one product each for all of them.
   int64_t L;  // chunk length
-  float *Cc, *Bc, *Bt, *CB, *M, *Xdt, *Y, *tmp, *St, *dt, *Acs, *eAcs, *wend, *ones, *vb, *F;
+  float *Cc, *Bc, *Bt, *CB, *M, *Xdt, *Y, *Yi, *tmp, *St, *dt, *Acs, *eAcs, *wend, *ones, *vb, *F;
   uint16_t* a_bf16;
   uint32_t *pack_Bt, *pack_St, *pack_X, *pack_Xw;
 
@@ -47,13 +49,13 @@ struct Scratch {
       return r;
     };
     Cc = take(L * N), Bc = take(L * N), Bt = take(N * L), CB = take(L * L), M = take(L * L);
-    Xdt = take(L * W), Y = take(L * W), tmp = take(P * N), St = take(N * W);
+    Xdt = take(L * W), Y = take(L * W), Yi = take(L * W), tmp = take(P * N), St = take(N * W);
     dt = take(hb * L), Acs = take(hb * L), eAcs = take(hb * L), wend = take(hb * L), ones = take(1);
     vb = take(L + kVecWidth), F = take((L / kVecWidth + 1) * L);
     a_bf16 = reinterpret_cast<uint16_t*>(take(std::max({L * even(N), N * even(L), L * L}) / 2 + 1));
     pack_Bt = reinterpret_cast<uint32_t*>(take(even(N) / 2 * L));
     pack_St = reinterpret_cast<uint32_t*>(take(even(N) / 2 * W));
-    pack_X = reinterpret_cast<uint32_t*>(take(L / 2 * P));
+    pack_X = reinterpret_cast<uint32_t*>(take(L / 2 * W));
     pack_Xw = reinterpret_cast<uint32_t*>(take(L / 2 * W));
     return used;
   }
@@ -70,9 +72,11 @@ void gather_rows(const Mat3& m, int64_t t0, int64_t n, int64_t head, int64_t D, 
   }
 }
 
-// Rows [t0, t0 + n) of heads [h0, h0 + hb) -> fp32 [n, hb*D], head r in columns [r*D, r*D + D).
+// Rows [t0, t0 + n) of heads [h0, h0 + hb) -> fp32 [n, hb*D], head r in columns [r*D, r*D + D),
+// row i of head r scaled by scale[r * ld + i].
 template <class T>
-void gather_heads(const Mat3& m, int64_t t0, int64_t n, int64_t h0, int64_t hb, int64_t D, float* dst) {
+void gather_heads(const Mat3& m, int64_t t0, int64_t n, int64_t h0, int64_t hb, int64_t D, float* dst,
+                  const float* scale, int64_t ld) {
   const int64_t W = hb * D;
   const bool packed = m.head_stride == D;  // the heads of a token are one contiguous row
   const int64_t bytes = (packed ? W : D) * static_cast<int64_t>(sizeof(T));
@@ -85,6 +89,12 @@ void gather_heads(const Mat3& m, int64_t t0, int64_t n, int64_t h0, int64_t hb, 
       load_row(m.row<const T>(t0 + i, h0), dst + i * W, W);
     } else {
       for (int64_t r = 0; r < hb; ++r) load_row(m.row<const T>(t0 + i, h0 + r), dst + i * W + r * D, D);
+    }
+    for (int64_t r = 0; r < hb; ++r) {
+      const float f = scale[r * ld + i];
+      float* row = dst + i * W + r * D;
+#pragma omp simd
+      for (int64_t q = 0; q < D; ++q) row[q] *= f;
     }
   }
 }
@@ -184,19 +194,23 @@ void chunk_step(const Mamba2Params& p, const Mm& mm, bool bf16, Scratch& s, int6
   dispatch_dtype(p.dt.dtype, [&](auto tag) {
     chunk_decays<decltype(tag)>(p, L, h0, hb, c0, n, s.dt, s.Acs, s.eAcs, s.wend);
   });
-  // Xdt = dt * x
-  gather_heads<TIn>(p.x, c0, n, h0, hb, P, s.Xdt);
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t r = 0; r < hb; ++r) {
-      const float d = s.dt[r * L + i];
-      float* xd = s.Xdt + i * W + r * P;
-#pragma omp simd
-      for (int64_t q = 0; q < P; ++q) xd[q] *= d;
+  // Xdt = dt * x (each row scaled while it is in L1)
+  gather_heads<TIn>(p.x, c0, n, h0, hb, P, s.Xdt, s.dt, L);
+
+  // With bf16 products, both packings of Xdt in one pass: as is (the intra-chunk products' right
+  // operand, every head) and scaled by exp(Acs_end - Acs_j) (the state update's).
+  if (bf16) {
+    for (int64_t i = 0; i < n; i += 2) {
+      const float* r0 = s.Xdt + i * W;
+      const float* r1 = i + 1 < n ? r0 + W : nullptr;
+      pack_scaled_pair(r0, r1, hb, P, s.ones, 0, s.ones, s.pack_X + i / 2 * W);
+      pack_scaled_pair(r0, r1, hb, P, s.wend + i, L, s.wend + i + 1, s.pack_Xw + i / 2 * W);
     }
   }
 
-  // Y = exp(Acs) * (C St), all heads in one product. With bf16 products the packing of St also
-  // applies its decay to the end of the chunk (St = exp(Acs_end) St) in the same pass.
+  // Y = C St, all heads in one product (scaled by exp(Acs_i) in the output pass below). With bf16
+  // products the packing of St also applies its decay to the end of the chunk
+  // (St = exp(Acs_end) St) in the same pass.
   const float* e_end = s.eAcs + (n - 1);  // exp(Acs_end) of head r at e_end[r * L]
   Mm::B St_op;
   if (bf16) {
@@ -228,43 +242,35 @@ void chunk_step(const Mamba2Params& p, const Mm& mm, bool bf16, Scratch& s, int6
       }
     }
   }
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t r = 0; r < hb; ++r) {
-      const float e = s.eAcs[r * L + i];
-      float* y = s.Y + i * W + r * P;
-#pragma omp simd
-      for (int64_t q = 0; q < P; ++q) y[q] *= e;
-    }
-  }
 
-  // Y_r += M_r Xdt_r,  M_r = CB * exp(Acs_i - Acs_j) (lower triangle incl. the diagonal)
+  // Yi_r = M_r Xdt_r,  M_r = CB * exp(Acs_i - Acs_j) (lower triangle incl. the diagonal)
   for (int64_t r = 0; r < hb; ++r) {
     decay_matrix(s.CB, s.Acs + r * L, n, L, s.M, s.vb, s.F);
-    const Mm::B X_op = mm.operand(s.Xdt + r * P, n, P, W, s.pack_X);
-    mm.run_lower_a(n, P, s.M, L, X_op, s.Y + r * P, W, true);
+    const Mm::B X_op = bf16 ? Mm::B{nullptr, 0, s.pack_X + r * P, W} : Mm::B{s.Xdt + r * P, W, nullptr, 0};
+    mm.run_lower_a(n, P, s.M, L, X_op, s.Yi + r * P, W, false);
   }
 
+  // y = exp(Acs_i) Y + Yi (+ D x, * silu(z)), one pass
   const bool has_D = p.D != nullptr;
   for (int64_t r = 0; r < hb; ++r) {
     const int64_t h = h0 + r;
     const float D = has_D ? p.D[h] : 0.f;
     for (int64_t i = 0; i < n; ++i) {
-      float* y = s.Y + i * W + r * P;
+      float* yi = s.Yi + i * W + r * P;
+      const float* y = s.Y + i * W + r * P;
+      const float e = s.eAcs[r * L + i];
+#pragma omp simd
+      for (int64_t q = 0; q < P; ++q) yi[q] += e * y[q];
       const TIn* z = p.z.data ? p.z.row<const TIn>(c0 + i, h) : nullptr;
-      if (has_D || z) mamba2::finish_row(y, p.x.row<const TIn>(c0 + i, h), z, D, has_D, P);
-      store_row_streaming(y, p.out.row<TIn>(c0 + i, h), P);
+      if (has_D || z) mamba2::finish_row(yi, p.x.row<const TIn>(c0 + i, h), z, D, has_D, P);
+      store_row_streaming(yi, p.out.row<TIn>(c0 + i, h), P);
     }
   }
 
-  // St += B^T (exp(Acs_end - Acs_j) * Xdt), all heads in one product. With bf16 products the rows
-  // are scaled while they are packed; in fp32 Xdt is scaled in place (no longer needed).
+  // St += B^T (exp(Acs_end - Acs_j) * Xdt), all heads in one product (bf16: packed above; fp32:
+  // Xdt scaled in place, no longer needed).
   Mm::B Xw_op;
   if (bf16) {
-    for (int64_t i = 0; i < n; i += 2) {
-      const float* r0 = s.Xdt + i * W;
-      pack_scaled_pair(r0, i + 1 < n ? r0 + W : nullptr, hb, P, s.wend + i, L, s.wend + i + 1,
-                       s.pack_Xw + i / 2 * W);
-    }
     Xw_op = Mm::B{nullptr, 0, s.pack_Xw, W};
   } else {
     for (int64_t i = 0; i < n; ++i) {
@@ -275,7 +281,7 @@ void chunk_step(const Mamba2Params& p, const Mm& mm, bool bf16, Scratch& s, int6
         for (int64_t q = 0; q < P; ++q) xd[q] *= w;
       }
     }
-    Xw_op = mm.operand(s.Xdt, n, W, W, s.pack_Xw);
+    Xw_op = Mm::B{s.Xdt, W, nullptr, 0};
   }
   mm.run(N, W, n, s.Bt, L, Xw_op, s.St, W, true);
 }
