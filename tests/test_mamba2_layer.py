@@ -205,3 +205,34 @@ def test_speculative_decode_rows(monkeypatch):
     assert output[total:].abs().max() == 0
     # Slot 0 is named only in unused columns: untouched.
     assert torch.equal(mixer.kv_cache[1][0], ssm_before[0]) and torch.equal(mixer.kv_cache[0][0], conv_before[0])
+
+
+@pytest.mark.error_path
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(num_spec=2, mamba_cache_mode="align"), "speculative decoding of Mamba2 layers .* prefix caching"),
+        (dict(use_replayssm=True), "--use-replayssm is not supported"),
+        (dict(activation="gelu"), "unsupported MambaMixer2 conv activation 'gelu'"),
+        (dict(num_spec=2, mamba_cache_mode="none"), None),  # speculative decoding without prefix caching: fine
+        (dict(mamba_cache_mode="align"), None),
+    ],
+)
+def test_layer_build_refuses_what_it_cannot_run(monkeypatch, settings, message):
+    """The checks of GDNCPUMambaMixer2.__init__, with vLLM's MambaMixer2.__init__ replaced by a stub
+    that sets the attributes they read (no vLLM config or process group needed)."""
+    from vllm.model_executor.layers.mamba.mamba_mixer2 import MambaMixer2
+
+    def stub_init(self, *args, **kwargs):
+        torch.nn.Module.__init__(self)
+        self.prefix, self.activation = "model.layers.0.mixer", settings.get("activation", "silu")
+        self.num_spec, self.use_replayssm = settings.get("num_spec", 0), settings.get("use_replayssm", False)
+        self.cache_config = SimpleNamespace(mamba_cache_mode=settings.get("mamba_cache_mode", "none"))
+
+    monkeypatch.setattr(MambaMixer2, "__init__", stub_init)
+    layer = torch.nn.Module.__new__(GDNCPUMambaMixer2)
+    if message is None:
+        GDNCPUMambaMixer2.__init__(layer)
+    else:
+        with pytest.raises(NotImplementedError, match=message):
+            GDNCPUMambaMixer2.__init__(layer)

