@@ -135,12 +135,37 @@ def core_scaling(threads: int, seconds: float = 0.5) -> dict:
     return row
 
 
-def stream_gbps(gib: float = 1.0, repeat: int = 5) -> float:
+def last_level_cache_bytes() -> int:
+    """Size of the largest cache the kernel reports for CPU 0 (0 when unknown). VMs may report a
+    large shared L3 (480 MiB seen on one Xeon VM)."""
+    largest = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            try:
+                with open(f"{base}/{entry}/size") as f:
+                    text = f.read().strip()
+            except OSError:
+                continue
+            scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            largest = max(largest, int(text.rstrip("KMG")) * scale)
+    except (OSError, ValueError):
+        pass
+    return largest
+
+
+# State pools and stream buffers this large do not stay in the caches between visits.
+COLD_STATE_BYTES = max(512 * 2**20, 3 * last_level_cache_bytes())
+
+
+def stream_gbps(gib: Optional[float] = None, repeat: int = 5) -> float:
     """In-place read+write bandwidth over a buffer far larger than the caches (every byte read and
-    written once: the traffic of a decode step over cold states). The better of torch's x.mul_ and
+    written once: the traffic of a decode step over cold states); by default 1 GiB or three times
+    the last-level cache, whichever is larger. The better of torch's x.mul_ and
     our stream_scale_ probe (vector loop with software prefetch, as the decode kernel streams;
     torch's loop reaches ~85% of it here), so "% of stream" is against what the CPU can do."""
-    x = torch.ones(int(gib * 2**30) // 4)
+    nbytes = max(2**30, 3 * last_level_cache_bytes()) if gib is None else int(gib * 2**30)
+    x = torch.ones(nbytes // 4)
     best = min(best_time(lambda: x.mul_(1.0), repeat), best_time(lambda: ops.stream_scale_(x, 1.0), repeat))
     return 2 * x.numel() * 4 / best / 1e9
 
@@ -287,7 +312,6 @@ def bench_prefill(args) -> list[dict]:
 # ----------------------------------------------------------------------------- decode
 
 
-COLD_STATE_BYTES = 512 * 2**20  # several times any last-level cache we run on
 
 
 def bench_decode(args) -> list[dict]:
