@@ -25,9 +25,10 @@ crashes here (its CPU scan returns no chunk states: IndexError at ``varlen_state
 
 State: ``layer.kv_cache = (conv_state, ssm_state)``; conv ``[slots, W-1, conv_dim]`` on CPU ("SD"
 layout; a transposed view in the dim-first layout), SSM ``[slots, H, P, N]``, both as our ops take
-them. Speculative decoding: ``_spec_decode_core`` (prefix caching off: vLLM 0.32's "align"-mode
-speculative pre-copy is a Triton kernel). Not supported (clear error at layer build): vLLM's
-ReplaySSM decode.
+them. Speculative decoding: ``_spec_decode_core`` (a loop over the at most S+1 draft positions,
+not over tokens). Refused at layer build with a clear error: speculative decoding with prefix
+caching (vLLM 0.32's "align"-mode speculative pre-copy is a Triton kernel) and vLLM's ReplaySSM
+decode.
 """
 
 from __future__ import annotations
