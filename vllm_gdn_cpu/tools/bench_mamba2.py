@@ -268,6 +268,8 @@ def bench_mamba2_decode(args) -> list[dict]:
                     row["stream_1t_cpu_gbps"] = moved / ts1 / 1e9
                     row["ours_1t_pct_of_stream"] = 100 * ts1 / t1
                     del flat
+                    if "vllm_us_per_layer" in row:
+                        row["speedup_vs_vllm_1t_cpu"] = best_cpu_time_1t(vllm, args.repeat) / layers / t1
                 rows.append(row)
                 print_row(row, args)
     return rows
