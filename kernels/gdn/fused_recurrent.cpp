@@ -11,6 +11,7 @@
 // across the tokens of one sequence (speculative decoding) the tile stays in an fp32 buffer and is
 // rounded to the state dtype once, after the last token.
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #include "common/gating.h"
@@ -30,18 +31,24 @@ constexpr int64_t kTile = kTileVecs * kVecWidth;
 constexpr int64_t kPrefetchBytes = 8192;
 constexpr int kPrefetchLocality = 2;  // __builtin_prefetch's: 2 = prefetcht1
 
-// The bytes of a block (rows of `row_bytes`, `ld_bytes` apart) in row-major order, kStep bytes a
-// call: a linear prefetch stream over the next task's block.
+// The bytes of a block (rows of `row_bytes`, a multiple of kStep, `ld_bytes` apart) in row-major
+// order, kStep bytes a call: a linear prefetch stream over the next task's block.
 template <int64_t kStep>
-struct BlockCursor {
-  const char* base;
-  int64_t ld_bytes, row_bytes, row = 0, col = 0;
+class BlockCursor {
+ public:
+  BlockCursor(const void* block, int64_t ld_bytes, int64_t row_bytes)
+      : p_(static_cast<const char*>(block)), skip_(ld_bytes - row_bytes), per_row_(row_bytes / kStep),
+        left_(skip_ == 0 ? INT64_MAX : per_row_) {}  // contiguous rows: one run
   const char* next() {
-    const char* p = base + row * ld_bytes + col;
-    col += kStep;
-    if (col >= row_bytes) col = 0, ++row;
-    return p;
+    const char* r = p_;
+    p_ += kStep;
+    if (--left_ == 0) p_ += skip_, left_ = per_row_;
+    return r;
   }
+
+ private:
+  const char* p_;
+  int64_t skip_, per_row_, left_;
 };
 
 // Per-token values shared by all tiles of a task.
@@ -274,14 +281,11 @@ void stream_decode(const RecurrentParams& p, const TaskGrid& grid) {
       // block whole, line after line, while this one runs. Two-line tile rows (fp32 on AVX2)
       // measured the other way round (15-20% slower linear), and tiles as wide as the block
       // (AVX-512) are that linear stream already.
-      BlockCursor<kRowBytes> ahead{reinterpret_cast<const char*>(block), V * int64_t(sizeof(TState)),
-                                   width * int64_t(sizeof(TState))};  // (no next block: this one again)
-      if constexpr (kLinearPrefetch) {
-        if (const TState* nb = task + 1 < end ? block_of(task + 1) : nullptr) {
-          ahead.base = reinterpret_cast<const char*>(nb);
-          ahead.row_bytes = std::min(grid.vb, V - grid.v0(task + 1)) * int64_t(sizeof(TState));
-        }
-      }
+      const TState* next_block = kLinearPrefetch && task + 1 < end ? block_of(task + 1) : nullptr;
+      BlockCursor<kRowBytes> ahead = next_block  // (no next block: this one again)
+          ? BlockCursor<kRowBytes>(next_block, V * int64_t(sizeof(TState)),
+                                   std::min(grid.vb, V - grid.v0(task + 1)) * int64_t(sizeof(TState)))
+          : BlockCursor<kRowBytes>(block, V * int64_t(sizeof(TState)), width * int64_t(sizeof(TState)));
       if (seq != token_seq) {
         prefetch_rows<kPrefetchLocality>(block, V, kAhead, kRowBytes);  // in flight while the token is prepared
         const int64_t h_last = grid.head(std::min(end, (seq + 1) * tasks_per_seq) - 1);
