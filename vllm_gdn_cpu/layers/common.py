@@ -1,9 +1,13 @@
-"""What every replaced vLLM layer shares: the activation log line and the conv activations our
-kernels fuse."""
+"""What every replaced vLLM layer shares: the activation log line, the conv activations our kernels
+fuse, the conv taps in our kernels' form and the speculative-decoding conv step."""
 
 from __future__ import annotations
 
+import torch
+
 from vllm.logger import init_logger
+
+from vllm_gdn_cpu import ops
 
 # Under vLLM's logger namespace so the line goes through vLLM's handlers and format (vLLM configures
 # only the "vllm" logger tree).
@@ -38,3 +42,76 @@ def _runtime_info() -> dict:
         return dict(ops.runtime_info())
     except Exception:  # a log line must never take the engine down: its fields then say "unknown"
         return {}
+
+
+class CPUConvWeights:
+    """For layers with a depthwise ``conv1d`` (vLLM's GDN and Mamba2 layers): its taps in the form
+    our causal conv1d kernels read."""
+
+    def _plain_conv_weight(self) -> torch.Tensor:
+        """The conv taps as [D, W]. On CPUs with AVX512-BF16 (or Arm bf16) vLLM repacks a bf16
+        width-4 conv1d weight in place at load time for its own conv kernel and keeps the plain copy
+        as ``_cpu_unpacked_conv_weight`` (model_executor/layers/utils.py:
+        dispatch_cpu_unquantized_gemm)."""
+        unpacked = getattr(self.conv1d, "_cpu_unpacked_conv_weight", None)
+        if unpacked is not None:
+            return unpacked
+        weight = self.conv1d.weight
+        if weight.dim() != 3 or weight.shape[1] != 1:
+            raise RuntimeError(
+                f"vllm_gdn_cpu: unexpected conv1d weight layout {tuple(weight.shape)} in {self.prefix}"
+            )
+        return weight.squeeze(1)
+
+    def _conv_weight_for_ops(self) -> torch.Tensor:
+        """The conv taps as a [D, W] view of a tap-major ([W, D]) float32 copy, the form our conv
+        kernels read: passing it makes the ops' conversion a no-op (converting and transposing the
+        bf16 taps cost ~70 us per layer and step, a sixth of a batch-16 GDN decode step's core).
+        Rebuilt whenever the weight tensor changes."""
+        weight = self._plain_conv_weight()
+        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
+        cached = getattr(self, "_tap_major_conv_weight", None)
+        if cached is None or cached[0] != key:
+            cached = (key, weight.detach().float().t().contiguous())
+            self._tap_major_conv_weight = cached
+        return cached[1].t()
+
+
+def spec_decode_conv(conv_buffer, x, weight, bias, silu, cu, base_slot, accepted, where: str) -> torch.Tensor:
+    """The causal conv1d of speculative-decoding rows over vLLM's rolling conv buffer, for every
+    family (semantics of vLLM's ``causal_conv1d_update`` with ``num_accepted_tokens``).
+
+    conv_buffer [slots, W-1+S, D]: row i's buffer is slot ``base_slot[i]`` (< 0: padding, left
+    alone); x [T, D] the rows' tokens back to back (``cu`` [N+1], q_i = 1 + drafts tokens each);
+    ``accepted[i]`` = a tokens of row i's previous step were accepted, so the W-1 inputs before this
+    step's first token are ``B[a-1 : a-1+W-1]``. Afterwards ``B[0 : W-2+q_i] = prior[1:] ++ x``: the
+    history ending at token t is ``B[t : t+W-1]`` and the next step again reads at its a-1 (for
+    q_i = S+1 exactly vLLM's layout; still right when a row has fewer drafts). Returns the conv
+    output [T, D] (our conv op over the gathered priors)."""
+    num_seqs = cu.numel() - 1
+    lengths = cu.diff()
+    num_tokens, dim = x.shape
+    history = weight.shape[1] - 1
+    q_max = int(lengths.max())
+    if history - 1 + q_max > conv_buffer.shape[1]:
+        raise RuntimeError(
+            f"vllm_gdn_cpu: {q_max} speculative tokens do not fit a conv buffer of {conv_buffer.shape[1]} "
+            f"columns in {where}"
+        )
+    real = base_slot >= 0
+    slot0 = base_slot.clamp(min=0)
+    cols = (accepted - 1).clamp(min=0)[:, None] + torch.arange(history)  # [N, W-1]
+    prior = conv_buffer[slot0[:, None], cols]  # [N, W-1, D] (a copy)
+    prior = torch.where(real[:, None, None], prior, 0).contiguous()
+    conv_out = ops.causal_conv1d(
+        x, weight, bias, prior.clone(), torch.where(real, torch.arange(num_seqs), -1).to(torch.int32),
+        cu.to(torch.int32), silu=silu,
+    )
+    # Roll: B[0 : W-2+q_max] = (prior[1:] ++ x padded with zeros); columns past W-2+q_i are unused.
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), lengths, output_size=num_tokens)
+    pos_in_seq = torch.arange(num_tokens) - cu[seq_of_token]
+    padded = torch.zeros(num_seqs, q_max, dim, dtype=conv_buffer.dtype)
+    padded[seq_of_token, pos_in_seq] = x.to(conv_buffer.dtype)
+    rolled = torch.cat([prior[:, 1:].to(conv_buffer.dtype), padded], dim=1)
+    conv_buffer[slot0[real], : rolled.shape[1]] = rolled[real]
+    return conv_out

@@ -32,10 +32,10 @@ from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
 
 from vllm_gdn_cpu import ops
 from vllm_gdn_cpu.layers import gdn_spec_decode
-from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, log_activation
+from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, CPUConvWeights, log_activation
 
 
-class GDNCPUQwenGatedDeltaNetAttention(QwenGatedDeltaNetAttention):
+class GDNCPUQwenGatedDeltaNetAttention(CPUConvWeights, QwenGatedDeltaNetAttention):
     """Drop-in for vLLM's ``QwenGatedDeltaNetAttention`` (Qwen3-Next interleaved and Qwen3.5 flat
     qkvz layouts), registered with ``PluggableLayer.register_oot`` by ``vllm_gdn_cpu.plugin``."""
 
@@ -85,37 +85,6 @@ class GDNCPUQwenGatedDeltaNetAttention(QwenGatedDeltaNetAttention):
             z = z.unflatten(-1, (-1, self.head_v_dim))
             b, a = self.split_ba(ba)
         return mixed_qkv, z, b.contiguous(), a.contiguous()
-
-    def _plain_conv_weight(self) -> torch.Tensor:
-        """The conv taps as [D, W].
-
-        On CPUs with AVX512-BF16 (or Arm bf16) vLLM repacks a bf16 width-4 conv1d weight in place at
-        load time for its own conv kernel and keeps the plain copy as ``_cpu_unpacked_conv_weight``
-        (model_executor/layers/utils.py: dispatch_cpu_unquantized_gemm).
-        """
-        unpacked = getattr(self.conv1d, "_cpu_unpacked_conv_weight", None)
-        if unpacked is not None:
-            return unpacked
-        weight = self.conv1d.weight
-        if weight.dim() != 3 or weight.shape[1] != 1:
-            raise RuntimeError(
-                f"vllm_gdn_cpu: unexpected conv1d weight layout {tuple(weight.shape)} "
-                f"in {self.prefix}"
-            )
-        return weight.squeeze(1)
-
-    def _conv_weight_for_ops(self) -> torch.Tensor:
-        """The conv taps as a [D, W] view of a tap-major ([W, D]) float32 copy, the form our conv
-        kernels read: passing it makes the ops' conversion a no-op (converting and transposing the
-        bf16 taps cost ~70 us per layer and step, a sixth of a batch-16 decode step's GDN core).
-        Rebuilt whenever the weight tensor changes."""
-        weight = self._plain_conv_weight()
-        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
-        cached = getattr(self, "_tap_major_conv_weight", None)
-        if cached is None or cached[0] != key:
-            cached = (key, weight.detach().float().t().contiguous())
-            self._tap_major_conv_weight = cached
-        return cached[1].t()
 
     def _state_views(self, full_conv_buffer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(conv_state [slots, W-1, D], ssm_state [slots, Hv, K, V]) views of this layer's cache.

@@ -35,7 +35,7 @@ import dataclasses
 import torch
 
 from vllm_gdn_cpu import ops
-from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS
+from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, spec_decode_conv
 
 
 def forward_core_spec(layer, mixed_qkv, b, a, core_attn_out, metadata) -> None:
@@ -92,38 +92,12 @@ def _spec_rows_core(layer, x, b, a, metadata) -> torch.Tensor:
     lengths = cu.diff()
     spec_idx = metadata.spec_state_indices_tensor[:num_seqs].long()
     accepted = metadata.num_accepted_tokens[:num_seqs].long()
-    num_tokens, dim = x.shape
+    num_tokens = x.shape[0]
 
     conv_buffer, ssm_state = layer._state_views(full_conv_buffer=True)  # [slots, W-1+S, D]
-    weight = layer._conv_weight_for_ops()
-    history = weight.shape[1] - 1
-    q_max = int(lengths.max())
-    if history - 1 + q_max > conv_buffer.shape[1]:
-        raise RuntimeError(
-            f"vllm_gdn_cpu: {q_max} speculative tokens do not fit a conv buffer of "
-            f"{conv_buffer.shape[1]} columns"
-        )
-
-    # ---- conv: priors at the accepted offset, then our conv op over the varlen rows ----
-    base_slot = spec_idx[:, 0]
-    real = base_slot >= 0
-    slot0 = base_slot.clamp(min=0)
-    cols = (accepted - 1).clamp(min=0)[:, None] + torch.arange(history)  # [N, W-1]
-    prior = conv_buffer[slot0[:, None], cols]  # [N, W-1, D] (a copy)
-    prior = torch.where(real[:, None, None], prior, 0).contiguous()
-    conv_out = ops.causal_conv1d(
-        x, weight, layer.conv1d.bias, prior.clone(),
-        torch.where(real, torch.arange(num_seqs), -1).to(torch.int32),
-        cu.to(torch.int32), silu=_silu(layer),
-    )
-    # Roll: B[0 : W-2+q_max] = (prior[1:] ++ x padded with zeros); columns past W-2+q_i are unused.
-    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), lengths, output_size=num_tokens)
-    pos_in_seq = torch.arange(num_tokens) - cu[seq_of_token]
-    padded = torch.zeros(num_seqs, q_max, dim, dtype=conv_buffer.dtype)
-    padded[seq_of_token, pos_in_seq] = x.to(conv_buffer.dtype)
-    rolled = torch.cat([prior[:, 1:].to(conv_buffer.dtype), padded], dim=1)
-    width = rolled.shape[1]
-    conv_buffer[slot0[real], :width] = rolled[real]
+    conv_out = spec_decode_conv(conv_buffer, x, layer._conv_weight_for_ops(), layer.conv1d.bias, _silu(layer), cu,
+                                spec_idx[:, 0], accepted, layer.prefix)
+    real, q_max = spec_idx[:, 0] >= 0, int(lengths.max())
 
     key_dim, value_dim = layer.key_dim // layer.tp_size, layer.value_dim // layer.tp_size
     q, k, v = conv_out.split([key_dim, key_dim, value_dim], dim=-1)

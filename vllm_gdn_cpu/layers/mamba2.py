@@ -47,10 +47,10 @@ from vllm.utils.torch_utils import (
 from vllm.v1.attention.backends.mamba2_attn import Mamba2AttentionMetadata
 
 from vllm_gdn_cpu import ops
-from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, log_activation
+from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, CPUConvWeights, log_activation, spec_decode_conv
 
 
-class GDNCPUMambaMixer2(MambaMixer2):
+class GDNCPUMambaMixer2(CPUConvWeights, MambaMixer2):
     """Drop-in for vLLM's ``MambaMixer2`` (Mamba2, Granite-4.0-H, NemotronH, Falcon-H1, Zamba2, ...),
     registered with ``PluggableLayer.register_oot`` by ``vllm_gdn_cpu.plugin``."""
 
@@ -92,31 +92,6 @@ class GDNCPUMambaMixer2(MambaMixer2):
         return output
 
     # -- weights and state views -------------------------------------------------------------
-
-    def _plain_conv_weight(self) -> torch.Tensor:
-        """The conv taps as [D, W]. On AVX512-BF16 (or Arm bf16) CPUs vLLM repacks a bf16 width-4
-        conv weight in place after loading for its own kernel and keeps the plain copy as
-        ``_cpu_unpacked_conv_weight`` (model_executor/layers/utils.py)."""
-        unpacked = getattr(self.conv1d, "_cpu_unpacked_conv_weight", None)
-        if unpacked is not None:
-            return unpacked
-        weight = self.conv1d.weight
-        if weight.dim() != 3 or weight.shape[1] != 1:
-            raise RuntimeError(
-                f"vllm_gdn_cpu: unexpected conv1d weight layout {tuple(weight.shape)} in {self.prefix}"
-            )
-        return weight.squeeze(1)
-
-    def _conv_weight_for_ops(self) -> torch.Tensor:
-        """[D, W] view of a tap-major float32 copy (the form our conv kernel reads, so the op
-        converts nothing); rebuilt whenever the weight tensor changes."""
-        weight = self._plain_conv_weight()
-        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
-        cached = getattr(self, "_tap_major_conv_weight", None)
-        if cached is None or cached[0] != key:
-            cached = (key, weight.detach().float().t().contiguous())
-            self._tap_major_conv_weight = cached
-        return cached[1].t()
 
     def _state_views(self, full_conv_buffer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(conv_state [slots, W-1, conv_dim], ssm_state [slots, H, P, N]) views of the cache.
@@ -221,33 +196,10 @@ class GDNCPUMambaMixer2(MambaMixer2):
         lengths = cu.diff()
         spec_idx = metadata.state_indices_tensor_d[:num_seqs].long()
         accepted = metadata.num_accepted_tokens[:num_seqs].long()
-        num_tokens, dim = xbc.shape
+        num_tokens = xbc.shape[0]
         conv_buffer, ssm_state = self._state_views(full_conv_buffer=True)  # [slots, W-1+S, D]
-        history = self.conv_kernel_size - 1
-        q_max = int(lengths.max())
-        if history - 1 + q_max > conv_buffer.shape[1]:
-            raise RuntimeError(
-                f"vllm_gdn_cpu: {q_max} speculative tokens do not fit a conv buffer of "
-                f"{conv_buffer.shape[1]} columns in {self.prefix}"
-            )
-
-        # conv: the priors at the accepted offset, then our conv op over the varlen rows
-        base_slot = spec_idx[:, 0]
-        real = base_slot >= 0
-        slot0 = base_slot.clamp(min=0)
-        cols = (accepted - 1).clamp(min=0)[:, None] + torch.arange(history)  # [N, W-1]
-        prior = conv_buffer[slot0[:, None], cols]  # [N, W-1, D] (a copy)
-        prior = torch.where(real[:, None, None], prior, 0).contiguous()
-        conv_out = ops.causal_conv1d(
-            xbc, weight, bias, prior.clone(), torch.where(real, torch.arange(num_seqs), -1).to(torch.int32),
-            cu.to(torch.int32), silu=silu,
-        )
-        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), lengths, output_size=num_tokens)
-        pos_in_seq = torch.arange(num_tokens) - cu[seq_of_token]
-        padded = torch.zeros(num_seqs, q_max, dim, dtype=conv_buffer.dtype)
-        padded[seq_of_token, pos_in_seq] = xbc.to(conv_buffer.dtype)
-        rolled = torch.cat([prior[:, 1:].to(conv_buffer.dtype), padded], dim=1)
-        conv_buffer[slot0[real], : rolled.shape[1]] = rolled[real]
+        conv_out = spec_decode_conv(conv_buffer, xbc, weight, bias, silu, cu, spec_idx[:, 0], accepted, self.prefix)
+        real, q_max = spec_idx[:, 0] >= 0, int(lengths.max())
 
         # SSM: one call per draft position; the state after token t is kept in spec_idx[:, t]
         x, B, C = self._split_heads(conv_out)

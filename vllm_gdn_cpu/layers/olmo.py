@@ -36,7 +36,7 @@ from vllm.model_executor.layers.mamba.gdn.olmo_gdn_linear_attn import (
 )
 from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
 
-from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, log_activation
+from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, CPUConvWeights, log_activation
 from vllm_gdn_cpu.layers.gdn import GDNCPUQwenGatedDeltaNetAttention
 
 _SHARED = GDNCPUQwenGatedDeltaNetAttention.__dict__
@@ -55,7 +55,7 @@ def _without_triton_allocator():
         olmo_gdn_linear_attn.set_triton_allocator = original
 
 
-class GDNCPUOlmoHybridGatedDeltaNetAttention(OlmoHybridGatedDeltaNetAttention):
+class GDNCPUOlmoHybridGatedDeltaNetAttention(CPUConvWeights, OlmoHybridGatedDeltaNetAttention):
     """Drop-in for vLLM's ``OlmoHybridGatedDeltaNetAttention``, registered with
     ``PluggableLayer.register_oot`` by ``vllm_gdn_cpu.plugin``."""
 
