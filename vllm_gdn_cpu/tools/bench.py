@@ -275,6 +275,17 @@ def add_roofline(rows: list[dict], before: dict) -> None:
         row["pct_of_path_gemm_peak"] = 100 * row["ours_gflops"] / row["path_gemm_peak_gflops"]
 
 
+def print_roofline(rows: list[dict]) -> None:
+    """The peaks of a prefill run and each row's share of its path's peak (after add_roofline)."""
+    print(f"# GEMM peaks measured in this run (torch matmul): {rows[0]['bf16_gemm_gflops']:.0f} GFLOP/s bf16, "
+          f"{rows[0]['fp32_gemm_gflops']:.0f} GFLOP/s fp32; each row against the peak of the dtype its "
+          f"GEMM path multiplies in (the better of torch's and our engine's in cache):")
+    for row in rows:
+        print(f"#   {row['model']} {row['workload']} ({row['gemm']}, {row['gemm_products']} products, engine "
+              f"{row['engine_gflops']:.0f} GFLOP/s): {row['ours_gflops']:.0f} GFLOP/s, "
+              f"{row['pct_of_path_gemm_peak']:.0f}% of {row['path_gemm_peak_gflops']:.0f}")
+
+
 def bench_prefill(args) -> list[dict]:
     vl = None if args.no_vllm else vllm_ops()
     dtype = getattr(torch, args.dtype)
@@ -324,13 +335,7 @@ def bench_prefill(args) -> list[dict]:
             print_row(row, args)
     add_roofline(rows, peaks_before)
     if not args.json:
-        print(f"# GEMM peaks measured in this run (torch matmul): {rows[0]['bf16_gemm_gflops']:.0f} GFLOP/s bf16, "
-              f"{rows[0]['fp32_gemm_gflops']:.0f} GFLOP/s fp32; each row against the peak of the dtype its "
-              f"GEMM path multiplies in (the better of torch's and our engine's in cache):")
-        for row in rows:
-            print(f"#   {row['model']} {row['workload']} ({row['gemm']}, {row['gemm_products']} products, engine "
-                  f"{row['engine_gflops']:.0f} GFLOP/s): {row['pct_of_path_gemm_peak']:.0f}% of "
-                  f"{row['path_gemm_peak_gflops']:.0f} GFLOP/s")
+        print_roofline(rows)
     return rows
 
 

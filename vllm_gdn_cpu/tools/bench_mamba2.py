@@ -31,6 +31,7 @@ from vllm_gdn_cpu.tools.bench import (
     best_time,
     gemm_peaks,
     path_uses_bf16_products,
+    print_roofline,
     print_row,
     stream_gbps,
 )
@@ -192,13 +193,7 @@ def bench_mamba2_prefill(args) -> list[dict]:
             print_row(row, args)
     add_roofline(rows, peaks_before)
     if not args.json:
-        print(f"# GEMM peaks measured in this run (torch matmul): {rows[0]['bf16_gemm_gflops']:.0f} GFLOP/s bf16, "
-              f"{rows[0]['fp32_gemm_gflops']:.0f} GFLOP/s fp32; each row against the peak of the dtype its "
-              f"GEMM path multiplies in:")
-        for row in rows:
-            print(f"#   {row['model']} {row['workload']} ({row['gemm']}, {row['gemm_products']} products): "
-                  f"{row['ours_gflops']:.0f} GFLOP/s, {row['pct_of_path_gemm_peak']:.0f}% of the "
-                  f"{row['gemm_products']} peak")
+        print_roofline(rows)
     return rows
 
 
