@@ -30,6 +30,9 @@ SECONDS=0
 log() { echo "[aarch64 $(printf '%4ds' "$SECONDS")] $*"; }
 die() { echo "[aarch64] ERROR: $*" >&2; exit 1; }
 mkdir -p "$CACHE"
+# One run per cache folder at a time (a second would rebuild the package and logs under the first).
+exec 9>"$CACHE/.lock"
+flock -n 9 || die "another ci/aarch64_check.sh run is using $CACHE"
 
 # ---------------------------------------------------------------------------------------------
 # 1. Host tools: cross compiler, cmake.
@@ -221,8 +224,10 @@ done
 SKIP_K="test_prefill_fp32_all_isas[1000 or test_prefill_fp32_all_isas[1x64x5x130x1"   # 1000 / 201 tokens
 SKIP_K+=" or test_prefill_every_gemm_path[5seq"       # 237 tokens x 4 heads; 65 and 200 tokens stay
 SKIP_K+=" or (test_prefill_dtypes[varlen and not f32-f32] and not bf16-bf16] and not f16-f16])"
-SKIP_K+=" or test_every_thread_reports_a_rate[2 or test_every_thread_reports_a_rate[1-True-openblas"
-SKIP_K+=" or test_every_thread_reports_a_rate[1-True-torch"   # the probe's rate loops (bench tool)
+# gemm_probe (the bench's rate probe, no kernel output to check): one thread, our GEMM only. Its floor
+# of 0.01 GFLOP/s ("any real CPU") is missed under emulation by OpenBLAS's SVE kernels on
+# neoverse-v1 (QEMU emulates SVE slowly: 0.0035 GFLOP/s measured), not by anything wrong.
+SKIP_K+=" or test_every_thread_reports_a_rate[2 or (test_every_thread_reports_a_rate and not generic])"
 K_EXPR="${GDN_AARCH64_K:-not ($SKIP_K)}"
 [ "$K_EXPR" = all ] && K_EXPR=""
 # pytest_timing (ci/aarch64/) logs each test's wall and CPU seconds to $CACHE/test-<model>.times.
@@ -230,7 +235,7 @@ PYTEST_ARGS=(-q -p no:cacheprovider -p pytest_timing -rs --rootdir "$ROOT" -c "$
              -m "not vllm and not slow" --timeout 1800)
 [ -n "$K_EXPR" ] && PYTEST_ARGS+=(-k "$K_EXPR")
 log "test files: ${FILES[*]}"
-log "deselected (-k): ${K_EXPR:-nothing}"
+log "pytest -k: ${K_EXPR:-(none: every test of these files)}"
 
 declare -A CPU_DESC=([neoverse-v1]="Arm Neoverse V1: SVE 256-bit, BF16, I8MM"
                      [max]="QEMU max: every feature QEMU emulates, SVE and BF16 included"
@@ -261,7 +266,7 @@ summary=()
 for model in "${MODELS[@]}"; do
   out="$CACHE/test-$model.log"
   cat "$out"
-  line=$(grep -E "[0-9]+ (passed|failed|errors?)\b.* in [0-9.]+s" "$out" | tail -1 || true)
+  line=$(grep -a -E "[0-9]+ (passed|failed|errors?)\b.* in [0-9.]+s" "$out" | tail -1 || true)
   summary+=("QEMU_CPU=$model: ${line:-no pytest summary (see $out)}")
 done
 log "done in $((SECONDS / 60)) min $((SECONDS % 60)) s on $(nproc) cores"
