@@ -115,10 +115,29 @@ def test_unknown_gemm_path_is_a_clear_error(monkeypatch):
         ops.runtime_info()
 
 
-@pytest.mark.skipif("amx" in ops.runtime_info()["available_gemms"], reason="this CPU has AMX: forcing it is legal")
 def test_forcing_amx_without_amx_is_a_clear_error(monkeypatch):
+    # The cap makes any CPU one without AMX (on an AMX CPU forcing it would be legal).
+    monkeypatch.setenv(ops.MAX_ISA_ENV, "avx512_bf16")
     monkeypatch.setenv(ops.GEMM_ENV, "amx")
     with pytest.raises(ValueError, match="VLLM_GDN_CPU_GEMM=amx: this CPU has no usable AMX-BF16"):
+        ops.runtime_info()
+
+
+def test_isa_cap_hides_newer_isas_and_amx(monkeypatch):
+    """VLLM_GDN_CPU_MAX_ISA=avx2 makes this CPU look AVX2-only (how ci/test.sh emulates one)."""
+    monkeypatch.setenv(ops.MAX_ISA_ENV, "avx2")
+    info = ops.runtime_info()
+    assert set(info["available_isas"]) <= {"avx2", "generic"} and "generic" in info["available_isas"]
+    assert "amx" not in info["available_gemms"] and info["isa"] == info["available_isas"][0]
+    assert info["gemm"].removesuffix("-fp32") in info["available_gemms"]
+    monkeypatch.setenv(ops.ISA_ENV, "avx512")
+    with pytest.raises(ValueError, match=re.escape("VLLM_GDN_CPU_ISA=avx512")):
+        ops.runtime_info()
+
+
+def test_unknown_isa_cap_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(ops.MAX_ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match=re.escape("VLLM_GDN_CPU_MAX_ISA=sse9 is not a known ISA")):
         ops.runtime_info()
 
 
