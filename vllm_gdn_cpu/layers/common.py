@@ -115,3 +115,27 @@ def spec_decode_conv(conv_buffer, x, weight, bias, silu, cu, base_slot, accepted
     rolled = torch.cat([prior[:, 1:].to(conv_buffer.dtype), padded], dim=1)
     conv_buffer[slot0[real], : rolled.shape[1]] = rolled[real]
     return conv_out
+
+
+def spec_decode_states(ssm_state, spec_idx, accepted, cu, out, step) -> None:
+    """The state part of speculative decoding, for every family: row i starts from slot
+    ``spec_idx[i, a-1]`` (a = ``accepted[i]``, the state after the last accepted token of its
+    previous step) and the state after its token t is kept in slot ``spec_idx[i, t]``. One call of
+    ``step(rows, slots)`` per draft position (at most S+1; never a loop over sequences or prompt
+    tokens), each after copying the previous position's slot into this one's: ``rows`` [N] are the
+    token rows of position t, ``slots`` [N] int32 the slots to update (-1 where row i has no token
+    t, or is padding); ``step`` returns the [N, ...] outputs, of which the real ones go to ``out``."""
+    lengths = cu.diff()
+    num_tokens = out.shape[0]
+    real = spec_idx[:, 0] >= 0
+    src = spec_idx.gather(1, (accepted - 1).clamp(min=0)[:, None]).squeeze(1)
+    for t in range(int(lengths.max())):
+        active = (lengths > t) & real
+        dst = spec_idx[:, t]
+        copy = active & (src != dst)
+        if bool(copy.any()):
+            ssm_state[dst[copy]] = ssm_state[src[copy]]
+        rows = (cu[:-1] + t).clamp(max=max(num_tokens - 1, 0))
+        step_out = step(rows, torch.where(active, dst, -1).to(torch.int32))
+        out[rows[active]] = step_out[active]
+        src = torch.where(active, dst, src)

@@ -35,7 +35,7 @@ import dataclasses
 import torch
 
 from vllm_gdn_cpu import ops
-from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, spec_decode_conv
+from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, spec_decode_conv, spec_decode_states
 
 
 def forward_core_spec(layer, mixed_qkv, b, a, core_attn_out, metadata) -> None:
@@ -89,7 +89,6 @@ def _spec_rows_core(layer, x, b, a, metadata) -> torch.Tensor:
     """Conv + recurrence of the spec rows; x [Ts, D] ordered by ``spec_query_start_loc``."""
     num_seqs = metadata.num_spec_decodes
     cu = metadata.spec_query_start_loc[: num_seqs + 1].long()
-    lengths = cu.diff()
     spec_idx = metadata.spec_state_indices_tensor[:num_seqs].long()
     accepted = metadata.num_accepted_tokens[:num_seqs].long()
     num_tokens = x.shape[0]
@@ -97,7 +96,6 @@ def _spec_rows_core(layer, x, b, a, metadata) -> torch.Tensor:
     conv_buffer, ssm_state = layer._state_views(full_conv_buffer=True)  # [slots, W-1+S, D]
     conv_out = spec_decode_conv(conv_buffer, x, layer._conv_weight_for_ops(), layer.conv1d.bias, _silu(layer), cu,
                                 spec_idx[:, 0], accepted, layer.prefix)
-    real, q_max = spec_idx[:, 0] >= 0, int(lengths.max())
 
     key_dim, value_dim = layer.key_dim // layer.tp_size, layer.value_dim // layer.tp_size
     q, k, v = conv_out.split([key_dim, key_dim, value_dim], dim=-1)
@@ -106,23 +104,13 @@ def _spec_rows_core(layer, x, b, a, metadata) -> torch.Tensor:
 
     # ---- recurrence: one call per draft position, state of token t kept in slot spec_idx[:, t] ----
     out = torch.zeros(num_tokens, v.shape[1], v.shape[2], dtype=x.dtype)
-    src = spec_idx.gather(1, (accepted - 1).clamp(min=0)[:, None]).squeeze(1)
-    for t in range(q_max):
-        active = (lengths > t) & real
-        dst = spec_idx[:, t]
-        copy = active & (src != dst)
-        if bool(copy.any()):
-            ssm_state[dst[copy]] = ssm_state[src[copy]]
-        rows = (cu[:-1] + t).clamp(max=max(num_tokens - 1, 0))
-        slots = torch.where(active, dst, -1).to(torch.int32)
-        step_out = ops.fused_recurrent_gated_delta_rule(
-            q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows),
-            layer.A_log, layer.dt_bias, a.index_select(0, rows).contiguous(),
-            b.index_select(0, rows).contiguous(), ssm_state, slots,
-            allow_neg_eigval=layer.allow_neg_eigval,
-        )
-        out[rows[active]] = step_out[active]
-        src = torch.where(active, dst, src)
+    step = lambda rows, slots: ops.fused_recurrent_gated_delta_rule(  # noqa: E731
+        q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows),
+        layer.A_log, layer.dt_bias, a.index_select(0, rows).contiguous(),
+        b.index_select(0, rows).contiguous(), ssm_state, slots,
+        allow_neg_eigval=layer.allow_neg_eigval,
+    )
+    spec_decode_states(ssm_state, spec_idx, accepted, cu, out, step)
     return out
 
 

@@ -47,7 +47,8 @@ from vllm.utils.torch_utils import (
 from vllm.v1.attention.backends.mamba2_attn import Mamba2AttentionMetadata
 
 from vllm_gdn_cpu import ops
-from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, CPUConvWeights, log_activation, spec_decode_conv
+from vllm_gdn_cpu.layers.common import (CONV_ACTIVATIONS, CPUConvWeights, log_activation, spec_decode_conv,
+                                        spec_decode_states)
 
 
 class GDNCPUMambaMixer2(CPUConvWeights, MambaMixer2):
@@ -193,32 +194,18 @@ class GDNCPUMambaMixer2(CPUConvWeights, MambaMixer2):
         """
         num_seqs = metadata.num_decodes
         cu = metadata.query_start_loc_d[: num_seqs + 1].long()
-        lengths = cu.diff()
         spec_idx = metadata.state_indices_tensor_d[:num_seqs].long()
         accepted = metadata.num_accepted_tokens[:num_seqs].long()
-        num_tokens = xbc.shape[0]
         conv_buffer, ssm_state = self._state_views(full_conv_buffer=True)  # [slots, W-1+S, D]
         conv_out = spec_decode_conv(conv_buffer, xbc, weight, bias, silu, cu, spec_idx[:, 0], accepted, self.prefix)
-        real, q_max = spec_idx[:, 0] >= 0, int(lengths.max())
 
         # SSM: one call per draft position; the state after token t is kept in spec_idx[:, t]
         x, B, C = self._split_heads(conv_out)
         step_out = torch.empty((num_seqs, *out.shape[1:]), dtype=out.dtype)
-        src = spec_idx.gather(1, (accepted - 1).clamp(min=0)[:, None]).squeeze(1)
-        for t in range(q_max):
-            active = (lengths > t) & real
-            dst = spec_idx[:, t]
-            copy = active & (src != dst)
-            if bool(copy.any()):
-                ssm_state[dst[copy]] = ssm_state[src[copy]]
-            rows = (cu[:-1] + t).clamp(max=max(num_tokens - 1, 0))
-            slots = torch.where(active, dst, -1).to(torch.int32)
-            ops.mamba2_state_update(
-                x.index_select(0, rows), dt.index_select(0, rows), self.A, B.index_select(0, rows),
-                C.index_select(0, rows), self.D, self.dt_bias, ssm_state, slots, out=step_out,
-            )
-            out[rows[active]] = step_out[active]
-            src = torch.where(active, dst, src)
+        spec_decode_states(ssm_state, spec_idx, accepted, cu, out, lambda rows, slots: ops.mamba2_state_update(
+            x.index_select(0, rows), dt.index_select(0, rows), self.A, B.index_select(0, rows),
+            C.index_select(0, rows), self.D, self.dt_bias, ssm_state, slots, out=step_out,
+        ))
 
     def _checkpoint_conv_history(self, xbc, conv_state, slots, cu, has_initial_state, offsets):
         """(rows, history [R, W-1, conv_dim]): for each prefill row with a checkpoint (offset o > 0),
