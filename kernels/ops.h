@@ -5,6 +5,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace gdn {
 
@@ -48,6 +49,10 @@ void mamba2_state_update(const at::Tensor& x, const at::Tensor& dt, const at::Te
                          const std::optional<at::Tensor>& dt_bias, at::Tensor& state,
                          const at::Tensor& state_indices, const std::optional<at::Tensor>& z, bool dt_softplus,
                          double dt_min, double dt_max, at::Tensor& out);
+
+// How many chunk_gated_delta_rule calls ran each schedule: [sequential, chunk_parallel]
+// (kernels/gdn/prefill_schedule.cpp).
+std::vector<int64_t> prefill_schedule_counts();
 
 // x *= factor in place (fp32, contiguous): the benchmarks' memory-bandwidth probe.
 void stream_scale(at::Tensor& x, double factor);

@@ -37,6 +37,7 @@ TORCH_LIBRARY(vllm_gdn_cpu, m) {
   m.def("stream_scale(Tensor(a!) x, float factor) -> ()");
   m.def("gemm_probe(bool bf16, float seconds) -> Tensor");
   m.def("runtime_info() -> str");
+  m.def("prefill_schedule_counts() -> int[]");
 }
 
 TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CPU, m) {
@@ -52,6 +53,7 @@ TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CPU, m) {
 
 TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CompositeExplicitAutograd, m) {
   m.impl("runtime_info", &gdn::runtime_info);
+  m.impl("prefill_schedule_counts", &gdn::prefill_schedule_counts);
   m.impl("gemm_probe", &gdn::gemm_probe);  // takes no tensor: nothing to dispatch on
 }
 

@@ -1,4 +1,8 @@
-"""chunk_gated_delta_rule (prefill) against the float64 token-by-token reference."""
+"""chunk_gated_delta_rule (prefill) against the float64 token-by-token reference, and its two schedules
+(sequential, chunk_parallel) against each other."""
+
+import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -159,3 +163,172 @@ def test_grouped_value_heads_match_one_head_per_task(gemm):
             torch.testing.assert_close(out.float(), results[0][0].float(), rtol=2**-7, atol=1e-5)
         else:
             assert torch.equal(out, results[0][0]) and torch.equal(state, results[0][1])
+
+
+# ----------------------------------------------------------------------------- schedules
+# VLLM_GDN_CPU_PREFILL_SCHEDULE=sequential walks each (sequence, head) task's chunks in order;
+# chunk_parallel prepares every chunk in parallel and then runs only the state pass in order, split
+# over state column blocks (kernels/gdn/chunk_parallel.cpp). Both run the same per-chunk calls, and a
+# column block computes each element with the same operations in the same order as the whole row,
+# so on our own GEMM engines the results are bit-identical. An external BLAS (torch's MKL,
+# OpenBLAS) picks its blocking from the operands' shapes, which differ with the column block: there
+# the two agree to a different summation order (fp32 state 1e-5 relative) and one rounding of the
+# output dtype.
+EXTERNAL_BLAS = ("torch", "openblas")
+
+
+@contextmanager
+def forced_schedule(schedule: str):
+    """Forces VLLM_GDN_CPU_PREFILL_SCHEDULE within a with-block; on leaving, checks that every
+    prefill call inside ran that schedule (the kernel counts what it ran)."""
+    old = os.environ.get(ops.PREFILL_SCHEDULE_ENV)
+    before = ops.prefill_schedule_counts()
+    os.environ[ops.PREFILL_SCHEDULE_ENV] = schedule
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ops.PREFILL_SCHEDULE_ENV, None)
+        else:
+            os.environ[ops.PREFILL_SCHEDULE_ENV] = old
+    after = ops.prefill_schedule_counts()
+    ran = {name for name in after if after[name] > before[name]}
+    assert ran == {schedule}, f"{ops.PREFILL_SCHEDULE_ENV}={schedule}: calls ran {ran}"
+
+
+def run_prefill(p, g, beta, has_initial_state=None):
+    state = p.state.clone()
+    out = ops.chunk_gated_delta_rule(p.q, p.k, p.v, g, beta, state, p.state_indices, p.cu_seqlens,
+                                     has_initial_state=has_initial_state)
+    return out, state
+
+
+def assert_schedules_agree(a, b, gemm: str, what: str):
+    (out_a, state_a), (out_b, state_b) = a, b
+    if gemm in EXTERNAL_BLAS:
+        torch.testing.assert_close(state_b.float(), state_a.float(), rtol=1e-5, atol=1e-6, msg=what)
+        rtol = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[out_a.dtype]
+        torch.testing.assert_close(out_b.float(), out_a.float(), rtol=rtol, atol=1e-5, msg=what)
+    else:
+        assert torch.equal(out_b, out_a), f"{what}: outputs differ"
+        assert torch.equal(state_b, state_a), f"{what}: states differ"
+
+
+# (seqlens, Hk, Hv, K, V). At 1-4 threads the long ones span several windows of chunks (a window
+# holds ~1 MiB of per-chunk results per thread), so the state is carried between windows, and the
+# varlen ones have sequences that cross a window's end; padded (-1) and empty sequences and
+# sequences without an initial state are set below.
+SCHEDULE_SHAPES = [
+    ([1000], 1, 1, 64, 64),
+    ([700], 1, 4, 64, 128),             # GQA 4, K != V: 2-4 column blocks of the state pass
+    ([1, 64, 0, 5, 300, 130, 37], 2, 4, 64, 128),
+    ([65, 3, 190], 1, 2, 96, 192),      # V = 192: column blocks of 48/64/96 (multiples of 16)
+    ([61, 3], 1, 2, 8, 8),              # V below one column block
+    ([129], 2, 2, 32, 40),              # V = 40: a partial vector at the end of the last block
+]
+
+
+def schedule_problem(shape, dtype, state_dtype, seed):
+    seqlens, Hk, Hv, K, V = shape
+    p = make_problem(seqlens, Hk, Hv, K, V, dtype, state_dtype, seed=seed, strided=True)
+    N = len(seqlens)
+    has_init = torch.ones(N, dtype=torch.bool)
+    if N > 2:
+        p.state_indices[1] = -1  # padding
+        has_init[N - 1] = False
+        has_init[2] = False      # the empty sequence (length 0) of the varlen shape, if any
+    return p, has_init
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+@pytest.mark.parametrize("gemm", gemms())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", SCHEDULE_SHAPES, ids=lambda s: f"{len(s[0])}seq{max(s[0])}-h{s[1]}/{s[2]}-k{s[3]}v{s[4]}")
+def test_chunk_parallel_matches_sequential(threads, gemm, dtype, shape):
+    p, has_init = schedule_problem(shape, dtype, torch.float32, seed=11)
+    g, beta = p.gates()
+    with torch_threads(threads), forced_gemm(gemm):
+        with forced_schedule("sequential"):
+            seq = run_prefill(p, g, beta, has_init)
+        with forced_schedule("chunk_parallel"):
+            par = run_prefill(p, g, beta, has_init)
+    assert_schedules_agree(seq, par, gemm, f"{gemm} {threads} threads")
+    if len(shape[0]) > 2:  # padding: zero output, its slot and every slot not named untouched
+        cu = p.cu_seqlens.tolist()
+        assert (par[0][cu[1] : cu[2]] == 0).all()
+        named = [s for s in p.state_indices.tolist() if s >= 0]
+        untouched = [s for s in range(p.state.shape[0]) if s not in named]
+        assert torch.equal(par[1][untouched], p.state[untouched])
+
+
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("shape", SCHEDULE_SHAPES[:4], ids=lambda s: f"{len(s[0])}seq{max(s[0])}-h{s[2]}")
+def test_chunk_parallel_against_reference_all_isas(isa, shape):
+    """Against the float64 reference (not only the other schedule), every ISA, 2 threads."""
+    p, has_init = schedule_problem(shape, torch.float32, torch.float32, seed=12)
+    with torch_threads(2), forced_isa(isa), forced_schedule("chunk_parallel"):
+        run_and_compare(p, torch.float32, torch.float32, has_initial_state=has_init)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("state_dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_chunk_parallel_dtypes(dtype, state_dtype):
+    """Every input dtype x state dtype (the state is rounded once, at the end of its sequence, also
+    when the sequence spans several windows), against the reference and the sequential schedule."""
+    p, has_init = schedule_problem(SCHEDULE_SHAPES[2], dtype, state_dtype, seed=13)
+    with torch_threads(3):
+        with forced_schedule("chunk_parallel"):
+            par = run_and_compare(p, dtype, state_dtype, has_initial_state=has_init)
+        with forced_schedule("sequential"):
+            seq = run_and_compare(p, dtype, state_dtype, has_initial_state=has_init)
+    assert_schedules_agree(seq, par, ops.runtime_info()["gemm"].removesuffix("-fp32"), "auto GEMM path")
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "chunk_parallel"])
+def test_prefill_extreme_decays(schedule):
+    """g = 0 (no decay), tiny, and down to -200 per token (a chunk's total decay far below the -80
+    where exp(-gc) would overflow: the per-entry exp path), with beta up to 2 (negative
+    eigenvalues): no exponent is ever positive, so the result stays finite and exact."""
+    p = make_problem([300, 70], 1, 2, 64, 64, torch.float32, torch.float32, seed=14)
+    g, beta = p.gates(allow_neg_eigval=True)
+    T = g.shape[0]
+    pattern = torch.tensor([0.0, -1e-6, -200.0, -3.0, 0.0, -60.0])
+    g = pattern.repeat(T // len(pattern) + 1)[:T, None].expand(T, 2).contiguous()
+    g[:, 1] = torch.where(torch.arange(T) < 150, 0.0, -0.9)  # head 1: no decay for 150 tokens
+    state_ref = p.state.double()
+    expected = chunk_gated_delta_rule_ref(p.q, p.k, p.v, g, beta, state_ref, p.state_indices, p.cu_seqlens,
+                                          compute_dtype=torch.float64)
+    with torch_threads(2), forced_schedule(schedule):
+        out, state = run_prefill(p, g, beta)
+    assert_close_rel(out, expected, 1e-4, "output")
+    assert_close_rel(state, state_ref, 1e-4, "final state")
+
+
+def test_auto_schedule_choice():
+    """auto runs chunk_parallel when the sequential tasks would leave threads idle, else sequential."""
+    def schedule_of(seqlens, H, threads):
+        p = make_problem(seqlens, H, H, 32, 32, torch.float32, torch.float32, seed=15)
+        g, beta = p.gates()
+        before = ops.prefill_schedule_counts()
+        with torch_threads(threads):
+            run_prefill(p, g, beta)
+        after = ops.prefill_schedule_counts()
+        return [name for name in after if after[name] > before[name]]
+
+    assert schedule_of([512], 1, 1) == ["sequential"]  # one thread: nothing to balance
+    assert schedule_of([512], 1, 2) == ["chunk_parallel"]  # one task, two threads
+    assert schedule_of([512], 4, 4) == ["sequential"]  # a task per thread
+    assert schedule_of([512], 4, 3) == ["chunk_parallel"]  # 4 tasks on 3 threads: one does 2 (1.5x)
+    assert schedule_of([64] * 8, 1, 4) == ["sequential"]  # 8 equal sequences on 4 threads
+    assert schedule_of([2000, 64, 64, 64], 1, 4) == ["chunk_parallel"]  # one long prompt beside short ones
+
+
+def test_unknown_schedule_is_a_clear_error():
+    p = make_problem([10], 1, 1, 16, 16, torch.float32, torch.float32)
+    g, beta = p.gates()
+    os.environ[ops.PREFILL_SCHEDULE_ENV] = "bogus"
+    try:
+        with pytest.raises(ValueError, match=f"{ops.PREFILL_SCHEDULE_ENV}=bogus"):
+            run_prefill(p, g, beta)
+    finally:
+        os.environ.pop(ops.PREFILL_SCHEDULE_ENV, None)

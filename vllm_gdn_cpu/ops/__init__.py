@@ -16,10 +16,12 @@ from vllm_gdn_cpu.ops.gdn import (
     gdn_gating,
 )
 from vllm_gdn_cpu.ops.mamba2 import mamba2_chunk_scan, mamba2_state_update
+from vllm_gdn_cpu.ops.prefill_schedule import PREFILL_SCHEDULE_ENV, prefill_schedule_counts
 
 __all__ = [
     "GEMM_ENV", "ISA_ENV", "MAX_ISA_ENV", "runtime_info", "stream_scale_", "gemm_probe",
     "causal_conv1d",
     "gdn_gating", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "gdn_decode_step",
     "mamba2_chunk_scan", "mamba2_state_update",
+    "PREFILL_SCHEDULE_ENV", "prefill_schedule_counts",
 ]

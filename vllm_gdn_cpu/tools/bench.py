@@ -1,6 +1,7 @@
 """Kernel benchmarks: ours vs vLLM's built-in CPU ops vs a plain-torch reference, side by side.
 
     python -m vllm_gdn_cpu.tools.bench prefill [--models qwen3-next,...] [--workloads T512,...] [--json]
+    python -m vllm_gdn_cpu.tools.bench prefill --heads 1,4,8 --workloads T8192 --scaling [--schedules auto,sequential]
     python -m vllm_gdn_cpu.tools.bench decode  [--batches 1,16,64] [--layers N] [--json]
     python -m vllm_gdn_cpu.tools.bench roofline                             (limits; per-core scaling ceiling)
     python -m vllm_gdn_cpu.tools.bench overhead [--state-dtype float32]   (fixed per-call cost, decode B=1)
@@ -67,24 +68,6 @@ def best_time(fn: Callable[[], object], repeat: int, min_time: float = 0.2) -> f
         best, total, n = min(best, dt), total + dt, n + 1
         if n >= 50 * repeat:
             break
-    return best
-
-
-def best_time_per_gemm_path(fn: Callable[[], object], paths: list[str], repeat: int, rounds: int = 3) -> dict:
-    """Best time of fn on each GEMM path (VLLM_GDN_CPU_GEMM), the paths' measurements interleaved
-    over `rounds` so that a noisy machine's drift reaches every path alike."""
-    best = {path: float("inf") for path in paths}
-    saved = os.environ.get(ops.GEMM_ENV)
-    try:
-        for _ in range(rounds):
-            for path in paths:
-                os.environ[ops.GEMM_ENV] = path
-                best[path] = min(best[path], best_time(fn, repeat))
-    finally:
-        if saved is None:
-            os.environ.pop(ops.GEMM_ENV, None)
-        else:
-            os.environ[ops.GEMM_ENV] = saved
     return best
 
 
@@ -286,31 +269,107 @@ def print_roofline(rows: list[dict]) -> None:
               f"{row['pct_of_path_gemm_peak']:.0f}% of {row['path_gemm_peak_gflops']:.0f}")
 
 
+def best_time_per_config(fn: Callable[[], object], configs: dict, repeat: int, rounds: int = 3) -> dict:
+    """Best time of fn under each config (label -> (environment overrides, torch threads)), the
+    configs' measurements interleaved over `rounds` so that a noisy machine's drift reaches all alike."""
+    best = {label: float("inf") for label in configs}
+    saved_threads = torch.get_num_threads()
+    for _ in range(rounds):
+        for label, (env, threads) in configs.items():
+            saved = {name: os.environ.get(name) for name in env}
+            os.environ.update(env)
+            torch._C.set_num_threads(threads)  # torch._C's: see core_scaling
+            try:
+                best[label] = min(best[label], best_time(fn, repeat))
+            finally:
+                torch._C.set_num_threads(saved_threads)
+                for name, value in saved.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
+    return best
+
+
+def prefill_schedule_of(fn: Callable[[], object]) -> str:
+    """The schedule (VLLM_GDN_CPU_PREFILL_SCHEDULE) that one call of fn ran."""
+    before = ops.prefill_schedule_counts()
+    fn()
+    after = ops.prefill_schedule_counts()
+    return ",".join(name for name in after if after[name] > before[name])
+
+
+def prefill_shapes(args) -> list[tuple[str, HeadShape]]:
+    """--heads H,...: one tensor-parallel-shard shape per H (Hk = Hv = H, K = V = 128); else --models."""
+    if args.heads:
+        return [(f"h{H}", HeadShape(f"h{H}", int(H), int(H), 128, 128)) for H in args.heads.split(",")]
+    return [(model, MODELS[model]) for model in args.models.split(",")]
+
+
 def bench_prefill(args) -> list[dict]:
+    """Ours on each shape and workload. With --gemms / --schedules, ours on each GEMM path x schedule,
+    interleaved (the first combination is "ours", with its speed-up over each other); with
+    --scaling, each of those also on one thread (interleaved with all threads): scaling_<config> =
+    one-thread time / all-threads time, beside the compute-bound scaling ceiling that bench roofline
+    measures (core_scaling: the GEMM engine's per-core rate with every core busy vs alone), measured
+    in this run on the first GEMM path, and its % of that ceiling."""
     vl = None if args.no_vllm else vllm_ops()
     dtype = getattr(torch, args.dtype)
     peaks_before = gemm_peaks()
+    threads = torch.get_num_threads()
+    paths = args.gemms.split(",") if args.gemms else [None]
+    schedules = args.schedules.split(",") if args.schedules else [None]
+    configs = {}
+    for path in paths:
+        for sched in schedules:
+            env = {**({ops.GEMM_ENV: path} if path else {}), **({ops.PREFILL_SCHEDULE_ENV: sched} if sched else {})}
+            label = "/".join(x for x in (path, sched) if x) or "ours"
+            configs[label] = (env, threads)
+            if args.scaling:
+                configs[f"{label}@1t"] = (env, 1)
+    bases = [label for label in configs if not label.endswith("@1t")]
+    ceilings = {}
+    if args.scaling:
+        saved = os.environ.get(ops.GEMM_ENV)
+        if paths[0]:
+            os.environ[ops.GEMM_ENV] = paths[0]
+        try:
+            ceilings = core_scaling(threads)
+        finally:
+            torch._C.set_num_threads(threads)
+            if saved is None:
+                os.environ.pop(ops.GEMM_ENV, None)
+            else:
+                os.environ[ops.GEMM_ENV] = saved
+        if not args.json:
+            print(f"# scaling ceiling at {threads} threads (per-core GEMM rate all busy / alone, x threads): "
+                  f"bf16 {ceilings['bf16_scaling_ceiling']:.2f}, fp32 {ceilings['fp32_scaling_ceiling']:.2f}", flush=True)
     rows = []
-    for model in args.models.split(","):
-        h = MODELS[model]
+    for model, h in prefill_shapes(args):
         for wl in args.workloads.split(","):
             seqlens = PREFILL_WORKLOADS[wl]
             T = sum(seqlens)
             q, k, v, g, beta, state, idx, cu = prefill_inputs(h, seqlens, dtype)
             out = torch.empty_like(v)
-            gemm = args.gemms.split(",")[0] if args.gemms else None
+            gemm = paths[0]
             bf16_products = dtype == torch.bfloat16 and path_uses_bf16_products(gemm)
-            row = {"model": model, "workload": wl, "tokens": T, "dtype": args.dtype, "threads": torch.get_num_threads(),
+            row = {"model": model, "workload": wl, "tokens": T, "dtype": args.dtype, "threads": threads,
                    "gemm": gemm or ops.runtime_info()["gemm"], "gemm_products": "bf16" if bf16_products else "fp32"}
             ours = lambda: ops.chunk_gated_delta_rule(q, k, v, g, beta, state, idx, cu, out=out)  # noqa: E731
-            if args.gemms:  # ours on several GEMM paths, side by side; the first is "ours"
-                paths = args.gemms.split(",")
-                times = best_time_per_gemm_path(ours, paths, args.repeat)
-                t = times[paths[0]]
-                for path in paths:
-                    row[f"tok_s_{path}"] = T / times[path]
-                for path in paths[1:]:
-                    row[f"{paths[0]}_vs_{path}"] = times[path] / t
+            row["auto_schedule"] = prefill_schedule_of(ours)
+            if len(configs) > 1:  # side by side; the first is "ours"
+                times = best_time_per_config(ours, configs, args.repeat)
+                t = times[bases[0]]
+                for label in configs:
+                    row[f"tok_s_{label}"] = T / times[label]
+                for label in bases[1:]:
+                    row[f"{bases[0]}_vs_{label}"] = times[label] / t
+                if args.scaling:
+                    ceiling = ceilings[f"{row['gemm_products']}_scaling_ceiling"]
+                    row["scaling_ceiling"] = ceiling
+                    for label in bases:
+                        row[f"scaling_{label}"] = times[f"{label}@1t"] / times[label]
+                        row[f"pct_of_ceiling_{label}"] = 100 * row[f"scaling_{label}"] / ceiling
             else:
                 t = best_time(ours, args.repeat)
             row["ours_tok_s"] = T / t
@@ -437,6 +496,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--gemms", default="",
                    help="comma-separated GEMM paths (VLLM_GDN_CPU_GEMM values) to time ours on, interleaved; "
                         "the first is reported as ours, with its speed-up over each other")
+    p.add_argument("--heads", default="",
+                   help="comma-separated head counts H: one shape per H (Hk = Hv = H, K = V = 128, a tensor-parallel "
+                        "shard) instead of --models, e.g. --heads 1,4,8 --workloads T8192")
+    p.add_argument("--schedules", default="",
+                   help="comma-separated VLLM_GDN_CPU_PREFILL_SCHEDULE values (auto, sequential, chunk_parallel) to "
+                        "time ours under, interleaved (with --gemms: every path x schedule); the first is ours")
+    p.add_argument("--scaling", action="store_true",
+                   help="also time each configuration on one thread, interleaved: all-threads / one-thread speed-up "
+                        "and its %% of the scaling ceiling measured in the same run (bench roofline's core_scaling)")
 
     d = sub.add_parser("decode", parents=[common], help="decode step over cold states")
     d.add_argument("--model", default="qwen3-next", choices=list(MODELS))

@@ -1,0 +1,281 @@
+// The per-chunk math of chunk_gated_delta_rule (the chunked WY / UT-transform form of the gated
+// delta rule, as in flash-linear-attention), shared by its two schedules: the sequential walk
+// (chunk_gated_delta_rule.cpp: one task per (sequence, value head) walks its chunks in order) and
+// the chunk-parallel one (chunk_parallel.cpp). Per chunk of n <= C tokens (q pre-scaled,
+// gc = cumsum(g)):
+//   L[i,j]  = beta_i (k_i.k_j) exp(gc_i - gc_j)          j < i
+//   Tm      = (I + L)^-1 diag(beta)                       (forward substitution)
+//   u       = Tm v,   w = -Tm (exp(gc) * k)
+//   v_new   = u + w S
+//   o       = (exp(gc) * q) S + P v_new,   P[i,j] = (q_i.k_j) exp(gc_i - gc_j), j <= i
+//   S       = exp(gc_last) S + (exp(gc_last - gc) * k)^T v_new
+// Every exponent is <= 0 (g <= 0), so nothing overflows. vllm_gdn_cpu.reference has the same
+// algorithm in torch (chunk_gated_delta_rule_chunked_ref).
+//
+// The work splits in two: chunk_prepare (everything that does not read the state: the decayed
+// masks, k k^T, q k^T, the triangular inverse, u, w, exp(gc) q, the decayed k^T) and
+// chunk_state_step (the products with S and the state update, on any column block [v0, v0 + vb)
+// of the state: columns of S, v_new and o are independent). Both schedules run the same calls,
+// and a column block computes each element with the same operations in the same order as the
+// whole row does (our GEMM kernels and AMX tiles treat columns independently; blocks start at
+// multiples of 16), so on our own GEMM engines both give bit-identical results.
+//
+// All products go through Mm, which runs them in fp32 or, for bf16 inputs on a bf16-capable GEMM
+// path, rounds the operands to bf16 and accumulates in fp32 (the precision of FLA's GPU kernels).
+// Products with a triangular operand are computed in row blocks that skip the zero triangle.
+#pragma once
+#include <algorithm>
+#include <array>
+#include <type_traits>
+#include <utility>
+
+#include "common/gemm_engine.h"
+#include "common/parallel.h"
+
+namespace gdn {
+namespace GDN_ISA {
+namespace chunk {
+
+constexpr int64_t kChunk = 64;
+
+struct ChunkScratch {
+  // Shared by the task's heads: k, q, kT, KK = k k^T, QK = q k^T. Per head: the rest; S holds one
+  // state per head of the task.
+  float *k, *q, *kT, *KK, *QK, *kT_decayed, *wq, *vo, *P, *Tm, *kg, *gc, *eg, *eg_inv, *beta, *S;
+  uint16_t* a_bf16;
+  uint32_t *pack_kT, *pack_v, *pack_kg, *pack_S, *pack_vnew;
+
+  // Carves the buffers out of `base` (64-byte aligned each; base may be null to only count);
+  // returns the number of floats used.
+  size_t carve(float* base, int64_t K, int64_t V, int64_t heads) {
+    const int64_t C = kChunk;
+    size_t used = 0;
+    auto take = [&](int64_t n) {
+      float* r = base ? base + used : nullptr;
+      used += static_cast<size_t>((n + 15) / 16 * 16);
+      return r;
+    };
+    k = take(C * K), q = take(C * K), kT = take(K * C), KK = take(C * C), QK = take(C * C);
+    kT_decayed = take(K * C), kg = take(C * K), wq = take(2 * C * K), vo = take(2 * C * V);
+    P = take(C * C), Tm = take(C * C);
+    gc = take(C), eg = take(C), eg_inv = take(C), beta = take(C), S = take(heads * K * V);
+    // bf16 copies of the left operands: [k; q]-sized rows (2C x K), Tm / P (C x C), kT (K x C).
+    a_bf16 = reinterpret_cast<uint16_t*>(take(C * std::max(2 * even(K), C) / 2));
+    pack_kT = reinterpret_cast<uint32_t*>(take(even(K) / 2 * C));
+    pack_v = reinterpret_cast<uint32_t*>(take(C / 2 * V));
+    pack_kg = reinterpret_cast<uint32_t*>(take(C / 2 * K));
+    pack_S = reinterpret_cast<uint32_t*>(take(even(K) / 2 * V));
+    pack_vnew = reinterpret_cast<uint32_t*>(take(C / 2 * V));
+    return used;
+  }
+};
+
+// Consecutive rows of one head are a whole token apart (4 KiB and more): the hardware prefetchers
+// do not follow that stride, and the rows alias to a few cache sets, so rows fetched a chunk ahead
+// are evicted before use. Each row is fetched a few rows ahead of its use instead.
+constexpr int64_t kRowsAhead = 8;  // measured: 8 rows ahead beat 16 and a whole chunk
+
+// Rows [t, t + n) of one head (D values each) into L1.
+template <class T>
+inline void prefetch_head_rows(const Mat3& m, int64_t t, int64_t n, int64_t head, int64_t D) {
+  prefetch_rows<3>(m.row<const T>(t, head), m.token_stride, n, D * static_cast<int64_t>(sizeof(T)));
+}
+
+// Rows [bos, bos+n) of head `head` of a [T, H, D] tensor -> fp32 [n, D] (l2-normalised and scaled
+// if asked).
+template <class T>
+inline void gather_rows(const Mat3& m, int64_t bos, int64_t n, int64_t head, int64_t D, float* dst, bool l2norm,
+                 float mul) {
+  for (int64_t i = 0; i < n; ++i) {
+    float* row = dst + i * D;
+    if (i + kRowsAhead < n) prefetch_head_rows<T>(m, bos + i + kRowsAhead, 1, head, D);
+    load_row(m.row<const T>(bos + i, head), row, D);
+    if (l2norm) {
+      l2normalize(row, D, mul);
+    } else if (mul != 1.f) {
+      for (int64_t d = 0; d < D; ++d) row[d] *= mul;
+    }
+  }
+}
+
+// Row i of X = (I + L)^-1:  x_i = e_i - sum_{m<i} L[i, m] x_m, with rows m < i already final
+// (zero right of their diagonal) and L[i, :] read from row i before it is overwritten. The row
+// lives in NV vector registers (NV * kVecWidth > i), with two accumulator sets to halve the FMA
+// dependency chain.
+template <int NV>
+inline void solve_row(float* X, int64_t i, int64_t ld) {
+  const float* L = X + i * ld;
+  vfloat acc0[NV], acc1[NV];
+  for (int v = 0; v < NV; ++v) acc0[v] = vfloat{}, acc1[v] = vfloat{};
+  int64_t m = 0;
+  for (; m + 2 <= i; m += 2) {
+    const vfloat l0 = vbroadcast(-L[m]), l1 = vbroadcast(-L[m + 1]);
+    const float *x0 = X + m * ld, *x1 = x0 + ld;
+    for (int v = 0; v < NV; ++v) {
+      acc0[v] += l0 * vload(x0 + v * kVecWidth);
+      acc1[v] += l1 * vload(x1 + v * kVecWidth);
+    }
+  }
+  if (m < i) {
+    const vfloat l0 = vbroadcast(-L[m]);
+    for (int v = 0; v < NV; ++v) acc0[v] += l0 * vload(X + m * ld + v * kVecWidth);
+  }
+  float* row = X + i * ld;
+  for (int v = 0; v < NV; ++v) vstore(row + v * kVecWidth, acc0[v] + acc1[v]);
+  std::fill(row + i, row + ld, 0.f);
+  row[i] = 1.f;
+}
+
+using SolveRowFn = void (*)(float*, int64_t, int64_t);
+template <size_t... I>
+constexpr std::array<SolveRowFn, sizeof...(I)> solve_row_table(std::index_sequence<I...>) {
+  return {&solve_row<static_cast<int>(I) + 1>...};
+}
+
+// Tm = (I + L)^-1 for strictly lower L (given in Tm's strictly lower part on entry, the rest
+// ignored); the upper triangle of the result is zeroed.
+inline void invert_unit_lower(float* Tm, int64_t n, int64_t ld) {
+  static constexpr auto kSolveRow = solve_row_table(std::make_index_sequence<kChunk / kVecWidth>{});
+  for (int64_t i = 0; i < n; ++i) kSolveRow[i / kVecWidth](Tm, i, ld);
+}
+
+
+// Where chunk_prepare leaves one (chunk, value head)'s state-independent results, read by
+// chunk_state_step: vo [2C, V] (rows [0, n): u, then v_new; rows [n, 2n): o), wq [2C, K] (rows
+// [0, n): w, rows [n, 2n): exp(gc) q), P [C, C] (lower incl. diagonal), kTd [K, C] (the decayed
+// k^T), and e_last = exp(gc_last).
+struct ChunkSlot {
+  float *vo, *wq, *P, *kTd;
+  float e_last;
+};
+
+// Loads rows [c0, c0 + n) of key head hk into s.k, s.q (l2-normalised, q scaled) and computes
+// their transposed k, KK = k k^T (strictly lower used) and QK = q k^T (lower incl. diagonal),
+// which the value heads of key head hk share.
+template <class TIn>
+void chunk_load_qk(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t hk, int64_t c0, int64_t n) {
+  const int64_t K = p.K, C = kChunk;
+  for (const Mat3* m : {&p.k, &p.q}) prefetch_head_rows<TIn>(*m, c0, std::min(n, kRowsAhead), hk, K);
+  gather_rows<TIn>(p.k, c0, n, hk, K, s.k, p.use_qk_l2norm, 1.f);
+  gather_rows<TIn>(p.q, c0, n, hk, K, s.q, p.use_qk_l2norm, p.scale);
+  transpose(s.k, n, K, K, s.kT, C);
+  const Mm::B kT_op = mm.operand(s.kT, K, n, C, s.pack_kT);
+  mm.run_lower_c(n, K, s.k, K, kT_op, s.KK, C);
+  mm.run_lower_c(n, K, s.q, K, kT_op, s.QK, C);
+}
+
+// The state-independent work of one chunk of value head h, given the chunk's shared k, q, kT, KK
+// and QK in `s` (chunk_load_qk): fills d (all but e_last, which it returns).
+template <class TIn>
+float chunk_prepare(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t h, int64_t c0, int64_t n,
+                    bool bf16_gemm, const ChunkSlot& d) {
+  const int64_t K = p.K, V = p.V, C = kChunk;
+  float* vnew = d.vo;       // rows [0, n) of vo: u (then v_new, in chunk_state_step)
+  float* o = d.vo + n * V;  // rows [n, 2n): o
+  prefetch_head_rows<TIn>(p.v, c0, std::min(n, kRowsAhead), h, V);
+  gather_rows<TIn>(p.v, c0, n, h, V, vnew, false, 1.f);
+  float acc = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    acc += p.g[(c0 + i) * p.g_stride + h];
+    s.gc[i] = acc;
+    s.beta[i] = p.beta[(c0 + i) * p.beta_stride + h];
+  }
+  const float g_last = s.gc[n - 1];
+
+  // P = QK * decay (lower incl. diagonal), Tm = strictly lower beta * KK * decay.
+  // exp(gc_i - gc_j) = exp(gc_i) exp(-gc_j) costs 2n exps instead of n^2/2; exp(-gc_j) stays
+  // finite while the chunk's total decay is above -80 (else one exp per entry).
+  const bool factored = g_last > -80.f;
+  exp_affine(s.gc, n, 1.f, 0.f, s.eg);  // also used by kg and qg below
+  if (factored) exp_affine(s.gc, n, -1.f, 0.f, s.eg_inv);
+  for (int64_t i = 0; i < n; ++i) {
+    float* P_row = d.P + i * C;
+    float* T_row = s.Tm + i * C;
+    const float* QK_row = s.QK + i * C;
+    const float* KK_row = s.KK + i * C;
+    if (factored) {
+      const float ei = s.eg[i], bi = s.beta[i] * s.eg[i];
+#pragma omp simd
+      for (int64_t j = 0; j <= i; ++j) {
+        P_row[j] = QK_row[j] * ei * s.eg_inv[j];
+        T_row[j] = bi * KK_row[j] * s.eg_inv[j];
+      }
+    } else {
+      for (int64_t j = 0; j <= i; ++j) {
+        const float dec = std::exp(s.gc[i] - s.gc[j]);
+        P_row[j] = QK_row[j] * dec;
+        T_row[j] = s.beta[i] * KK_row[j] * dec;
+      }
+    }
+    for (int64_t j = i + 1; j < n; ++j) P_row[j] = 0.f;
+  }
+  invert_unit_lower(s.Tm, n, C);
+  for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) s.Tm[i * C + j] *= s.beta[j];
+  }
+
+  // u = Tm v (into vnew's rows), w = -Tm (exp(gc) k) (into wq's first n rows)
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = -s.eg[i];
+    for (int64_t j = 0; j < K; ++j) s.kg[i * K + j] = s.k[i * K + j] * e;
+  }
+  const Mm::B v_op = mm.operand(vnew, n, V, V, s.pack_v);
+  const Mm::B kg_op = mm.operand(s.kg, n, K, K, s.pack_kg);
+  if (bf16_gemm) {  // v was packed; u can overwrite it
+    mm.run_lower_a(n, V, s.Tm, C, v_op, vnew, V, false);
+  } else {          // fp32 reads v while writing u: go through o's rows
+    mm.run_lower_a(n, V, s.Tm, C, v_op, o, V, false);
+    std::copy(o, o + n * V, vnew);
+  }
+  mm.run_lower_a(n, K, s.Tm, C, kg_op, d.wq, K, false);
+  float* qg = d.wq + n * K;
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = s.eg[i];
+    for (int64_t j = 0; j < K; ++j) qg[i * K + j] = s.q[i * K + j] * e;
+  }
+
+  // kTd = (exp(g_last - gc) * k)^T
+  const float e_last = s.eg[n - 1];  // exp(g_last)
+  float* decay_to_end = s.eg;        // exp(g_last - gc_i), reusing eg
+  exp_affine(s.gc, n, -1.f, g_last, decay_to_end);
+  for (int64_t r = 0; r < K; ++r) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) d.kTd[r * C + i] = s.kT[r * C + i] * decay_to_end[i];
+  }
+  return e_last;
+}
+
+// The state-dependent work of one chunk of value head h on state columns [v0, v0 + vb): S is that
+// [K, vb] block of the head's fp32 state (row stride ldS), updated in place; writes the output
+// columns [v0, v0 + vb) of the chunk's rows. Uses s's pack buffers only.
+template <class TIn>
+void chunk_state_step(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t h, int64_t c0, int64_t n,
+                      const ChunkSlot& d, float* S, int64_t ldS, int64_t v0, int64_t vb) {
+  const int64_t K = p.K, V = p.V, C = kChunk;
+  float* vnew = d.vo + v0;
+  float* o = d.vo + n * V + v0;
+  // [v_new; o] = [u; 0] + [w; exp(gc) q] S   (one product: both rows share S)
+  for (int64_t i = 0; i < n; ++i) std::fill_n(o + i * V, vb, 0.f);
+  const Mm::B S_op = mm.operand(S, K, vb, ldS, s.pack_S);
+  mm.run(2 * n, vb, K, d.wq, K, S_op, vnew, V, true);
+
+  // o += P v_new
+  const Mm::B vnew_op = mm.operand(vnew, n, vb, V, s.pack_vnew);
+  mm.run_lower_a(n, vb, d.P, C, vnew_op, o, V, true);
+  for (int64_t i = 0; i < n; ++i) store_row_streaming(o + i * V, p.out.row<TIn>(c0 + i, h) + v0, vb);
+
+  // S = exp(g_last) S + (exp(g_last - gc) k)^T v_new
+  for (int64_t r = 0; r < K; ++r) {
+    float* row = S + r * ldS;
+    for (int64_t j = 0; j < vb; ++j) row[j] *= d.e_last;
+  }
+  mm.run(K, vb, n, d.kTd, C, vnew_op, S, ldS, true);
+}
+
+// The chunk-parallel schedule (chunk_parallel.cpp).
+void chunk_parallel(const ChunkParams& p, bool bf16_gemm);
+
+}  // namespace chunk
+}  // namespace GDN_ISA
+}  // namespace gdn
