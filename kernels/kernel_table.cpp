@@ -12,6 +12,8 @@ void stream_scale(float*, int64_t, float);
 void gemm_probe(const GemmBackend&, bool, int64_t, int64_t, int64_t, double, double*);
 void mamba2_chunk_scan(const Mamba2Params&);
 void mamba2_state_update(const Mamba2Params&);
+void linear(const LinearParams&);
+void gated_rms_norm(const GatedRmsNormParams&);
 
 #define GDN_STR2(x) #x
 #define GDN_STR(x) GDN_STR2(x)
@@ -23,7 +25,7 @@ const KernelTable& kernel_table() {
 #endif
   static const KernelTable table{GDN_STR(GDN_ISA), kHasBF16Gemm, &gdn_gating, &fused_recurrent, &chunk_gated_delta_rule,
                                  &causal_conv1d, &stream_scale, &gemm_probe,
-                                 &mamba2_chunk_scan, &mamba2_state_update};
+                                 &mamba2_chunk_scan, &mamba2_state_update, &linear, &gated_rms_norm};
   return table;
 }
 

@@ -50,6 +50,15 @@ void mamba2_state_update(const at::Tensor& x, const at::Tensor& dt, const at::Te
                          const at::Tensor& state_indices, const std::optional<at::Tensor>& z, bool dt_softplus,
                          double dt_min, double dt_max, at::Tensor& out);
 
+// Small-batch linear engine and gated RMSNorm (kernels/common/linear_ops.cpp).
+void small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  at::Tensor& out);
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+std::vector<int64_t> linear_path_counts();
+void reset_linear_path_counts();
+void gated_rms_norm(const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight, double eps, bool sigmoid,
+                    at::Tensor& out);
+
 // How many chunk_gated_delta_rule calls ran each schedule: [sequential, chunk_parallel]
 // (kernels/gdn/prefill_schedule.cpp).
 std::vector<int64_t> prefill_schedule_counts();

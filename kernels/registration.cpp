@@ -34,6 +34,11 @@ TORCH_LIBRARY(vllm_gdn_cpu, m) {
       "mamba2_state_update(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? dt_bias, "
       "Tensor(a!) state, Tensor state_indices, Tensor? z, bool dt_softplus, float dt_min, float dt_max, "
       "Tensor(b!) out) -> ()");
+  m.def("small_linear(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out) -> ()");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_path_counts() -> int[]");
+  m.def("reset_linear_path_counts() -> ()");
+  m.def("gated_rms_norm(Tensor x, Tensor z, Tensor weight, float eps, bool sigmoid, Tensor(a!) out) -> ()");
   m.def("stream_scale(Tensor(a!) x, float factor) -> ()");
   m.def("gemm_probe(bool bf16, float seconds) -> Tensor");
   m.def("runtime_info() -> str");
@@ -48,6 +53,9 @@ TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CPU, m) {
   m.impl("gdn_decode_step", &gdn::gdn_decode_step);
   m.impl("mamba2_chunk_scan", &gdn::mamba2_chunk_scan);
   m.impl("mamba2_state_update", &gdn::mamba2_state_update);
+  m.impl("small_linear", &gdn::small_linear);
+  m.impl("linear", &gdn::linear);
+  m.impl("gated_rms_norm", &gdn::gated_rms_norm);
   m.impl("stream_scale", &gdn::stream_scale);
 }
 
@@ -55,6 +63,8 @@ TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CompositeExplicitAutograd, m) {
   m.impl("runtime_info", &gdn::runtime_info);
   m.impl("prefill_schedule_counts", &gdn::prefill_schedule_counts);
   m.impl("gemm_probe", &gdn::gemm_probe);  // takes no tensor: nothing to dispatch on
+  m.impl("linear_path_counts", &gdn::linear_path_counts);
+  m.impl("reset_linear_path_counts", &gdn::reset_linear_path_counts);
 }
 
 // Importing vllm_gdn_cpu._C registers the ops above; the module itself has no attributes.

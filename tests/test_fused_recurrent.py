@@ -1,10 +1,13 @@
 """fused_recurrent_gated_delta_rule (decode, gating fused) against the float64 reference."""
 
+import os
+from contextlib import contextmanager
+
 import pytest
 import torch
 
 from gdn_cases import (DTYPE_IDS, DTYPES, OUT_RTOL, STATE_RTOL, assert_close_rel, forced_isa, isas,
-                       make_problem)
+                       make_problem, torch_threads)
 from vllm_gdn_cpu import ops
 from vllm_gdn_cpu.reference import fused_recurrent_gated_delta_rule_ref
 
@@ -114,3 +117,110 @@ def test_narrow_state_drift_over_256_decode_steps(state_dtype):
         worst = max(worst, last)
     print(f"{state_dtype} state vs fp32 over 256 steps: worst relative output drift {worst:.3e}, last {last:.3e}")
     assert worst < (3e-2 if state_dtype == torch.bfloat16 else 5e-3)
+
+
+# ----------------------------------------------------------------------------- work split
+# VLLM_GDN_CPU_DECODE_SPLIT picks how the decode splits each (sequence, head) state into column
+# blocks (kernels/common/decode_split.h). Columns are independent and each is computed with the
+# same operations in the same order whatever block holds it, so every split must give the same
+# outputs and states bit for bit. vblocks:16 / vblocks:32 / vblocks run the one-, two- and
+# four-vector tiles (AVX-512; AVX2 and generic: wider in vectors), heads the widest.
+SPLIT_ENV = "VLLM_GDN_CPU_DECODE_SPLIT"
+SPLITS = ["auto", "vblocks", "vblocks:16", "vblocks:32", "vblocks:48"]
+
+
+@contextmanager
+def forced_split(value: str):
+    old = os.environ.get(SPLIT_ENV)
+    os.environ[SPLIT_ENV] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(SPLIT_ENV, None)
+        else:
+            os.environ[SPLIT_ENV] = old
+
+
+def decode_with_split(p, split, cu_seqlens=None):
+    state = p.state.clone()
+    with forced_split(split):
+        out = ops.fused_recurrent_gated_delta_rule(
+            p.q, p.k, p.v, p.A_log, p.dt_bias, p.a, p.b, state, p.state_indices, cu_seqlens)
+    return out, state
+
+
+# (seqlens, Hk, Hv, K, V): batch 1 GQA, batch 2 with K != V, batch 3 with a padded entry, and
+# speculative-decoding-like sequences of several tokens (the general path).
+SPLIT_CASES = [
+    ([1], 2, 4, 64, 128),
+    ([1, 1], 1, 2, 96, 192),
+    ([1, 1, 1], 2, 2, 32, 64),
+    ([3, 1, 2], 1, 2, 32, 96),
+]
+
+
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"n{len(c[0])}t{sum(c[0])}-h{c[1]}/{c[2]}-k{c[3]}v{c[4]}")
+def test_decode_splits_agree_bitwise(isa, state_dtype, case):
+    seqlens, Hk, Hv, K, V = case
+    p = make_problem(seqlens, Hk, Hv, K, V, torch.bfloat16, state_dtype, seed=7)
+    if len(seqlens) == 3:
+        p.state_indices[1] = -1  # padding: zero output, slot untouched
+    cu = None if all(n == 1 for n in seqlens) else p.cu_seqlens
+    touched = [s for s in p.state_indices.tolist() if s >= 0]
+    untouched = [s for s in range(p.state.shape[0]) if s not in touched]
+    # 3 threads: auto then splits batch 1-2 here (few heads per thread), as on many-core hosts.
+    with forced_isa(isa), torch_threads(3):
+        want_out, want_state = decode_with_split(p, "heads", cu)
+        for split in SPLITS:
+            out, state = decode_with_split(p, split, cu)
+            assert torch.equal(out, want_out), f"{split}: output differs from heads"
+            assert torch.equal(state, want_state), f"{split}: state differs from heads"
+    assert torch.equal(want_state[untouched], p.state[untouched])
+    assert not torch.equal(want_state[touched], p.state[touched])
+    if len(seqlens) == 3:  # the padded sequence's tokens
+        assert (want_out[p.cu_seqlens[1]:p.cu_seqlens[2]] == 0).all()
+    # heads itself against the float64 reference.
+    ref_state = p.state.double()
+    ref_out = fused_recurrent_gated_delta_rule_ref(p.q, p.k, p.v, p.A_log, p.dt_bias, p.a, p.b, ref_state,
+                                                   p.state_indices, cu, compute_dtype=torch.float64)
+    assert_close_rel(want_out, ref_out, OUT_RTOL[torch.bfloat16], "output")
+    assert_close_rel(want_state, ref_state, STATE_RTOL[state_dtype], "final state")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5, 16])
+def test_decode_splits_agree_at_thread_counts(threads):
+    """auto's choice depends on the thread count (more threads than tasks included)."""
+    p = make_problem([1], 1, 2, 64, 128, torch.float32, torch.float32, seed=8)
+    with torch_threads(threads):
+        want = decode_with_split(p, "heads")
+        got = decode_with_split(p, "auto")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.error_path
+@pytest.mark.parametrize("value", ["rows", "vblocks:0", "vblocks:x", "vblocks:-16", "heads "])
+def test_decode_split_rejects_bad_value(value):
+    p = make_problem([1], 1, 1, 16, 16, torch.float32, torch.float32)
+    state = p.state.clone()
+    with forced_split(value), pytest.raises(ValueError, match=SPLIT_ENV):
+        ops.fused_recurrent_gated_delta_rule(p.q, p.k, p.v, p.A_log, p.dt_bias, p.a, p.b, state, p.state_indices)
+    assert torch.equal(state, p.state)
+
+
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16, "strided"], ids=str)
+def test_decode_per_head_params_of_any_layout(param_dtype):
+    """A_log / dt_bias in bf16/fp16 (vLLM keeps them in the model dtype) or strided are read as the
+    same fp32 values as their contiguous fp32 conversion."""
+    p = make_problem([1] * 3, 2, 4, 32, 64, torch.bfloat16, torch.float32, seed=9)
+    if param_dtype == "strided":
+        A_log, dt_bias = torch.stack([p.A_log, -p.A_log], 1)[:, 0], torch.stack([p.dt_bias, p.dt_bias], 1)[:, 1]
+    else:
+        A_log, dt_bias = p.A_log.to(param_dtype), p.dt_bias.to(param_dtype)
+    s1, s2 = p.state.clone(), p.state.clone()
+    o1 = ops.fused_recurrent_gated_delta_rule(p.q, p.k, p.v, A_log, dt_bias, p.a, p.b, s1, p.state_indices)
+    o2 = ops.fused_recurrent_gated_delta_rule(p.q, p.k, p.v, A_log.float().contiguous(),
+                                              dt_bias.float().contiguous(), p.a, p.b, s2, p.state_indices)
+    assert torch.equal(o1, o2) and torch.equal(s1, s2)

@@ -63,3 +63,22 @@ def test_opcheck_mamba2_state_update():
         (p.x, p.dt, p.A, p.B, p.C, p.D, p.dt_bias, p.state, p.state_indices, None, True, 0.0, float("inf"),
          torch.empty_like(p.x)),
     )
+
+
+def test_opcheck_small_linear():
+    x, w, b = torch.randn(3, 40), torch.randn(7, 40).bfloat16(), torch.randn(7)
+    torch.library.opcheck(torch.ops.vllm_gdn_cpu.small_linear.default, (x, w, b, torch.empty(3, 7)))
+    torch.library.opcheck(torch.ops.vllm_gdn_cpu.small_linear.default, (x, w, None, torch.empty(3, 7).half()))
+
+
+def test_opcheck_linear():
+    # Both paths: M = 2 (ours under the default threshold) and M = 300 (torch's GEMM).
+    w, b = torch.randn(9, 24), torch.randn(9)
+    for M in (2, 300):
+        torch.library.opcheck(torch.ops.vllm_gdn_cpu.linear.default, (torch.randn(M, 24), w, b))
+
+
+def test_opcheck_gated_rms_norm():
+    x, z = torch.randn(3, 2, 32).bfloat16(), torch.randn(3, 2, 64).bfloat16()[..., 16:48]
+    torch.library.opcheck(torch.ops.vllm_gdn_cpu.gated_rms_norm.default,
+                          (x, z, torch.rand(32), 1e-6, False, torch.empty_like(x)))

@@ -128,6 +128,40 @@ struct Mamba2Params {
   GemmBackend gemm;                   // prefill only
 };
 
+// Small-batch linear (kernels/common/linear.cpp): out[M, N] = x[M, K] weight[N, K]^T (+ bias[N]),
+// fp32 accumulation, one rounding to out's dtype.
+struct LinearParams {
+  int64_t M, N, K;
+  const float* x;        // [M, K] fp32, row stride x_stride
+  int64_t x_stride;
+  const void* weight;    // [N, K] contiguous
+  DType weight_dtype;
+  const float* bias;     // [N] fp32 or nullptr
+  Mat2 out;              // [M, N]
+};
+
+// Rows of a [..., D] tensor whose leading dims collapse to two levels: row r lies at
+// (r / inner) * outer_stride + (r % inner) * inner_stride elements from data.
+struct RowSet {
+  void* data;
+  int64_t inner, outer_stride, inner_stride;
+  template <class T>
+  T* row(int64_t r) const {
+    return static_cast<T*>(data) + (r / inner) * outer_stride + (r % inner) * inner_stride;
+  }
+};
+
+// Gated RMSNorm (kernels/common/gated_rms_norm.cpp), vLLM's RMSNormGated with norm_before_gate and
+// one group: out = x * rsqrt(mean(x^2) + eps) * weight * act(z), act = silu or sigmoid, fp32 math.
+struct GatedRmsNormParams {
+  int64_t rows, D;
+  RowSet x, z, out;  // x, z, out share `dtype`
+  DType dtype;
+  const float* weight;  // [D] fp32
+  float eps;
+  bool sigmoid;
+};
+
 // One entry per compiled ISA (kernels/common/runtime.cpp picks one at run time).
 struct KernelTable {
   const char* isa;
@@ -141,6 +175,8 @@ struct KernelTable {
                      double* gflops_per_thread);  // benchmark probe, see gemm_probe.cpp
   void (*mamba2_chunk_scan)(const Mamba2Params&);
   void (*mamba2_state_update)(const Mamba2Params&);
+  void (*linear)(const LinearParams&);
+  void (*gated_rms_norm)(const GatedRmsNormParams&);
 };
 
 }  // namespace gdn

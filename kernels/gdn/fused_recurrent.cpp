@@ -3,7 +3,9 @@
 //
 // Each task owns one (sequence, value head, V-block). Columns of the state are independent in every
 // step (S^T k, S^T q and the rank-1 update all act column-wise), so V-blocks keep all cores busy
-// at batch 1. Within a block the state is walked in column tiles of kTileVecs vectors:
+// at batch 1 with few heads, and every split gives the same results bit for bit; the width is
+// chosen per call (common/decode_split.h, VLLM_GDN_CPU_DECODE_SPLIT). Within a block the state is
+// walked in column tiles of up to kTileVecs vectors:
 //   pass 1 (streams the tile from memory):  a = S^T k,  b = S^T q      (accumulators in registers)
 //            v_new = beta * (v - decay * a),  o = decay * b + (k.q) * v_new
 //   pass 2 (the tile is now in L1):          S = decay * S + k (x) v_new
@@ -14,6 +16,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/decode_split.h"
 #include "common/gating.h"
 #include "common/parallel.h"
 
@@ -175,16 +178,6 @@ void step_block(const TokenStep& s, int64_t K, int64_t width, const TSrc* src, i
     step_tile<4>(s, K, src + j, lds, dst + j, ldd, v + j, o + j);
   for (; j + kVecWidth <= width; j += kVecWidth) step_tile<1>(s, K, src + j, lds, dst + j, ldd, v + j, o + j);
   if (j < width) step_columns(s, K, width - j, src + j, lds, dst + j, ldd, v + j, o + j);
-}
-
-// Largest V-block (all of V, or a multiple of 4 vectors) that still gives every thread a few tasks.
-int64_t choose_v_block(int64_t tasks_per_block, int64_t V) {
-  const int64_t want = 4 * static_cast<int64_t>(num_threads());
-  const int64_t quantum = 4 * kVecWidth;
-  int64_t vb = V;
-  while (tasks_per_block * ((V + vb - 1) / vb) < want && vb > quantum)
-    vb = std::max(quantum, (vb / 2 + quantum - 1) / quantum * quantum);
-  return vb;
 }
 
 // Normalised, scaled q and k of token t for key heads [hk0, hk1) (2K floats each: q then k, into
@@ -389,7 +382,11 @@ void multi_token_decode(const RecurrentParams& p, const TaskGrid& grid) {
 
 template <class TIn, class TState>
 void recurrent_kernel(const RecurrentParams& p) {
-  const int64_t vb = choose_v_block(p.N * p.Hv, p.V);
+  // V-blocks (decode_split.h): whole heads where there are enough of them for the threads, else
+  // blocks as narrow as one vector, so that at batch 1-2 every thread streams its share.
+  // (bf16 states walked as even/odd column pairs need tiles of whole pairs of vectors.)
+  constexpr bool Paired = kPaired<TState, TState>;
+  const int64_t vb = decode_v_block(p.N * p.Hv, p.V, (Paired ? 2 : 1) * kVecWidth, num_threads());
   const TaskGrid grid{p.Hv, vb, (p.V + vb - 1) / vb};
   bool one_token_each = true;
   for (int64_t i = 0; p.cu_seqlens && i < p.N && one_token_each; ++i)
@@ -399,6 +396,10 @@ void recurrent_kernel(const RecurrentParams& p) {
     stream_decode<kTileVecs, TIn, TState>(p, grid);
   } else if (one_token_each && fits(4 * kVecWidth)) {
     stream_decode<4, TIn, TState>(p, grid);
+  } else if (one_token_each && fits(2 * kVecWidth)) {
+    stream_decode<2, TIn, TState>(p, grid);
+  } else if (one_token_each && !Paired && fits(kVecWidth)) {
+    if constexpr (!Paired) stream_decode<1, TIn, TState>(p, grid);
   } else {
     multi_token_decode<TIn, TState>(p, grid);
   }

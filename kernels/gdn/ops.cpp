@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 
 #include <utility>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/runtime.h"
@@ -51,7 +52,27 @@ StatePool check_state(const at::Tensor& state, const QKVShape& s, const char* op
 }
 
 
-GatingParams gating_params(const at::Tensor& A_log32, const at::Tensor& dt_bias32, const at::Tensor& a,
+// A per-head [Hv] parameter as fp32: the tensor's own data when it is fp32 and contiguous, else
+// converted into `buffer` (the checks of per_head_f32).
+const float* per_head_f32_ptr(const at::Tensor& t, int64_t Hv, const char* op, const char* name,
+                              std::vector<float>& buffer) {
+  check_dim(t, 1, op, name, "[Hv]");
+  check_shape(t, {Hv}, op, name);
+  const DType dt = to_dtype(t, op, name);
+  if (dt == DType::kFloat32 && (Hv <= 1 || t.stride(0) == 1)) return t.data_ptr<float>();
+  buffer.resize(Hv);
+  const int64_t stride = t.stride(0);
+  if (dt == DType::kFloat32) {
+    for (int64_t i = 0; i < Hv; ++i) buffer[i] = t.data_ptr<float>()[i * stride];
+  } else if (dt == DType::kBFloat16) {
+    for (int64_t i = 0; i < Hv; ++i) buffer[i] = static_cast<float>(t.data_ptr<at::BFloat16>()[i * stride]);
+  } else {
+    for (int64_t i = 0; i < Hv; ++i) buffer[i] = static_cast<float>(t.data_ptr<at::Half>()[i * stride]);
+  }
+  return buffer.data();
+}
+
+GatingParams gating_params(const float* A_log32, const float* dt_bias32, const at::Tensor& a,
                            const at::Tensor& b, int64_t T, int64_t Hv, double softplus_beta,
                            double softplus_threshold, bool allow_neg_eigval, const char* op) {
   check_dim(a, 2, op, "a", "[T, Hv]");
@@ -64,8 +85,8 @@ GatingParams gating_params(const at::Tensor& A_log32, const at::Tensor& dt_bias3
   p.Hv = Hv;
   p.a = mat2(a, op, "a");
   p.b = mat2(b, op, "b");
-  p.A_log = A_log32.data_ptr<float>();
-  p.dt_bias = dt_bias32.data_ptr<float>();
+  p.A_log = A_log32;
+  p.dt_bias = dt_bias32;
   p.softplus_beta = static_cast<float>(softplus_beta);
   p.softplus_threshold = static_cast<float>(softplus_threshold);
   p.allow_neg_eigval = allow_neg_eigval;
@@ -82,7 +103,8 @@ std::tuple<at::Tensor, at::Tensor> gdn_gating(const at::Tensor& A_log, const at:
   const int64_t T = a.size(0), Hv = a.size(1);
   const at::Tensor A32 = per_head_f32(A_log, Hv, op, "A_log");
   const at::Tensor dt32 = per_head_f32(dt_bias, Hv, op, "dt_bias");
-  GatingParams p = gating_params(A32, dt32, a, b, T, Hv, softplus_beta, softplus_threshold, allow_neg_eigval, op);
+  GatingParams p = gating_params(A32.data_ptr<float>(), dt32.data_ptr<float>(), a, b, T, Hv, softplus_beta,
+                                 softplus_threshold, allow_neg_eigval, op);
   at::Tensor g = at::empty({T, Hv}, a.options().dtype(at::kFloat));
   at::Tensor beta = at::empty({T, Hv}, a.options().dtype(at::kFloat));
   p.g = g.data_ptr<float>();
@@ -132,10 +154,13 @@ void fused_recurrent_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, 
   constexpr const char* op = "fused_recurrent_gated_delta_rule";
   const QKVShape s = check_qkv(q, k, v, op);
   check_out(out, q, s, op);
-  const at::Tensor A32 = per_head_f32(A_log, s.Hv, op, "A_log");
-  const at::Tensor dt32 = per_head_f32(dt_bias, s.Hv, op, "dt_bias");
+  // A_log / dt_bias as fp32 without a tensor op per call (bf16 ones converted here: at batch 1
+  // two at::Tensor conversions were a third of the fixed cost of a call).
+  std::vector<float> A32, dt32;
   RecurrentParams p{};
-  p.gate = gating_params(A32, dt32, a, b, s.T, s.Hv, softplus_beta, softplus_threshold, allow_neg_eigval, op);
+  p.gate = gating_params(per_head_f32_ptr(A_log, s.Hv, op, "A_log", A32),
+                         per_head_f32_ptr(dt_bias, s.Hv, op, "dt_bias", dt32), a, b, s.T, s.Hv, softplus_beta,
+                         softplus_threshold, allow_neg_eigval, op);
   p.state = check_state(state, s, op);
   p.state_indices = check_state_indices(state_indices, p.state.num_slots, op);
   p.N = state_indices.size(0);

@@ -17,6 +17,14 @@ from vllm_gdn_cpu.ops.gdn import (
 )
 from vllm_gdn_cpu.ops.mamba2 import mamba2_chunk_scan, mamba2_state_update
 from vllm_gdn_cpu.ops.prefill_schedule import PREFILL_SCHEDULE_ENV, prefill_schedule_counts
+from vllm_gdn_cpu.ops.linear import (
+    LINEAR_MAX_M_ENV,
+    linear,
+    linear_path_counts,
+    reset_linear_path_counts,
+    small_linear,
+)
+from vllm_gdn_cpu.ops.norm import gated_rms_norm
 
 __all__ = [
     "GEMM_ENV", "ISA_ENV", "MAX_ISA_ENV", "runtime_info", "stream_scale_", "gemm_probe",
@@ -24,4 +32,6 @@ __all__ = [
     "gdn_gating", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "gdn_decode_step",
     "mamba2_chunk_scan", "mamba2_state_update",
     "PREFILL_SCHEDULE_ENV", "prefill_schedule_counts",
+    "LINEAR_MAX_M_ENV", "small_linear", "linear", "linear_path_counts", "reset_linear_path_counts",
+    "gated_rms_norm",
 ]

@@ -2,7 +2,7 @@
 
     python -m vllm_gdn_cpu.tools.bench prefill [--models qwen3-next,...] [--workloads T512,...] [--json]
     python -m vllm_gdn_cpu.tools.bench prefill --heads 1,4,8 --workloads T8192 --scaling [--schedules auto,sequential]
-    python -m vllm_gdn_cpu.tools.bench decode  [--batches 1,16,64] [--layers N] [--json]
+    python -m vllm_gdn_cpu.tools.bench decode  [--batches 1,16,64] [--splits auto,heads] [--layers N] [--json]
     python -m vllm_gdn_cpu.tools.bench roofline                             (limits; per-core scaling ceiling)
     python -m vllm_gdn_cpu.tools.bench overhead [--state-dtype float32]   (fixed per-call cost, decode B=1)
     python -m vllm_gdn_cpu.tools.bench e2e [--batches 1,16] [--tp 2]        (inside vLLM: ours vs built-in)
@@ -403,21 +403,91 @@ def bench_prefill(args) -> list[dict]:
 
 
 
+DECODE_SPLIT_ENV = "VLLM_GDN_CPU_DECODE_SPLIT"  # auto | heads | vblocks | vblocks:C (kernels/common/decode_split.h)
+# Decode also runs on a tensor-parallel shard: Qwen3-Next at TP=8 leaves 2 key / 4 value heads per
+# rank, fewer heads than cores (the case the V-block split is for).
+DECODE_MODELS = {**MODELS, "qwen3-next-tp8": HeadShape("qwen3-next-tp8", 2, 4, 128, 128)}
+
+
+def _with_split(split: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn run with VLLM_GDN_CPU_DECODE_SPLIT=split (the kernel reads it on every call)."""
+    def run():
+        old = os.environ.get(DECODE_SPLIT_ENV)
+        os.environ[DECODE_SPLIT_ENV] = split
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop(DECODE_SPLIT_ENV, None)
+            else:
+                os.environ[DECODE_SPLIT_ENV] = old
+    return run
+
+
+def _decode_inputs(B: int, Hk: int, Hv: int, K: int, V: int, dtype: torch.dtype, gen: torch.Generator):
+    q = torch.randn(B, Hk, K, generator=gen).to(dtype)
+    k = torch.randn(B, Hk, K, generator=gen).to(dtype)
+    v = torch.randn(B, Hv, V, generator=gen).to(dtype)
+    a, b = torch.randn(B, Hv, generator=gen).to(dtype), torch.randn(B, Hv, generator=gen).to(dtype)
+    A_log, dt_bias = torch.zeros(Hv, dtype=dtype), torch.zeros(Hv, dtype=dtype)
+    return q, k, v, a, b, A_log, dt_bias
+
+
+def _mean_call_us(fn: Callable[[], object], calls: int, loops: int = 7) -> float:
+    """Mean time of one call over a loop of `calls` calls, the best of `loops` loops (us)."""
+    for _ in range(max(1, calls // 10)):
+        fn()
+    best = float("inf")
+    for _ in range(loops):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best * 1e6
+
+
+def decode_fixed_costs(args, dtype: torch.dtype, sdt: torch.dtype) -> dict:
+    """The fixed cost of one decode call through ops.fused_recurrent_gated_delta_rule, as the streamed
+    rows call it, with a state too small to matter (K=8, V=16, in cache): `call_us` with one task
+    (Python, dispatcher, argument checks; runs on the calling thread), `forkjoin_us` with one task per
+    thread (the same plus at::parallel_for's fork/join over every thread)."""
+    gen = torch.Generator().manual_seed(1)
+    res = {}
+    threads = torch.get_num_threads()
+    for key, Hv in (("call_us", 1), ("forkjoin_us", threads)):
+        q, k, v, a, b, A_log, dt_bias = _decode_inputs(1, 1, Hv, 8, 16, dtype, gen)
+        state, idx, out = torch.zeros(1, Hv, 8, 16, dtype=sdt), torch.zeros(1, dtype=torch.int32), torch.empty_like(v)
+        res[key] = _mean_call_us(
+            lambda: ops.fused_recurrent_gated_delta_rule(q, k, v, A_log, dt_bias, a, b, state, idx, out=out),
+            args.calls)
+    return res
+
+
 def bench_decode(args) -> list[dict]:
     """Decode over cold states: `layers` separate state pools stepped in turn, so every step reads
-    and writes state that is not in cache (as in a real multi-layer model)."""
+    and writes state that is not in cache (as in a real multi-layer model). Each row also says where
+    the time goes: the fixed cost of a call with a tiny state (`forkjoin_us`, see decode_fixed_costs),
+    the time the state's bytes take at the stream rate (`stream_floor_us`), and the rest
+    (`other_us`); `warm_us` is the same call with its state in cache (one pool). With several
+    --splits (VLLM_GDN_CPU_DECODE_SPLIT values) each is timed in turn, interleaved over rounds, one
+    row each."""
     vl = None if args.no_vllm else vllm_ops()
-    h = MODELS[args.model]
+    h = DECODE_MODELS[args.model]
     dtype = getattr(torch, args.dtype)
+    splits = args.splits.split(",")
     bw = stream_gbps()
     rows = []
     gen = torch.Generator().manual_seed(0)
+    fixed = {sdt: {sp: _with_split(sp, lambda: decode_fixed_costs(args, dtype, getattr(torch, sdt)))()
+                   for sp in splits}
+             for sdt in args.state_dtypes.split(",")}
+    if not args.json:
+        for sdt, per_split in fixed.items():
+            for sp, f in per_split.items():
+                print(f"# fixed cost per call, {sdt} state, split={sp}: one task {f['call_us']:.2f} us, "
+                      f"one task per thread ({torch.get_num_threads()}) {f['forkjoin_us']:.2f} us", flush=True)
     for B in [int(x) for x in args.batches.split(",")]:
-        q = torch.randn(B, h.Hk, h.K, generator=gen).to(dtype)
-        k = torch.randn(B, h.Hk, h.K, generator=gen).to(dtype)
-        v = torch.randn(B, h.Hv, h.V, generator=gen).to(dtype)
-        a, b = torch.randn(B, h.Hv, generator=gen).to(dtype), torch.randn(B, h.Hv, generator=gen).to(dtype)
-        A_log, dt_bias = torch.zeros(h.Hv, dtype=dtype), torch.zeros(h.Hv, dtype=dtype)
+        q, k, v, a, b, A_log, dt_bias = _decode_inputs(B, h.Hk, h.Hv, h.K, h.V, dtype, gen)
         idx = torch.arange(B, dtype=torch.int32)
         cu = torch.arange(B + 1, dtype=torch.int32)
         out = torch.empty_like(v)
@@ -433,12 +503,29 @@ def bench_decode(args) -> list[dict]:
                 for pool in pools:
                     ops.fused_recurrent_gated_delta_rule(q, k, v, A_log, dt_bias, a, b, pool, idx, out=out)
 
-            row = {"model": args.model, "batch": B, "dtype": args.dtype, "state_dtype": state_dtype_name,
-                   "layers": layers, "threads": torch.get_num_threads(), "stream_gbps": bw}
-            t = best_time(ours, args.repeat) / layers
-            row["ours_us_per_layer"] = t * 1e6
-            row["ours_gbps"] = state_bytes / t / 1e9
-            row["ours_pct_of_stream"] = 100 * row["ours_gbps"] / bw
+            def ours_warm():
+                ops.fused_recurrent_gated_delta_rule(q, k, v, A_log, dt_bias, a, b, pools[0], idx, out=out)
+
+            # Each split's best over interleaved rounds (a noisy machine's drift reaches all alike).
+            best = {sp: float("inf") for sp in splits}
+            for _ in range(args.rounds if len(splits) > 1 else 1):
+                for sp in splits:
+                    best[sp] = min(best[sp], _with_split(sp, lambda: best_time(ours, args.repeat))())
+            split_rows = []
+            for sp in splits:
+                row = {"model": args.model, "batch": B, "dtype": args.dtype, "state_dtype": state_dtype_name,
+                       "split": sp, "layers": layers, "threads": torch.get_num_threads(), "stream_gbps": bw}
+                t = best[sp] / layers
+                row["ours_us_per_layer"] = t * 1e6
+                row["ours_gbps"] = state_bytes / t / 1e9
+                row["ours_pct_of_stream"] = 100 * row["ours_gbps"] / bw
+                warm_calls = max(3, min(args.calls // 10, int(0.02 / t)))  # ~20 ms a loop
+                row["warm_us"] = _with_split(sp, lambda: _mean_call_us(ours_warm, warm_calls, 5))()
+                row["forkjoin_us"] = fixed[state_dtype_name][sp]["forkjoin_us"]
+                row["stream_floor_us"] = state_bytes / bw / 1e3
+                row["other_us"] = row["ours_us_per_layer"] - row["forkjoin_us"] - row["stream_floor_us"]
+                split_rows.append(row)
+            row, t = split_rows[0], best[splits[0]] / layers
             if vl is not None:
                 dec_vllm = vl[1]
 
@@ -460,8 +547,9 @@ def bench_decode(args) -> list[dict]:
                 tr = best_time(torch_ref, 1, 0) / 2
                 row["torch_ref_us_per_layer"] = tr * 1e6
                 row["speedup_vs_torch_ref"] = tr / t
-            rows.append(row)
-            print_row(row, args)
+            for row in split_rows:
+                rows.append(row)
+                print_row(row, args)
     return rows
 
 
@@ -507,11 +595,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "and its %% of the scaling ceiling measured in the same run (bench roofline's core_scaling)")
 
     d = sub.add_parser("decode", parents=[common], help="decode step over cold states")
-    d.add_argument("--model", default="qwen3-next", choices=list(MODELS))
+    d.add_argument("--model", default="qwen3-next", choices=list(DECODE_MODELS))
     d.add_argument("--batches", default="1,16,64")
     d.add_argument("--layers", type=int, default=0,
                    help="state pools stepped in turn (default: at least 12 and 512 MiB of state)")
     d.add_argument("--state-dtypes", default="float32,bfloat16")
+    d.add_argument("--splits", default="auto",
+                   help="comma-separated VLLM_GDN_CPU_DECODE_SPLIT values (auto, heads, vblocks, vblocks:C) "
+                        "timed in turn, interleaved; the first gets the vLLM / reference columns")
+    d.add_argument("--rounds", type=int, default=3, help="interleaved rounds with several --splits")
+    d.add_argument("--calls", type=int, default=2000, help="calls per timed loop of the fixed-cost rows")
 
     sub.add_parser("roofline", parents=[common],
                    help="measured GEMM peaks, stream bandwidth, per-core GEMM rate alone and with all cores busy")

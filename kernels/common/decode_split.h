@@ -1,0 +1,27 @@
+// How the decode kernels split their work into tasks: VLLM_GDN_CPU_DECODE_SPLIT. Declared here for
+// the per-ISA kernels, implemented on the host side (decode_split.cpp, baseline ISA), as parallel.h.
+//
+// A decode task owns the columns [v0, v0 + vb) of one (sequence, head) state: columns are
+// independent in every step, so any split gives the same arithmetic per column, bit for bit.
+//   auto       whole heads, unless narrower V-blocks (multiples of `quantum` columns that divide V)
+//              give the busiest thread at least 1/8 fewer columns: at batch 1-2 with fewer heads
+//              than threads (a tensor-parallel shard), blocks narrow enough that every thread
+//              streams; otherwise whole heads (contiguous states, each task's token prepared once).
+//   heads      one task per (sequence, head): vb = V.
+//   vblocks    the rule of earlier releases: V halved (in steps of `quantum`) until there are at
+//              least 4 tasks per thread.
+//   vblocks:C  V-blocks of C columns (for tests and tuning; a multiple of the vector width keeps the
+//              vector paths).
+// A bad value raises ValueError naming the variable.
+#pragma once
+#include <cstdint>
+
+namespace gdn {
+
+constexpr const char* kDecodeSplitEnv = "VLLM_GDN_CPU_DECODE_SPLIT";
+
+// The V-block width (1..V) for `units` (sequence, head) states of V columns on `threads` threads.
+// `quantum`: the narrowest block auto and vblocks choose (the kernel's narrowest vector tile).
+int64_t decode_v_block(int64_t units, int64_t V, int64_t quantum, int64_t threads);
+
+}  // namespace gdn

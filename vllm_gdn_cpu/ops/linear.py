@@ -1,0 +1,63 @@
+"""Small-batch linear engine: matrix-vector style products that stream a plain [N, K] weight at the
+memory roofline for decode-sized token counts, and the dispatcher the layers call."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from vllm_gdn_cpu.ops.common import _ops
+
+# Token count up to which ops.linear runs our kernel (0: never); unset: a default measured per
+# weight dtype (kernels/common/linear_ops.cpp).
+LINEAR_MAX_M_ENV = "VLLM_GDN_CPU_LINEAR_MAX_M"
+
+
+def small_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """out[M, N] = x[M, K] @ weight[N, K]^T (+ bias[N]) on our kernel, for any M.
+
+    weight: 2-D contiguous fp32/bf16/fp16 (plain row-major, not repacked); x: [M, K] of any float
+    dtype with a contiguous last dim (rows may be strided); bias: [N] of any float dtype or None;
+    out: [M, N] fp32/bf16/fp16 with a contiguous last dim (rows may be strided, e.g. a slice of a
+    wider buffer), by default a new tensor in x's dtype. fp32 accumulation, one rounding to out's
+    dtype. Returns out."""
+    o = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device) if out is None else out
+    _ops.small_linear(x, weight, bias, o)
+    return o
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear for x [M, K] and a plain weight [N, K]: our kernel (small_linear) when M is at most
+    VLLM_GDN_CPU_LINEAR_MAX_M (default measured per weight dtype), else torch's GEMM on the same
+    weight (``torch.nn.functional.linear``; x converted to the weight's dtype when they differ).
+    Returns [M, N] in x's dtype."""
+    return _ops.linear(x, weight, bias)
+
+
+def linear_path_counts() -> dict:
+    """Process-wide calls of ``linear`` per path since start (or the last reset): {"small": our
+    kernel, "large": torch's GEMM}."""
+    small, large = _ops.linear_path_counts()
+    return {"small": int(small), "large": int(large)}
+
+
+def reset_linear_path_counts() -> None:
+    """Zeroes the counters of linear_path_counts."""
+    _ops.reset_linear_path_counts()
+
+
+@torch.library.register_fake("vllm_gdn_cpu::small_linear")
+def _small_linear_fake(x, weight, bias, out):
+    return None
+
+
+@torch.library.register_fake("vllm_gdn_cpu::linear")
+def _linear_fake(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
