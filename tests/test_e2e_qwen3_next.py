@@ -185,6 +185,33 @@ def test_float32_greedy_matches_hf(llm_float32, prompts, hf_greedy_tokens, core_
     assert max(n for c in core_calls for n in c.prefill_lengths) > KERNEL_CHUNK
 
 
+def test_projections_stream_small_batches_and_leave_long_prefills_to_torch(llm_float32, prompts, monkeypatch):
+    """The GDN layers' projections run our small-batch engine for decode steps and torch's GEMM for
+    long prefill chunks: each projection call's token count and the path counter it advanced."""
+    from vllm_gdn_cpu import ops
+    from vllm_gdn_cpu.layers.projections import SmallBatchLinearMethod
+
+    calls = []
+    apply = SmallBatchLinearMethod.apply
+
+    def recording_apply(self, layer, x, bias=None):
+        before = ops.linear_path_counts()
+        out = apply(self, layer, x, bias)
+        after = ops.linear_path_counts()
+        calls.append((x.shape[0], [path for path in after if after[path] != before[path]]))
+        return out
+
+    monkeypatch.setattr(SmallBatchLinearMethod, "apply", recording_apply)
+    # Prompts no earlier test ran (prefix caching would leave only short uncached tails to prefill).
+    vllm_greedy_tokens(llm_float32, [list(reversed(p)) for p in prompts])
+    assert calls, "no GDN projection ran on SmallBatchLinearMethod"
+    assert all(len(paths) == 1 for _, paths in calls), calls
+    decode_sized = [paths[0] for tokens, paths in calls if tokens <= len(PROMPT_LENGTHS)]
+    long_chunks = [paths[0] for tokens, paths in calls if tokens >= 128]
+    assert decode_sized and set(decode_sized) == {"small"}, decode_sized
+    assert long_chunks and set(long_chunks) == {"large"}, long_chunks
+
+
 def test_prefix_caching_matches_hf(llm_float32_prefix_caching, prompts, hf_greedy_tokens):
     for attempt in ("cold", "cached"):
         outputs = vllm_generate(llm_float32_prefix_caching, prompts)
@@ -272,6 +299,8 @@ def test_our_kernels_run_instead_of_vllms(llm_half, prompts):
         "vllm_gdn_cpu::chunk_gated_delta_rule",
         "vllm_gdn_cpu::gdn_decode_step",
         "vllm_gdn_cpu::causal_conv1d",
+        "vllm_gdn_cpu::linear",  # the GDN layers' projections
+        "vllm_gdn_cpu::gated_rms_norm",
     ):
         assert ours in names, f"{ours} did not run"
     assert "vllm::cpu_gdn_attention_core" not in names, "vLLM's own CPU GDN core ran"

@@ -130,13 +130,23 @@ def checkpoint_layout(w, interleaved: bool):
     return torch.cat(groups), torch.cat(ba)
 
 
-@pytest.mark.parametrize("interleaved", [True, False], ids=["qwen3-next", "qwen3.5-flat"])
-def test_projection_layouts_give_the_same_logical_tensors(interleaved):
+@pytest.mark.parametrize("interleaved, permuted", [(True, False), (True, True), (False, False)],
+                         ids=["qwen3-next", "qwen3-next-rows-permuted-at-load", "qwen3.5-flat"])
+def test_projection_layouts_give_the_same_logical_tensors(interleaved, permuted):
     generator = torch.Generator().manual_seed(2)
     w = logical_projection_weights(generator)
     hidden_states = torch.randn(5, HIDDEN, generator=generator)
     layer = bare_layer(torch.float32, interleaved=interleaved)
     qkvz, ba = checkpoint_layout(w, interleaved)
+    if permuted:  # what our small-batch projections do once after loading (SmallBatchLinearMethod)
+        layer.in_proj_qkvz, layer.in_proj_ba = SimpleNamespace(weight=qkvz), SimpleNamespace(weight=ba)
+        qkvz_order, ba_order = layer._flat_row_orders()
+        assert sorted(qkvz_order.tolist()) == list(range(qkvz.shape[0]))
+        assert sorted(ba_order.tolist()) == list(range(ba.shape[0]))
+        qkvz, ba = qkvz[qkvz_order], ba[ba_order]
+        flat_qkvz, flat_ba = checkpoint_layout(w, False)
+        assert torch.equal(qkvz, flat_qkvz) and torch.equal(ba, flat_ba)
+        layer.flat_projections = True
     layer.in_proj_qkvz = lambda h: (h @ qkvz.t(), None)
     layer.in_proj_ba = lambda h: (h @ ba.t(), None)
 

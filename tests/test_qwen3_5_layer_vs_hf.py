@@ -7,8 +7,9 @@ torch here), so Qwen3.5 cannot run end to end in this environment; its GDN layer
 This test builds that layer bare (as tests/test_layer.py does) with the weights of an HF module laid
 out the way vLLM's Qwen3.5 loader stacks them (``in_proj_qkv`` + ``in_proj_z`` -> ``in_proj_qkvz``,
 ``in_proj_b`` + ``in_proj_a`` -> ``in_proj_ba``; see ``Qwen3_5Model.hf_to_vllm_mapper``), runs a prefill
-then several decode steps through our projections, our ``forward_core`` (kernels) and vLLM's gated
-RMSNorm + output projection, and compares outputs and the final conv/SSM states with HF's module
+then several decode steps through our small-batch projections (``SmallBatchLinearMethod``: torch's
+GEMM for the prefill, our kernel for the decode steps), our ``forward_core`` (kernels), our gated
+RMSNorm and output projection, and compares outputs and the final conv/SSM states with HF's module
 run step by step on its own cache (its torch fallback: chunked prefill, recurrent decode), fp32.
 """
 
@@ -26,6 +27,7 @@ from test_layer import make_metadata  # noqa: E402
 
 import vllm_gdn_cpu.layers.gdn as layer_module  # noqa: E402
 from vllm_gdn_cpu.layers.gdn import GDNCPUQwenGatedDeltaNetAttention  # noqa: E402
+from vllm_gdn_cpu.layers.projections import SmallBatchLinearMethod, install_gated_norm  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -58,6 +60,21 @@ def hf_layer():
     return config, layer
 
 
+class Projection(torch.nn.Module):
+    """What our layer calls of a vLLM linear module (``(output, bias)`` = module(x)), on our
+    small-batch linear method, as installed by the layer's ``__init__``."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = None
+        self.quant_method = SmallBatchLinearMethod()
+        self.quant_method.process_weights_after_loading(self)
+
+    def forward(self, x):
+        return self.quant_method.apply(self, x), None
+
+
 def our_layer_from(hf, monkeypatch):
     """Our layer (bare, tp=1) holding hf's weights in vLLM's Qwen3.5 (flat) layout."""
     from vllm.config import VllmConfig, set_current_vllm_config
@@ -75,8 +92,7 @@ def our_layer_from(hf, monkeypatch):
     layer.num_spec = 0
     qkvz = torch.cat([hf.in_proj_qkv.weight, hf.in_proj_z.weight]).detach()
     ba = torch.cat([hf.in_proj_b.weight, hf.in_proj_a.weight]).detach()
-    layer.in_proj_qkvz = lambda h: (h @ qkvz.t(), None)
-    layer.in_proj_ba = lambda h: (h @ ba.t(), None)
+    layer.in_proj_qkvz, layer.in_proj_ba = Projection(qkvz), Projection(ba)
     layer.conv1d = SimpleNamespace(weight=hf.conv1d.weight.detach().clone(), bias=None)
     layer.A_log = hf.A_log.detach().clone()
     layer.dt_bias = hf.dt_bias.detach().clone()
@@ -87,8 +103,8 @@ def our_layer_from(hf, monkeypatch):
         )
     with torch.no_grad():
         layer.norm.weight.copy_(hf.norm.weight)
-    out_weight = hf.out_proj.weight.detach()
-    layer.out_proj = lambda x: (x @ out_weight.t(), None)
+    assert install_gated_norm(layer.norm)
+    layer.out_proj = Projection(hf.out_proj.weight)
     # State cache as vLLM allocates it: conv [slots, W-1, D] (SD layout), SSM [slots, Hv, V, K],
     # filled with garbage that a fresh sequence must not read.
     monkeypatch.setattr(layer_module, "is_conv_state_dim_first", lambda: False)
@@ -116,8 +132,12 @@ def assert_close_relative(got, want, what):
 def test_qwen3_5_flat_layout_layer_matches_hf_module(hf_layer, monkeypatch):
     from transformers import DynamicCache
 
+    from vllm_gdn_cpu import ops
+
     config, hf = hf_layer
     layer = our_layer_from(hf, monkeypatch)
+    monkeypatch.setenv(ops.LINEAR_MAX_M_ENV, "16")  # the 100-token prefill on torch's GEMM, decode on ours
+    counts_before = ops.linear_path_counts()
     generator = torch.Generator().manual_seed(2)
     tokens = torch.randn(PREFILL_LEN + NUM_DECODE_STEPS, HIDDEN, generator=generator)
 
@@ -133,6 +153,9 @@ def test_qwen3_5_flat_layout_layer_matches_hf_module(hf_layer, monkeypatch):
 
     for step, (got, want) in enumerate(zip(ours, hf_outputs)):
         assert_close_relative(got, want, f"output of step {step} (0 = prefill)")
+    counts = ops.linear_path_counts()
+    assert counts["large"] - counts_before["large"] == 3  # the prefill's in_proj_qkvz, in_proj_ba, out_proj
+    assert counts["small"] - counts_before["small"] == 3 * NUM_DECODE_STEPS
 
     conv_state, ssm_state = layer._state_views()
     hf_layer_cache = cache.layers[0]

@@ -19,20 +19,22 @@ CONV_ACTIVATIONS = {"silu": True, "swish": True, None: False}
 _logged_classes: set[str] = set()
 
 
-def log_activation(vllm_class: str) -> None:
+def log_activation(vllm_class: str, **fields: str) -> None:
     """Logs, once per process and replaced vLLM layer class, the line naming that class and the
-    kernels' ISA, GEMM path and threads. Called from the layer's ``__init__``: vLLM loads plugins
-    before it configures its logging, so a line from ``register()`` would be dropped, and the layer
-    is where our kernels really run."""
+    kernels' ISA, GEMM path and threads, then ``fields`` (e.g. which projections run on our
+    small-batch engine). Called from the layer's ``__init__``: vLLM loads plugins before it
+    configures its logging, so a line from ``register()`` would be dropped, and the layer is where
+    our kernels really run."""
     if vllm_class not in _logged_classes:
         _logged_classes.add(vllm_class)
-        logger.info(activation_message(vllm_class))
+        logger.info(activation_message(vllm_class, **fields))
 
 
-def activation_message(vllm_class: str) -> str:
+def activation_message(vllm_class: str, **fields: str) -> str:
     info = _runtime_info()
-    described = ", ".join(f"{key}={info.get(key, 'unknown')}" for key in ("isa", "gemm", "threads"))
-    return f"vllm_gdn_cpu: CPU kernels for {vllm_class} ({described})"
+    described = [f"{key}={info.get(key, 'unknown')}" for key in ("isa", "gemm", "threads")]
+    described += [f"{key}={value}" for key, value in fields.items()]
+    return f"vllm_gdn_cpu: CPU kernels for {vllm_class} ({', '.join(described)})"
 
 
 def _runtime_info() -> dict:

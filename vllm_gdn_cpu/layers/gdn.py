@@ -1,15 +1,17 @@
 """vLLM's Qwen GDN layer with its CPU core (conv1d + gated delta rule) running on our kernels.
 
-``GDNCPUQwenGatedDeltaNetAttention`` keeps everything of vLLM's ``QwenGatedDeltaNetAttention``
-(weights, loading, state shapes, in/out projections, gated RMSNorm) and replaces only the CPU
-forward: the core runs as the custom op ``vllm::gdn_cpu_attention_core`` (opaque to
-torch.compile, like vLLM's own ``cpu_gdn_attention_core``), which reads the GDN attention
-metadata of the step and calls:
+``GDNCPUQwenGatedDeltaNetAttention`` keeps vLLM's ``QwenGatedDeltaNetAttention`` (weights, loading,
+state shapes, projection modules and their tensor-parallel sharding) and replaces the CPU forward:
 
-* ``vllm_gdn_cpu.ops.gdn_decode_step`` for decode tokens: conv1d state update, q/k/v split,
-  l2norm, gating and the recurrence in one call;
-* ``vllm_gdn_cpu.ops.causal_conv1d`` + ``gdn_gating`` + ``chunk_gated_delta_rule`` for prefill (and
-  chunked-prefill continuation) tokens.
+* the projections (``in_proj_qkvz``, ``in_proj_ba``, ``out_proj``) run on our small-batch linear
+  engine up to a measured token count (``vllm_gdn_cpu.layers.projections``); Qwen3-Next's
+  interleaved rows are permuted once at load, so its q/k/v/z split costs nothing per step;
+* the gated RMSNorm before ``out_proj`` is our fused op;
+* the core runs as the custom op ``vllm::gdn_cpu_attention_core`` (opaque to torch.compile, like
+  vLLM's own ``cpu_gdn_attention_core``), which reads the GDN attention metadata of the step and
+  calls ``vllm_gdn_cpu.ops.gdn_decode_step`` for decode tokens (conv1d state update, q/k/v split,
+  l2norm, gating and the recurrence in one call) and ``causal_conv1d`` + ``gdn_gating`` +
+  ``chunk_gated_delta_rule`` for prefill (and chunked-prefill continuation) tokens.
 
 State: ``layer.kv_cache = (conv_state, ssm_state)`` per slot. vLLM allocates the SSM state as
 ``[slots, Hv, V, K]``; only our kernels touch it and they view it as ``[slots, Hv, K, V]``.
@@ -33,6 +35,7 @@ from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
 from vllm_gdn_cpu import ops
 from vllm_gdn_cpu.layers import gdn_spec_decode
 from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, CPUConvWeights, log_activation
+from vllm_gdn_cpu.layers.projections import install_all, install_gated_norm, unsupported
 
 
 class GDNCPUQwenGatedDeltaNetAttention(CPUConvWeights, QwenGatedDeltaNetAttention):
@@ -42,6 +45,8 @@ class GDNCPUQwenGatedDeltaNetAttention(CPUConvWeights, QwenGatedDeltaNetAttentio
     # beta = 2*sigmoid(b) when True (OLMo-hybrid's linear_allow_neg_eigval; vllm_gdn_cpu.layers.olmo
     # reuses forward_core and sets it per layer).
     allow_neg_eigval: bool = False
+    # True when Qwen3-Next's interleaved projection rows were permuted at load (see __init__).
+    flat_projections: bool = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -49,7 +54,27 @@ class GDNCPUQwenGatedDeltaNetAttention(CPUConvWeights, QwenGatedDeltaNetAttentio
             raise NotImplementedError(
                 f"vllm_gdn_cpu: unsupported conv activation {self.activation!r}"
             )
-        log_activation("QwenGatedDeltaNetAttention")
+        # Our small-batch projections. Qwen3-Next's interleaved q|k|v|z (per key-head group) and b|a
+        # rows are permuted once at load into the flat order, so the projections' outputs need no
+        # split-and-concatenate per step (not when in_proj_ba is replicated across ranks: quantized
+        # checkpoints, whose projections stay vLLM's anyway).
+        self.flat_projections = (
+            self.gqa_interleaved_layout and not (self.disable_tp_for_ba_proj and self.tp_size > 1)
+            and unsupported(self.in_proj_qkvz) is None and unsupported(self.in_proj_ba) is None)
+        qkvz_order, ba_order = self._flat_row_orders() if self.flat_projections else (None, None)
+        projections = install_all({"in_proj_qkvz": (self.in_proj_qkvz, qkvz_order),
+                                   "in_proj_ba": (self.in_proj_ba, ba_order), "out_proj": self.out_proj})
+        norm = "ours" if install_gated_norm(self.norm) else "vllm"
+        log_activation("QwenGatedDeltaNetAttention", projections=projections, norm=norm)
+
+    def _flat_row_orders(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The row permutations that turn this rank's interleaved in_proj_qkvz / in_proj_ba outputs
+        into [q | k | v | z] and [b | a]: vLLM's own fix_query_key_value_ordering applied to the row
+        numbers."""
+        rows_qkvz = torch.arange(self.in_proj_qkvz.weight.shape[0]).unsqueeze(0)
+        rows_ba = torch.arange(self.in_proj_ba.weight.shape[0]).unsqueeze(0)
+        q, k, v, z, b, a = self.fix_query_key_value_ordering(rows_qkvz, rows_ba)
+        return (torch.cat([t.flatten() for t in (q, k, v, z)]), torch.cat([b.flatten(), a.flatten()]))
 
     def forward_cpu(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The CPU forward (the in-tree __init__ dispatches ``forward`` to ``self.forward_cpu`` on
@@ -76,10 +101,11 @@ class GDNCPUQwenGatedDeltaNetAttention(CPUConvWeights, QwenGatedDeltaNetAttentio
         """
         mixed_qkvz, _ = self.in_proj_qkvz(hidden_states)
         ba, _ = self.in_proj_ba(hidden_states)
-        if self.gqa_interleaved_layout:  # Qwen3-Next: q, k, v, z interleaved per key-head group
+        if self.gqa_interleaved_layout and not self.flat_projections:
+            # Qwen3-Next on vLLM's projections: q, k, v, z interleaved per key-head group
             query, key, value, z, b, a = self.fix_query_key_value_ordering(mixed_qkvz, ba)
             mixed_qkv = torch.cat((query.flatten(1), key.flatten(1), value.flatten(1)), dim=-1)
-        else:  # Qwen3.5: [q | k | v | z] and [b | a]
+        else:  # Qwen3.5, or Qwen3-Next's rows permuted at load: [q | k | v | z] and [b | a]
             qkv_size = (self.key_dim * 2 + self.value_dim) // self.tp_size
             mixed_qkv, z = mixed_qkvz.split([qkv_size, self.value_dim // self.tp_size], dim=-1)
             z = z.unflatten(-1, (-1, self.head_v_dim))

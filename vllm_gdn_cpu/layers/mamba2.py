@@ -1,8 +1,9 @@
 """vLLM's ``MambaMixer2`` (Mamba2 / SSD layers) with its conv + SSM core on our CPU kernels.
 
 ``GDNCPUMambaMixer2`` keeps everything of vLLM's ``MambaMixer2`` (weights and their TP sharding and
-loading, ``in_proj``, the gated RMSNorm, ``out_proj``, state shapes and dtypes, the MAMBA2
-attention backend and its metadata) and replaces the conv1d + SSM core. The core runs as the
+loading, the gated RMSNorm, state shapes and dtypes, the MAMBA2 attention backend and its metadata)
+and replaces the conv1d + SSM core; ``in_proj`` and ``out_proj`` run on our small-batch linear
+engine (``vllm_gdn_cpu.layers.projections``). The core runs as the
 custom op ``vllm::mamba2_cpu_core`` (opaque to torch.compile, like vLLM's ``mamba_mixer2``), which
 reads the step's ``Mamba2AttentionMetadata`` and calls, with no Python loop over tokens:
 
@@ -47,6 +48,7 @@ from vllm.utils.torch_utils import (
 from vllm.v1.attention.backends.mamba2_attn import Mamba2AttentionMetadata
 
 from vllm_gdn_cpu import ops
+from vllm_gdn_cpu.layers.projections import install_all
 from vllm_gdn_cpu.layers.common import (CONV_ACTIVATIONS, CPUConvWeights, log_activation, spec_decode_conv,
                                         spec_decode_states)
 
@@ -73,7 +75,8 @@ class GDNCPUMambaMixer2(CPUConvWeights, MambaMixer2):
                 "vllm_gdn_cpu: --use-replayssm is not supported for Mamba2 layers by the GDN_CPU "
                 "backend (vLLM's ReplaySSM decode kernels are Triton/FlashInfer)"
             )
-        log_activation("MambaMixer2")
+        projections = install_all({"in_proj": self.in_proj, "out_proj": self.out_proj})
+        log_activation("MambaMixer2", projections=projections)
 
     def forward(self, hidden_states: torch.Tensor, mup_vector: torch.Tensor | None = None):
         """vLLM's ``MambaMixer2.forward`` with the core op swapped for ours."""

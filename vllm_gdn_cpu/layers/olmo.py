@@ -15,6 +15,8 @@ gated RMSNorm with norm before gate, ``o_proj``, state shapes, the opaque custom
 
 * ``__init__``: runs the in-tree one with ``set_triton_allocator`` disabled (nothing of Triton
   runs here);
+* the projections' linear method and ``o_norm``'s forward (``vllm_gdn_cpu.layers.projections``:
+  our small-batch engine and fused gated RMSNorm);
 * ``_forward_core`` (conv1d + gated delta rule): reads the step's GDN metadata and calls the very
   same ``forward_core`` as the Qwen layer (``vllm_gdn_cpu.layers.gdn``), which handles decode, prefill,
   chunked-prefill continuation and padding on our kernels. The differences to Qwen are all data:
@@ -38,6 +40,7 @@ from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
 
 from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, CPUConvWeights, log_activation
 from vllm_gdn_cpu.layers.gdn import GDNCPUQwenGatedDeltaNetAttention
+from vllm_gdn_cpu.layers.projections import install_all, install_gated_norm
 
 _SHARED = GDNCPUQwenGatedDeltaNetAttention.__dict__
 
@@ -67,7 +70,10 @@ class GDNCPUOlmoHybridGatedDeltaNetAttention(CPUConvWeights, OlmoHybridGatedDelt
                 f"vllm_gdn_cpu: unsupported conv activation {self.activation!r}"
             )
         _fix_conv1d_weight_loader(self.conv1d.weight)
-        log_activation("OlmoHybridGatedDeltaNetAttention")
+        projections = install_all({"in_proj_qkvg": self.in_proj_qkvg, "b_proj": self.b_proj,
+                                   "a_proj": self.a_proj, "o_proj": self.o_proj})
+        norm = "ours" if install_gated_norm(self.o_norm) else "vllm"
+        log_activation("OlmoHybridGatedDeltaNetAttention", projections=projections, norm=norm)
 
     def _forward_core(
         self,
@@ -91,7 +97,7 @@ class GDNCPUOlmoHybridGatedDeltaNetAttention(CPUConvWeights, OlmoHybridGatedDelt
 # The core of the Qwen layer (forward_core and its helpers), shared as is: it reads only attributes
 # both layers define (A_log, dt_bias, conv1d, key/value dims and heads, activation, tp_size,
 # kv_cache, allow_neg_eigval). Everything else of the Qwen class is Qwen-specific.
-_NOT_SHARED = {"__module__", "__qualname__", "__doc__", "__init__", "forward_cpu", "_project_inputs",
+_NOT_SHARED = {"__module__", "__qualname__", "__doc__", "__init__", "forward_cpu", "_project_inputs", "_flat_row_orders",
                "__dict__", "__weakref__", "allow_neg_eigval", "__annotations__", "name"}
 for _name, _value in _SHARED.items():
     if _name not in _NOT_SHARED and _name not in GDNCPUOlmoHybridGatedDeltaNetAttention.__dict__:
