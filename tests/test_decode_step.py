@@ -98,14 +98,17 @@ def test_opcheck_gdn_decode_step():
 @pytest.mark.parametrize("isa", isas())
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 def test_decode_step_same_under_every_split(isa, state_dtype, monkeypatch):
-    """The fused step runs the decode kernel's work split (VLLM_GDN_CPU_DECODE_SPLIT): whole heads
-    and one-/two-vector V-blocks give the same outputs and states bit for bit (batch 1, GQA)."""
+    """The fused step runs the decode kernel's schedule (VLLM_GDN_CPU_DECODE_SPLIT / _CLAIM): whole
+    heads and one-/two-vector V-blocks, static or dynamic, give the same outputs and states bit for
+    bit (batch 1, GQA)."""
     s = make_step(1, 2, 4, 32, 128, torch.bfloat16, state_dtype, seed=2)
     results = {}
     with forced_isa(isa):
         for split in ("heads", "vblocks:16", "vblocks:32", "auto"):
-            monkeypatch.setenv("VLLM_GDN_CPU_DECODE_SPLIT", split)
-            results[split] = fused(s)
+            for claim in ("static", "dynamic"):
+                monkeypatch.setenv("VLLM_GDN_CPU_DECODE_SPLIT", split)
+                monkeypatch.setenv("VLLM_GDN_CPU_DECODE_CLAIM", claim)
+                results[f"{split}/{claim}"] = fused(s)
     for split, got in results.items():
-        for g, w in zip(got, results["heads"]):
+        for g, w in zip(got, results["heads/static"]):
             assert torch.equal(g, w), split

@@ -121,30 +121,37 @@ def test_narrow_state_drift_over_256_decode_steps(state_dtype):
 
 # ----------------------------------------------------------------------------- work split
 # VLLM_GDN_CPU_DECODE_SPLIT picks how the decode splits each (sequence, head) state into column
-# blocks (kernels/common/decode_split.h). Columns are independent and each is computed with the
-# same operations in the same order whatever block holds it, so every split must give the same
-# outputs and states bit for bit. vblocks:16 / vblocks:32 / vblocks run the one-, two- and
-# four-vector tiles (AVX-512; AVX2 and generic: wider in vectors), heads the widest.
+# blocks, VLLM_GDN_CPU_DECODE_CLAIM how the threads take them (kernels/common/decode_split.h).
+# Columns are independent and each is computed with the same operations in the same order whatever
+# block holds it and whichever thread takes it, so every schedule must give the same outputs and
+# states bit for bit. vblocks:16 / vblocks:32 / vblocks run the one-, two- and four-vector tiles
+# (AVX-512; AVX2 and generic: wider in vectors), heads the widest; vblocks:48 blocks of unequal width.
 SPLIT_ENV = "VLLM_GDN_CPU_DECODE_SPLIT"
+CLAIM_ENV = "VLLM_GDN_CPU_DECODE_CLAIM"
 SPLITS = ["auto", "vblocks", "vblocks:16", "vblocks:32", "vblocks:48"]
+CLAIMS = ["static", "dynamic", "auto"]
 
 
 @contextmanager
-def forced_split(value: str):
-    old = os.environ.get(SPLIT_ENV)
-    os.environ[SPLIT_ENV] = value
+def forced_env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop(SPLIT_ENV, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[SPLIT_ENV] = old
+            os.environ[name] = old
 
 
-def decode_with_split(p, split, cu_seqlens=None):
+def forced_split(value: str):
+    return forced_env(SPLIT_ENV, value)
+
+
+def decode_with_split(p, split, cu_seqlens=None, claim="auto"):
     state = p.state.clone()
-    with forced_split(split):
+    with forced_split(split), forced_env(CLAIM_ENV, claim):
         out = ops.fused_recurrent_gated_delta_rule(
             p.q, p.k, p.v, p.A_log, p.dt_bias, p.a, p.b, state, p.state_indices, cu_seqlens)
     return out, state
@@ -173,11 +180,12 @@ def test_decode_splits_agree_bitwise(isa, state_dtype, case):
     untouched = [s for s in range(p.state.shape[0]) if s not in touched]
     # 3 threads: auto then splits batch 1-2 here (few heads per thread), as on many-core hosts.
     with forced_isa(isa), torch_threads(3):
-        want_out, want_state = decode_with_split(p, "heads", cu)
-        for split in SPLITS:
-            out, state = decode_with_split(p, split, cu)
-            assert torch.equal(out, want_out), f"{split}: output differs from heads"
-            assert torch.equal(state, want_state), f"{split}: state differs from heads"
+        want_out, want_state = decode_with_split(p, "heads", cu, claim="static")
+        for split in SPLITS + ["heads"]:
+            for claim in CLAIMS:
+                out, state = decode_with_split(p, split, cu, claim)
+                assert torch.equal(out, want_out), f"{split}/{claim}: output differs from heads/static"
+                assert torch.equal(state, want_state), f"{split}/{claim}: state differs from heads/static"
     assert torch.equal(want_state[untouched], p.state[untouched])
     assert not torch.equal(want_state[touched], p.state[touched])
     if len(seqlens) == 3:  # the padded sequence's tokens
@@ -192,20 +200,22 @@ def test_decode_splits_agree_bitwise(isa, state_dtype, case):
 
 @pytest.mark.parametrize("threads", [1, 2, 5, 16])
 def test_decode_splits_agree_at_thread_counts(threads):
-    """auto's choice depends on the thread count (more threads than tasks included)."""
-    p = make_problem([1], 1, 2, 64, 128, torch.float32, torch.float32, seed=8)
+    """auto's choices depend on the thread count (more threads than tasks included)."""
+    p = make_problem([1, 1, 1], 1, 2, 64, 128, torch.float32, torch.float32, seed=8)
     with torch_threads(threads):
-        want = decode_with_split(p, "heads")
-        got = decode_with_split(p, "auto")
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        want = decode_with_split(p, "heads", claim="static")
+        for claim in CLAIMS:
+            got = decode_with_split(p, "auto", claim=claim)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), claim
 
 
 @pytest.mark.error_path
-@pytest.mark.parametrize("value", ["rows", "vblocks:0", "vblocks:x", "vblocks:-16", "heads "])
-def test_decode_split_rejects_bad_value(value):
+@pytest.mark.parametrize("name, value", [(SPLIT_ENV, v) for v in ["rows", "vblocks:0", "vblocks:x", "vblocks:-16",
+                                                                  "heads "]] + [(CLAIM_ENV, "guided")])
+def test_decode_split_rejects_bad_value(name, value):
     p = make_problem([1], 1, 1, 16, 16, torch.float32, torch.float32)
     state = p.state.clone()
-    with forced_split(value), pytest.raises(ValueError, match=SPLIT_ENV):
+    with forced_env(name, value), pytest.raises(ValueError, match=name):
         ops.fused_recurrent_gated_delta_rule(p.q, p.k, p.v, p.A_log, p.dt_bias, p.a, p.b, state, p.state_indices)
     assert torch.equal(state, p.state)
 

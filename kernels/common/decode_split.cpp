@@ -32,19 +32,32 @@ Split parse(const char* value) {
   return {};
 }
 
-// The environment read once per call (the tests switch it between calls): a string compare with
-// the last value seen, parsed again only when it changed. Each thread keeps its own copy.
-Split current_split() {
+enum class Claim { kAuto, kStatic, kDynamic };
+
+Claim parse_claim(const char* value) {
+  const std::string v = value == nullptr ? "" : value;
+  if (v.empty() || v == "auto") return Claim::kAuto;
+  if (v == "static") return Claim::kStatic;
+  if (v == "dynamic") return Claim::kDynamic;
+  TORCH_CHECK_VALUE(false, kDecodeClaimEnv, " must be auto, static or dynamic, got '", v, "'");
+  return Claim::kAuto;
+}
+
+// An environment variable read once per call (the tests switch it between calls): a string compare
+// with the last value seen, parsed again only when it changed. Each thread keeps its own copy.
+template <class T, T (*Parse)(const char*)>
+T current(const char* name) {
   thread_local std::string last = "\x01";
-  thread_local Split split;
-  const char* value = std::getenv(kDecodeSplitEnv);
+  thread_local T parsed{};
+  const char* value = std::getenv(name);
   const char* v = value == nullptr ? "" : value;
   if (std::strcmp(v, last.c_str()) != 0) {
-    split = parse(v);  // throws before `last` changes: a bad value raises on every call
+    parsed = Parse(v);  // throws before `last` changes: a bad value raises on every call
     last = v;
   }
-  return split;
+  return parsed;
 }
+Split current_split() { return current<Split, parse>(kDecodeSplitEnv); }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -79,6 +92,15 @@ int64_t decode_v_block(int64_t units, int64_t V, int64_t quantum, int64_t thread
     if (8 * load < 7 * best_load) best_vb = vb, best_load = load;
   }
   return best_vb;
+}
+
+bool decode_dynamic_claim(int64_t tasks, int64_t threads) {
+  switch (current<Claim, parse_claim>(kDecodeClaimEnv)) {
+    case Claim::kStatic: return false;
+    case Claim::kDynamic: return true;
+    case Claim::kAuto: break;
+  }
+  return threads > 1 && tasks <= 4 * threads;
 }
 
 }  // namespace gdn

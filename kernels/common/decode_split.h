@@ -12,16 +12,25 @@
 //              least 4 tasks per thread.
 //   vblocks:C  V-blocks of C columns (for tests and tuning; a multiple of the vector width keeps the
 //              vector paths).
-// A bad value raises ValueError naming the variable.
+// VLLM_GDN_CPU_DECODE_CLAIM: how the threads get their tasks.
+//   auto       dynamic where there are at most 4 tasks per thread, else static.
+//   static     at::parallel_for's consecutive ranges (neighbouring blocks: linear streams).
+//   dynamic    one task at a time from a shared counter: threads that the fork wakes first take
+//              more of the work.
+// A bad value of either raises ValueError naming the variable.
 #pragma once
 #include <cstdint>
 
 namespace gdn {
 
 constexpr const char* kDecodeSplitEnv = "VLLM_GDN_CPU_DECODE_SPLIT";
+constexpr const char* kDecodeClaimEnv = "VLLM_GDN_CPU_DECODE_CLAIM";
 
 // The V-block width (1..V) for `units` (sequence, head) states of V columns on `threads` threads.
 // `quantum`: the narrowest block auto and vblocks choose (the kernel's narrowest vector tile).
 int64_t decode_v_block(int64_t units, int64_t V, int64_t quantum, int64_t threads);
+
+// Whether `tasks` decode tasks on `threads` threads are claimed dynamically (VLLM_GDN_CPU_DECODE_CLAIM).
+bool decode_dynamic_claim(int64_t tasks, int64_t threads);
 
 }  // namespace gdn

@@ -13,6 +13,7 @@
 // across the tokens of one sequence (speculative decoding) the tile stays in an fp32 buffer and is
 // rounded to the state dtype once, after the last token.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -234,24 +235,37 @@ void zero_output(const RecurrentParams& p, int64_t t, int64_t h, int64_t v0, int
 // of a tile (reading it from memory) runs row by row together with pass 2 of the tile before it
 // (updating that one from cache), so memory streams while the updates are computed, as in a
 // plain read-modify-write stream. Every tile is NV vectors wide (the caller checks V and vb).
+// Tasks go to the threads as at::parallel_for's consecutive ranges (static) or, with `dynamic`, one
+// at a time from a shared counter in task order: the fork wakes the threads one after another, and
+// with few tasks per thread (batch 1) the threads that start first then take the late ones' share.
 template <int NV, class TIn, class TState>
-void stream_decode(const RecurrentParams& p, const TaskGrid& grid) {
+void stream_decode(const RecurrentParams& p, const TaskGrid& grid, bool dynamic) {
   const int64_t K = p.K, V = p.V, ratio = p.Hv / p.Hk, tasks_per_seq = grid.Hv * grid.n_vblocks;
   constexpr int64_t kTileCols = NV * kVecWidth, kRowBytes = kTileBytes<NV, TState>;
   constexpr int64_t kAhead = kPrefetchRows<NV, TState>;
   constexpr bool kLinearPrefetch = kRowBytes == 64;  // see below
   constexpr bool Paired = kPaired<TState, TState>;
-  parallel_for(p.N * tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
+  const int64_t n_tasks = p.N * tasks_per_seq;
+  std::atomic<int64_t> counter{0};
+  parallel_for(dynamic ? std::min<int64_t>(n_tasks, num_threads()) : n_tasks, 1, [&](int64_t begin, int64_t end) {
     // Local copies of the captured sizes: the state stores (vector types, which may alias anything)
     // would otherwise make the compiler reload them through the closure on every row.
     const int64_t K = p.K, V = p.V;
-    // Tokens are prepared a sequence at a time (all of its heads in this range, gates vectorised);
-    // two buffers, as the previous tile's token stays in use while the next one is prepared.
+    // This thread's tasks in order, taken one ahead (the next one's block is prefetched).
+    int64_t cursor = begin;
+    auto take = [&]() -> int64_t {
+      if (!dynamic) return cursor < end ? cursor++ : -1;
+      const int64_t t = counter.fetch_add(1, std::memory_order_relaxed);
+      return t < n_tasks ? t : -1;
+    };
+    // Tokens are prepared a sequence at a time (the heads of this range, gates vectorised; one head
+    // when dynamic), two buffers, as the previous tile's token stays in use while the next one is
+    // prepared.
     const int64_t buffer_floats = PreparedToken::floats(p.Hk, ratio, K);
     float* scratch = thread_scratch(2 * buffer_floats);
     int buffer = 0;
     PreparedToken token(scratch, 0, 0, 0, ratio, K);
-    int64_t token_seq = -1;
+    int64_t token_seq = -1, token_h_last = -1;
     TState* prev = nullptr;  // the tile awaiting pass 2, and its token
     TokenStep prev_step{};
     vfloat v_new[NV];
@@ -260,7 +274,8 @@ void stream_decode(const RecurrentParams& p, const TaskGrid& grid) {
       if (slot < 0) return nullptr;
       return static_cast<TState*>(p.state.data) + slot * p.state.slot_stride + grid.head(task) * K * V + grid.v0(task);
     };
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = take(), next_task; task >= 0; task = next_task) {
+      next_task = take();
       const int64_t seq = grid.seq(task), h = grid.head(task), v0 = grid.v0(task);
       const int64_t width = std::min(grid.vb, V - v0);
       TState* block = block_of(task);
@@ -268,25 +283,25 @@ void stream_decode(const RecurrentParams& p, const TaskGrid& grid) {
         zero_output<TIn>(p, seq, h, v0, width);
         continue;
       }
+      const TState* next_block = next_task >= 0 ? block_of(next_task) : nullptr;
       // Where a tile row is one 64-byte line (2-byte states on AVX2: 32 columns of a 256-byte row),
       // walking the block as column strips reads one line in four of every row, and prefetching
       // those strips ahead streamed 20-35% slower (cold states) than requesting the next task's
       // block whole, line after line, while this one runs. Two-line tile rows (fp32 on AVX2)
       // measured the other way round (15-20% slower linear), and tiles as wide as the block
       // (AVX-512) are that linear stream already.
-      const TState* next_block = kLinearPrefetch && task + 1 < end ? block_of(task + 1) : nullptr;
-      BlockCursor<kRowBytes> ahead = next_block  // (no next block: this one again)
+      BlockCursor<kRowBytes> ahead = kLinearPrefetch && next_block  // (no next block: this one again)
           ? BlockCursor<kRowBytes>(next_block, V * int64_t(sizeof(TState)),
-                                   std::min(grid.vb, V - grid.v0(task + 1)) * int64_t(sizeof(TState)))
+                                   std::min(grid.vb, V - grid.v0(next_task)) * int64_t(sizeof(TState)))
           : BlockCursor<kRowBytes>(block, V * int64_t(sizeof(TState)), width * int64_t(sizeof(TState)));
-      if (seq != token_seq) {
+      if (seq != token_seq || h > token_h_last) {
         prefetch_rows<kPrefetchLocality>(block, V, kAhead, kRowBytes);  // in flight while the token is prepared
-        const int64_t h_last = grid.head(std::min(end, (seq + 1) * tasks_per_seq) - 1);
+        const int64_t h_last = dynamic ? h : grid.head(std::min(end, (seq + 1) * tasks_per_seq) - 1);
         const int64_t hk0 = h / ratio, hk1 = h_last / ratio + 1;
         token = PreparedToken(scratch + buffer * buffer_floats, hk1 - hk0, hk0, h, ratio, K);
         prepare_token<TIn>(p, seq, hk0, hk1, h, h_last + 1, token.qk, token.kq, token.decay, token.beta);
         buffer ^= 1;
-        token_seq = seq;
+        token_seq = seq, token_h_last = h_last;
       }
       const TokenStep s = token.step(h);
       const TIn* v = p.v.row<const TIn>(seq, h) + v0;
@@ -307,8 +322,8 @@ void stream_decode(const RecurrentParams& p, const TaskGrid& grid) {
           } else {
             // The prefetches run kAhead rows ahead in the order tiles are walked: past the tile's
             // last row, into the next column tile of the block (tiles narrower than the block), or
-            // after the block's last tile into the block below (the next head's, next in task order).
-            const TState* next = j + kTileCols < width ? tile + kTileCols : block + K * V;
+            // after the block's last tile into this thread's next block (if none: the block below).
+            const TState* next = j + kTileCols < width ? tile + kTileCols : next_block ? next_block : block + K * V;
             const int64_t split = std::max<int64_t>(K - kAhead, 0);
             int64_t r = 0;
             for (; r < split; ++r) both_passes(r, tile + (r + kAhead) * V);
@@ -387,19 +402,20 @@ void recurrent_kernel(const RecurrentParams& p) {
   // (bf16 states walked as even/odd column pairs need tiles of whole pairs of vectors.)
   constexpr bool Paired = kPaired<TState, TState>;
   const int64_t vb = decode_v_block(p.N * p.Hv, p.V, (Paired ? 2 : 1) * kVecWidth, num_threads());
+  const bool dynamic = decode_dynamic_claim(p.N * p.Hv * ((p.V + vb - 1) / vb), num_threads());
   const TaskGrid grid{p.Hv, vb, (p.V + vb - 1) / vb};
   bool one_token_each = true;
   for (int64_t i = 0; p.cu_seqlens && i < p.N && one_token_each; ++i)
     one_token_each = p.cu_seqlens[i] == i && p.cu_seqlens[i + 1] == i + 1;
   auto fits = [&](int64_t cols) { return p.V % cols == 0 && vb % cols == 0; };
   if (one_token_each && fits(kTile)) {
-    stream_decode<kTileVecs, TIn, TState>(p, grid);
+    stream_decode<kTileVecs, TIn, TState>(p, grid, dynamic);
   } else if (one_token_each && fits(4 * kVecWidth)) {
-    stream_decode<4, TIn, TState>(p, grid);
+    stream_decode<4, TIn, TState>(p, grid, dynamic);
   } else if (one_token_each && fits(2 * kVecWidth)) {
-    stream_decode<2, TIn, TState>(p, grid);
+    stream_decode<2, TIn, TState>(p, grid, dynamic);
   } else if (one_token_each && !Paired && fits(kVecWidth)) {
-    if constexpr (!Paired) stream_decode<1, TIn, TState>(p, grid);
+    if constexpr (!Paired) stream_decode<1, TIn, TState>(p, grid, dynamic);
   } else {
     multi_token_decode<TIn, TState>(p, grid);
   }

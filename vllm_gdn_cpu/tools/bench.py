@@ -404,23 +404,29 @@ def bench_prefill(args) -> list[dict]:
 
 
 DECODE_SPLIT_ENV = "VLLM_GDN_CPU_DECODE_SPLIT"  # auto | heads | vblocks | vblocks:C (kernels/common/decode_split.h)
+DECODE_CLAIM_ENV = "VLLM_GDN_CPU_DECODE_CLAIM"  # auto | static | dynamic
 # Decode also runs on a tensor-parallel shard: Qwen3-Next at TP=8 leaves 2 key / 4 value heads per
 # rank, fewer heads than cores (the case the V-block split is for).
 DECODE_MODELS = {**MODELS, "qwen3-next-tp8": HeadShape("qwen3-next-tp8", 2, 4, 128, 128)}
 
 
-def _with_split(split: str, fn: Callable[[], object]) -> Callable[[], object]:
-    """fn run with VLLM_GDN_CPU_DECODE_SPLIT=split (the kernel reads it on every call)."""
+def _with_split(variant: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn run with the decode schedule `variant`, "SPLIT" or "SPLIT/CLAIM" (VLLM_GDN_CPU_DECODE_SPLIT,
+    VLLM_GDN_CPU_DECODE_CLAIM; the kernel reads them on every call)."""
+    split, _, claim = variant.partition("/")
+    values = {DECODE_SPLIT_ENV: split, DECODE_CLAIM_ENV: claim or "auto"}
+
     def run():
-        old = os.environ.get(DECODE_SPLIT_ENV)
-        os.environ[DECODE_SPLIT_ENV] = split
+        old = {name: os.environ.get(name) for name in values}
+        os.environ.update(values)
         try:
             return fn()
         finally:
-            if old is None:
-                os.environ.pop(DECODE_SPLIT_ENV, None)
-            else:
-                os.environ[DECODE_SPLIT_ENV] = old
+            for name, value in old.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
     return run
 
 
@@ -469,8 +475,8 @@ def bench_decode(args) -> list[dict]:
     the time goes: the fixed cost of a call with a tiny state (`forkjoin_us`, see decode_fixed_costs),
     the time the state's bytes take at the stream rate (`stream_floor_us`), and the rest
     (`other_us`); `warm_us` is the same call with its state in cache (one pool). With several
-    --splits (VLLM_GDN_CPU_DECODE_SPLIT values) each is timed in turn, interleaved over rounds, one
-    row each."""
+    --splits (VLLM_GDN_CPU_DECODE_SPLIT[/VLLM_GDN_CPU_DECODE_CLAIM] values) each is timed in turn,
+    interleaved over rounds, one row each."""
     vl = None if args.no_vllm else vllm_ops()
     h = DECODE_MODELS[args.model]
     dtype = getattr(torch, args.dtype)
@@ -601,8 +607,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="state pools stepped in turn (default: at least 12 and 512 MiB of state)")
     d.add_argument("--state-dtypes", default="float32,bfloat16")
     d.add_argument("--splits", default="auto",
-                   help="comma-separated VLLM_GDN_CPU_DECODE_SPLIT values (auto, heads, vblocks, vblocks:C) "
-                        "timed in turn, interleaved; the first gets the vLLM / reference columns")
+                   help="comma-separated decode schedules timed in turn, interleaved: VLLM_GDN_CPU_DECODE_SPLIT "
+                        "values (auto, heads, vblocks, vblocks:C), each optionally /static or /dynamic "
+                        "(VLLM_GDN_CPU_DECODE_CLAIM); the first gets the vLLM / reference columns")
     d.add_argument("--rounds", type=int, default=3, help="interleaved rounds with several --splits")
     d.add_argument("--calls", type=int, default=2000, help="calls per timed loop of the fixed-cost rows")
 
