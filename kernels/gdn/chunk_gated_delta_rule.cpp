@@ -26,7 +26,7 @@ void sequential_kernel(const ChunkParams& p, bool bf16_gemm, int64_t G) {
     ChunkScratch s;
     s.carve(thread_scratch(scratch_floats), K, V, G);
     const Mm mm(p.gemm, bf16_gemm, s.a_bf16);
-    const ChunkSlot d{s.vo, s.wq, s.P, s.kT_decayed, 0.f};
+    const ChunkSlot d{s.vo, s.wq, s.P, s.kT_decayed, s.wq_bf16, s.P_bf16, s.kTd_bf16, 0.f};
     for (int64_t task = begin; task < end; ++task) {
       // Head-major order: at::parallel_for splits the range statically, and every head of a
       // sequence costs the same, so each thread gets an equal share of every sequence's work.
@@ -53,7 +53,7 @@ void sequential_kernel(const ChunkParams& p, bool bf16_gemm, int64_t G) {
         for (int64_t r = 0; r < G; ++r) {
           ChunkSlot dr = d;
           dr.e_last = chunk_prepare<TIn>(p, mm, s, h0 + r, c0, n, bf16_gemm, d);
-          chunk_state_step<TIn>(p, mm, s, h0 + r, c0, n, dr, s.S + r * K * V, V, 0, V);
+          chunk_state_step<TIn>(p, mm, s, h0 + r, c0, n, dr, s.S + r * K * V, V, 0, V, bf16_gemm);
         }
       }
       store_row(s.S, state, G * K * V);

@@ -42,7 +42,7 @@ struct ChunkScratch {
   // Shared by the task's heads: k, q, kT, KK = k k^T, QK = q k^T. Per head: the rest; S holds one
   // state per head of the task.
   float *k, *q, *kT, *KK, *QK, *kT_decayed, *wq, *vo, *P, *Tm, *kg, *gc, *eg, *eg_inv, *beta, *S;
-  uint16_t* a_bf16;
+  uint16_t *a_bf16, *wq_bf16, *P_bf16, *kTd_bf16;
   uint32_t *pack_kT, *pack_v, *pack_kg, *pack_S, *pack_vnew;
 
   // Carves the buffers out of `base` (64-byte aligned each; base may be null to only count);
@@ -66,6 +66,10 @@ struct ChunkScratch {
     pack_kg = reinterpret_cast<uint32_t*>(take(C / 2 * K));
     pack_S = reinterpret_cast<uint32_t*>(take(even(K) / 2 * V));
     pack_vnew = reinterpret_cast<uint32_t*>(take(C / 2 * V));
+    // bf16 copies of the state pass's left operands (see ChunkSlot)
+    wq_bf16 = reinterpret_cast<uint16_t*>(take(C * even(K)));
+    P_bf16 = reinterpret_cast<uint16_t*>(take(C * C / 2));
+    kTd_bf16 = reinterpret_cast<uint16_t*>(take(K * C / 2));
     return used;
   }
 };
@@ -141,13 +145,42 @@ inline void invert_unit_lower(float* Tm, int64_t n, int64_t ld) {
 
 
 // Where chunk_prepare leaves one (chunk, value head)'s state-independent results, read by
-// chunk_state_step: vo [2C, V] (rows [0, n): u, then v_new; rows [n, 2n): o), wq [2C, K] (rows
-// [0, n): w, rows [n, 2n): exp(gc) q), P [C, C] (lower incl. diagonal), kTd [K, C] (the decayed
-// k^T), and e_last = exp(gc_last).
+// chunk_state_step: vo [2C, V] (rows [0, n): u, then v_new; rows [n, 2n): o), the left operands
+// of the state pass wq [2C, K] (rows [0, n): w, rows [n, 2n): exp(gc) q), P [C, C] (lower incl.
+// diagonal) and kTd [K, C] (the decayed k^T), and e_last = exp(gc_last). On a bf16 GEMM path the
+// state pass reads those three from bf16 copies made once here (wq_bf16 [2C, even(K)], P_bf16
+// [C, C], kTd_bf16 [K, C], each row zero-padded to an even length), the rounding Mm would apply
+// to them on every call (so a state pass split into column blocks converts them once, not once
+// per block); the fp32 ones are then only chunk_prepare's work space.
 struct ChunkSlot {
   float *vo, *wq, *P, *kTd;
+  uint16_t *wq_bf16, *P_bf16, *kTd_bf16;
   float e_last;
 };
+
+// C[M, N] (+)= A B for bf16 A (row-major, K even or zero-padded to even) and packed B: what
+// Mm::run does after rounding its A to bf16.
+inline void run_bf16(const GemmBackend& g, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
+                     const Mm::B& b, float* C, int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (g.bf16) {
+    g.bf16(M, N, K, A, lda, b.packed, b.ldp, C, ldc, accumulate);
+  } else {
+#if defined(__AVX512BF16__)
+    gemm_bf16(M, N, K, A, lda, b.packed, b.ldp, C, ldc, accumulate);
+#endif
+  }
+}
+
+// Mm::run_lower_a for a bf16 A.
+inline void run_bf16_lower_a(const GemmBackend& g, int64_t M, int64_t N, const uint16_t* A, int64_t lda,
+                             const Mm::B& b, float* C, int64_t ldc, bool accumulate) {
+  if (g.triangle_block == 0) return run_bf16(g, M, N, M, A, lda, b, C, ldc, accumulate);
+  for (int64_t i0 = 0; i0 < M; i0 += g.triangle_block) {
+    const int64_t i1 = std::min(M, i0 + g.triangle_block);
+    run_bf16(g, i1 - i0, N, i1, A + i0 * lda, lda, b, C + i0 * ldc, ldc, accumulate);
+  }
+}
 
 // Loads rows [c0, c0 + n) of key head hk into s.k, s.q (l2-normalised, q scaled) and computes
 // their transposed k, KK = k k^T (strictly lower used) and QK = q k^T (lower incl. diagonal),
@@ -243,26 +276,39 @@ float chunk_prepare(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) d.kTd[r * C + i] = s.kT[r * C + i] * decay_to_end[i];
   }
+  if (bf16_gemm) {  // P's entries right of the diagonal are zero up to column n, so its pad is too
+    to_bf16_rows(d.wq, 2 * n, K, K, d.wq_bf16, even(K));
+    to_bf16_rows(d.P, n, n, C, d.P_bf16, C);
+    to_bf16_rows(d.kTd, K, n, C, d.kTd_bf16, C);
+  }
   return e_last;
 }
 
 // The state-dependent work of one chunk of value head h on state columns [v0, v0 + vb): S is that
 // [K, vb] block of the head's fp32 state (row stride ldS), updated in place; writes the output
-// columns [v0, v0 + vb) of the chunk's rows. Uses s's pack buffers only.
+// columns [v0, v0 + vb) of the chunk's rows. Uses s's pack buffers only (and, in fp32, Mm's).
 template <class TIn>
 void chunk_state_step(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t h, int64_t c0, int64_t n,
-                      const ChunkSlot& d, float* S, int64_t ldS, int64_t v0, int64_t vb) {
+                      const ChunkSlot& d, float* S, int64_t ldS, int64_t v0, int64_t vb, bool bf16_gemm) {
   const int64_t K = p.K, V = p.V, C = kChunk;
   float* vnew = d.vo + v0;
   float* o = d.vo + n * V + v0;
   // [v_new; o] = [u; 0] + [w; exp(gc) q] S   (one product: both rows share S)
   for (int64_t i = 0; i < n; ++i) std::fill_n(o + i * V, vb, 0.f);
   const Mm::B S_op = mm.operand(S, K, vb, ldS, s.pack_S);
-  mm.run(2 * n, vb, K, d.wq, K, S_op, vnew, V, true);
+  if (bf16_gemm) {
+    run_bf16(p.gemm, 2 * n, vb, K, d.wq_bf16, even(K), S_op, vnew, V, true);
+  } else {
+    mm.run(2 * n, vb, K, d.wq, K, S_op, vnew, V, true);
+  }
 
   // o += P v_new
   const Mm::B vnew_op = mm.operand(vnew, n, vb, V, s.pack_vnew);
-  mm.run_lower_a(n, vb, d.P, C, vnew_op, o, V, true);
+  if (bf16_gemm) {
+    run_bf16_lower_a(p.gemm, n, vb, d.P_bf16, C, vnew_op, o, V, true);
+  } else {
+    mm.run_lower_a(n, vb, d.P, C, vnew_op, o, V, true);
+  }
   for (int64_t i = 0; i < n; ++i) store_row_streaming(o + i * V, p.out.row<TIn>(c0 + i, h) + v0, vb);
 
   // S = exp(g_last) S + (exp(g_last - gc) k)^T v_new
@@ -270,7 +316,11 @@ void chunk_state_step(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64
     float* row = S + r * ldS;
     for (int64_t j = 0; j < vb; ++j) row[j] *= d.e_last;
   }
-  mm.run(K, vb, n, d.kTd, C, vnew_op, S, ldS, true);
+  if (bf16_gemm) {
+    run_bf16(p.gemm, K, vb, n, d.kTd_bf16, C, vnew_op, S, ldS, true);
+  } else {
+    mm.run(K, vb, n, d.kTd, C, vnew_op, S, ldS, true);
+  }
 }
 
 // The chunk-parallel schedule (chunk_parallel.cpp).

@@ -11,12 +11,15 @@
 // need only earlier regions): threads the state pass leaves idle prepare the next window, and a
 // call forks and joins (windows + 1) times. The tasks of a region are dealt out by estimated cost.
 // The output rows are written in the state pass: fusing o = qg S + P v_new there saves storing one
-// state per chunk and a third parallel step; the pass then holds ~3/4 of a chunk's products.
+// state per chunk and a third parallel step; the pass then holds ~3/4 of a chunk's multiply-adds
+// but, measured on one thread at K = V = 128, only 42% (AMX) / 60% (AVX-512) of its time.
 //
 // Scratch memory, per call, kept by the calling thread for its next call: two windows of slots,
-// (2C V + 2C K + C^2 + K C) floats per (chunk, value head) (C = 64: 176 KiB at K = V = 128), a window
-// ~1 MiB per thread (at least one chunk: Hv slots), plus two fp32 states per value head carried
-// between windows (2 Hv K V floats). Per thread: the sequential schedule's scratch.
+// (2C V + 2C K + C^2 + K C) floats per (chunk, value head) (C = 64: 176 KiB at K = V = 128; on bf16
+// GEMM paths the last three are bf16: 120 KiB), a window ~1 MiB per thread and at most 1/8 of the
+// chunks (at least one chunk: Hv slots), plus two fp32 states per value head carried between
+// windows (2 Hv K V floats): at most ~2 MiB per thread + 2 Hv (C + K) V floats. Per thread: the
+// sequential schedule's scratch.
 // Results are bit-identical to the sequential schedule on our own GEMM engines (chunk_math.h).
 #include <cstdlib>
 #include <memory>
@@ -30,8 +33,15 @@ namespace GDN_ISA {
 namespace chunk {
 namespace {
 
-// A window's slots: ~1 MiB per thread (two windows are live at once: about what the L2 caches hold).
+// A window's slots: ~1 MiB per thread (two windows are live at once: about what the L2 caches hold),
+// and at most 1/8 of the chunks, so that most of the state pass runs beside preparation.
 constexpr size_t kWindowBytesPerThread = size_t{1} << 20;
+constexpr int64_t kMinWindows = 8;
+// Task costs are multiply-adds, the preparation's weighted: with its vector work (gathers, exp, the
+// inverse's dependency chain, bf16 rounding) it took 2x (fp32 products, AVX-512) and 4x (bf16
+// products, AMX) the time of its multiply-adds relative to the state pass (measured at K = V = 128,
+// one thread: preparation 40% / 58% of the time on those paths).
+constexpr int64_t kPrepareWeight[2] = {2, 4};
 constexpr int64_t kColumnBlock = 16;  // state column blocks start at multiples of this
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
@@ -120,10 +130,15 @@ void chunk_parallel_kernel(const ChunkParams& p, bool bf16_gemm) {
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
   if (num_chunks == 0) return;
 
-  const int64_t vo_f = round16(2 * C * V), wq_f = round16(2 * C * K), P_f = C * C, kTd_f = round16(K * C);
+  // A slot: vo, then wq, P, kTd in fp32 or (bf16 GEMM path) their bf16 copies (ChunkSlot).
+  const int64_t vo_f = round16(2 * C * V);
+  const int64_t wq_f = bf16_gemm ? round16(C * even(K)) : round16(2 * C * K);
+  const int64_t P_f = bf16_gemm ? C * C / 2 : C * C, kTd_f = bf16_gemm ? round16(K * C / 2) : round16(K * C);
   const int64_t slot_floats = vo_f + wq_f + P_f + kTd_f;
   const int64_t window = std::clamp<int64_t>(
-      static_cast<int64_t>(kWindowBytesPerThread * threads / sizeof(float)) / (Hv * slot_floats), 1, num_chunks);
+      std::min(static_cast<int64_t>(kWindowBytesPerThread * threads / sizeof(float)) / (Hv * slot_floats),
+               (num_chunks + kMinWindows - 1) / kMinWindows),
+      1, num_chunks);
   const int64_t num_windows = (num_chunks + window - 1) / window;
   const int64_t window_floats = window * Hv * slot_floats, carry_floats = Hv * K * V;
   float* scratch = call_scratch(2 * window_floats + 2 * carry_floats);
@@ -132,8 +147,9 @@ void chunk_parallel_kernel(const ChunkParams& p, bool bf16_gemm) {
   // Slot of chunk ci (index within window w) and value head h.
   auto slot_of = [&](int64_t w, int64_t ci, int64_t h) {
     float* base = scratch + (w % 2) * window_floats + (ci * Hv + h) * slot_floats;
-    return ChunkSlot{base, base + vo_f, base + vo_f + wq_f, base + vo_f + wq_f + P_f,
-                     e_last[((w % 2) * window + ci) * Hv + h]};
+    float *wq = base + vo_f, *P = wq + wq_f, *kTd = P + P_f;
+    auto u16 = [](float* x) { return reinterpret_cast<uint16_t*>(x); };
+    return ChunkSlot{base, wq, P, kTd, u16(wq), u16(P), u16(kTd), e_last[((w % 2) * window + ci) * Hv + h]};
   };
   const size_t scratch_floats = ChunkScratch().carve(nullptr, K, V, 1);
 
@@ -176,7 +192,8 @@ void chunk_parallel_kernel(const ChunkParams& p, bool bf16_gemm) {
       for (int64_t ci = 0; ci < wc; ++ci) {
         const int64_t n = chunks[w0 + ci].n;
         for (int64_t hk = 0; hk < Hk; ++hk)  // k k^T, q k^T; per value head Tm v, Tm kg, the inverse
-          tasks.push_back({Task::kPrepare, ci, hk, 0, 0, n * (n * K + ratio * (n * (K + V) / 2 + n * n / 6))});
+          tasks.push_back({Task::kPrepare, ci, hk, 0, 0,
+                           kPrepareWeight[bf16_gemm] * n * (n * K + ratio * (n * (K + V) / 2 + n * n / 6))});
       }
     }
     balance(tasks, threads, plan);
@@ -194,9 +211,11 @@ void chunk_parallel_kernel(const ChunkParams& p, bool bf16_gemm) {
             const int64_t ci = t.a, hk = t.b;
             const ChunkRef& c = chunks[prep_w * window + ci];
             chunk_load_qk<TIn>(p, mm, s, hk, c.c0, c.n);
-            for (int64_t h = hk * ratio; h < (hk + 1) * ratio; ++h)
-              e_last[((prep_w % 2) * window + ci) * Hv + h] =
-                  chunk_prepare<TIn>(p, mm, s, h, c.c0, c.n, bf16_gemm, slot_of(prep_w, ci, h));
+            for (int64_t h = hk * ratio; h < (hk + 1) * ratio; ++h) {
+              ChunkSlot d = slot_of(prep_w, ci, h);
+              if (bf16_gemm) d.wq = s.wq, d.P = s.P, d.kTd = s.kT_decayed;  // the slot keeps bf16 copies
+              e_last[((prep_w % 2) * window + ci) * Hv + h] = chunk_prepare<TIn>(p, mm, s, h, c.c0, c.n, bf16_gemm, d);
+            }
             continue;
           }
           const Segment& seg = segments[t.a];
@@ -214,7 +233,7 @@ void chunk_parallel_kernel(const ChunkParams& p, bool bf16_gemm) {
           }
           for (int64_t ci = seg.first; ci < seg.first + seg.count; ++ci) {
             const ChunkRef& c = chunks[pass_w * window + ci];
-            chunk_state_step<TIn>(p, mm, s, h, c.c0, c.n, slot_of(pass_w, ci, h), S, vb, v0, vb);
+            chunk_state_step<TIn>(p, mm, s, h, c.c0, c.n, slot_of(pass_w, ci, h), S, vb, v0, vb, bf16_gemm);
           }
           if (seg.ends) {
             for (int64_t r = 0; r < K; ++r) store_row(S + r * vb, state + r * V, vb);
