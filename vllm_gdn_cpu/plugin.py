@@ -23,10 +23,15 @@ Two hooks, both supported out-of-tree extension points of vLLM 0.32:
    elsewhere: the per-type state copy functions (v1/worker/mamba_utils.py, for prefix caching and
    speculative decoding), the KV-transfer conv-state split (ssm_conv_transfer_utils.py) and some
    model files' copy-function tables all know GDN_ATTN only; a new member would fail there.
+
+One wrapper of a vLLM internal (no extension point exists for it): ``_keep_requested_state_dtype``
+wraps ``CpuPlatform.check_and_update_config`` so that an explicit ``--mamba-ssm-cache-dtype
+bfloat16``/``float16`` holds for the models whose state layers are all ours (see its docstring).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 from vllm_gdn_cpu import BACKEND_NAME, ENV_VAR
@@ -56,6 +61,7 @@ def register() -> None:
     _check_platform()
     _register_layer()  # first: the step that can refuse (another plugin's layer), before any change
     _register_backend()
+    _keep_requested_state_dtype()
     _activated = True
 
 
@@ -100,3 +106,77 @@ def _register_layer() -> None:
     for name, ours in replacements.items():
         if op_registry_oot.get(name) is not ours:
             PluggableLayer.register_oot(ours, name=name)
+
+
+# vLLM model files (vllm.model_executor.models.<name>) whose state layers (mamba-type layers) are
+# all ours: QwenGatedDeltaNetAttention, OlmoHybridGatedDeltaNetAttention or MambaMixer2, whose
+# kernels take fp32, bf16 and fp16 states. Models with other state layers (Mamba-1, KDA, short
+# conv, ...) keep vLLM's decision.
+OUR_STATE_MODEL_FILES = frozenset({
+    "qwen3_next", "qwen3_5", "olmo_hybrid",
+    "mamba2", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2",
+})
+REQUESTABLE_STATE_DTYPES = ("bfloat16", "float16")
+
+
+def _state_layers_are_ours(vllm_config) -> bool:
+    model_config = vllm_config.model_config
+    if model_config is None:
+        return False
+    try:
+        model_cls, _ = model_config.registry.resolve_model_cls(
+            model_config.architecture, model_config=model_config
+        )
+    except Exception:  # an architecture vLLM cannot resolve: not ours to decide
+        return False
+    return model_cls.__module__.rpartition(".")[2] in OUR_STATE_MODEL_FILES
+
+
+def _keep_requested_state_dtype() -> None:
+    """An explicit ``--mamba-ssm-cache-dtype bfloat16`` or ``float16`` holds under our backend.
+
+    vLLM 0.32's CPU platform (``CpuPlatform.check_and_update_config``, platforms/cpu.py), on CPUs
+    with AVX512-BF16 only, resets every SSM cache dtype but ``float32`` to ``float32`` unless
+    ``_cpu_mamba_backend`` calls the model "gdn": its HF config's ``layer_types`` must contain
+    ``"linear_attention"`` (transformers lists Qwen3-Next, OLMo-hybrid, Mamba2, Granite-4.0-H and
+    NemotronH layers so, FalconH1's as ``"hybrid"``) and the model's state dtype must equal the
+    request. That rule serves vLLM's own CPU kernels; ours take fp32, bf16 and fp16 states in
+    every model whose state layers are ours, so there an explicit 16-bit request is restored
+    after the platform's check (logged), before anything sizes the cache from it. ``auto``
+    keeps vLLM's choice (float32 on AVX512-BF16 CPUs; the model dtype on other CPUs, where vLLM
+    resets nothing), and so does ``float32``.
+
+    This wraps a vLLM internal: vLLM 0.32 calls no plugin hook after the platform's config check,
+    and the one supported way to change that check, a platform plugin (entry-point group
+    ``vllm.platform_plugins``), would replace vLLM's whole CPU platform class and is not consulted
+    when ``VLLM_TARGET_DEVICE=cpu`` is set. The wrapper calls vLLM's method unchanged and then
+    only undoes that one reset; it is installed once per process (idempotent).
+    """
+    from vllm.logger import init_logger
+    from vllm.platforms.cpu import CpuPlatform
+
+    logger = init_logger("vllm.plugins.vllm_gdn_cpu")
+    current = CpuPlatform.__dict__["check_and_update_config"].__func__
+    if getattr(current, "_vllm_gdn_cpu_wrapper", False):
+        return
+
+    @functools.wraps(current)
+    def check_and_update_config(cls, vllm_config) -> None:
+        cache_config = vllm_config.cache_config
+        requested = cache_config.mamba_ssm_cache_dtype
+        current(cls, vllm_config)
+        if (
+            is_requested()
+            and requested in REQUESTABLE_STATE_DTYPES
+            and cache_config.mamba_ssm_cache_dtype != requested
+            and _state_layers_are_ours(vllm_config)
+        ):
+            logger.info(
+                "vllm_gdn_cpu: keeping the requested %s SSM state cache (vLLM's CPU platform "
+                "reset it to %s for its own kernels; %s's layers take %s states)",
+                requested, cache_config.mamba_ssm_cache_dtype, BACKEND_NAME, requested,
+            )
+            cache_config.mamba_ssm_cache_dtype = requested
+
+    check_and_update_config._vllm_gdn_cpu_wrapper = True
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
