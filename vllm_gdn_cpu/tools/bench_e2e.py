@@ -186,9 +186,17 @@ def add_parser(sub, common) -> None:
     e.add_argument("--timeout", type=int, default=1800)
     e.add_argument("--model", choices=sorted(MODELS), default="qwen3_next",
                    help="qwen3_next (GDN layers) or granite_4h (Mamba2 layers, MambaMixer2)")
+    # State cache capacity (capacity_report): engines only start, nothing is timed.
+    e.add_argument("--capacity-len", type=int, default=0,
+                   help="instead of timings: how many sequences of this many tokens fit in the cache "
+                        "(VLLM_CPU_KVCACHE_SPACE, default 4 GiB) with each --state-dtype, our backend")
+    e.add_argument("--state-dtype", default="float32,bfloat16",
+                   help="comma list of --mamba-ssm-cache-dtype values for --capacity-len")
 
 
 def bench_e2e(args) -> list[dict]:
+    if args.capacity_len:
+        return capacity_report(args)
     rows = []
     with tempfile.TemporaryDirectory(prefix="gdn_e2e_") as tmp:
         model_dir = MODELS[args.model][0](Path(tmp), args.layers)
@@ -208,4 +216,66 @@ def bench_e2e(args) -> list[dict]:
                       f"{ours.get('gdn_core_prefill_tok_s', 0) / max(theirs.get('gdn_core_prefill_tok_s', 0), 1e-9):.2f}x,"
                       f" GDN core per decode step "
                       f"{theirs.get('gdn_core_ms_per_decode_step', 0) / max(ours.get('gdn_core_ms_per_decode_step', 0), 1e-9):.2f}x")
+    return rows
+
+
+def capacity_worker(model_dir: str, seq_len: int, model: str, dtype: str, state_dtype: str) -> dict:
+    """Runs in a child process with our backend: starts an engine with ``state_dtype`` as
+    ``mamba_ssm_cache_dtype`` and returns what vLLM's engine itself computed for the cache
+    (``cache_config.num_gpu_blocks`` and ``kv_cache_max_concurrency``, the figure of vLLM's startup
+    line "Maximum concurrency for N tokens per request"), and the SSM state dtype the layers hold."""
+    from vllm import LLM
+
+    llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype=dtype,
+              enforce_eager=True, max_model_len=seq_len, seed=0, enable_prefix_caching=False,
+              mamba_ssm_cache_dtype=state_dtype)
+    cache = llm.llm_engine.vllm_config.cache_config
+    layer_dtypes = sorted({dtype for dtypes in llm.apply_model(_ssm_state_dtypes) for dtype in dtypes})
+    return {"state_dtype": state_dtype, "ssm_cache_dtype": cache.mamba_ssm_cache_dtype,
+            "ssm_tensor_dtype": ",".join(layer_dtypes), "seq_len": seq_len,
+            "kv_cache_gib": float(os.environ["VLLM_CPU_KVCACHE_SPACE"]), "block_size": cache.block_size,
+            "num_blocks": cache.num_gpu_blocks, "max_sequences": cache.kv_cache_max_concurrency}
+
+
+def _ssm_state_dtypes(model) -> list[str]:
+    from vllm_gdn_cpu.layers.gdn import GDNCPUQwenGatedDeltaNetAttention
+    from vllm_gdn_cpu.layers.mamba2 import GDNCPUMambaMixer2
+
+    return [str(m.kv_cache[1].dtype) for m in model.modules()
+            if isinstance(m, (GDNCPUQwenGatedDeltaNetAttention, GDNCPUMambaMixer2))]
+
+
+def capacity_report(args) -> list[dict]:
+    """``bench e2e --capacity-len L [--state-dtype float32,bfloat16]``: sequences of L tokens that
+    fit in the KV + state cache (``VLLM_CPU_KVCACHE_SPACE`` GiB per rank, default 4) with each SSM
+    state dtype, on the benchmark's model with our backend, prefix caching off (one state block per
+    sequence). Each engine runs in its own process; the figures are the engine's own."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
+               VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1", VLLM_ATTENTION_BACKEND="GDN_CPU")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gdn_capacity_") as tmp:
+        model_dir = MODELS[args.model][0](Path(tmp), args.layers)
+        for state_dtype in args.state_dtype.split(","):
+            code = ("import json; from vllm_gdn_cpu.tools.bench_e2e import capacity_worker; "
+                    f"print('E2E_RESULT ' + json.dumps(capacity_worker({str(model_dir)!r}, "
+                    f"{args.capacity_len}, {args.model!r}, {args.dtype!r}, {state_dtype!r})))")
+            proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                  timeout=args.timeout)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("E2E_RESULT ")]
+            if not lines:
+                tail = (proc.stdout + proc.stderr)[-3000:]
+                raise RuntimeError(f"capacity run with state dtype {state_dtype!r} failed "
+                                   f"(exit {proc.returncode}):\n{tail}")
+            row = {"model": args.model, "layers": args.layers, "dtype": args.dtype,
+                   **json.loads(lines[-1][len("E2E_RESULT "):])}
+            rows.append(row)
+            if not args.json:
+                print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                      flush=True)
+    if not args.json and len(rows) > 1:
+        base = rows[0]
+        print(f"# {args.model} ({args.layers} layers), {base['seq_len']} tokens per sequence, "
+              f"{base['kv_cache_gib']:g} GiB cache: " + ", ".join(
+                  f"{r['state_dtype']} state {r['max_sequences']:.1f} sequences "
+                  f"({r['max_sequences'] / base['max_sequences']:.2f}x)" for r in rows))
     return rows
