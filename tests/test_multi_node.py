@@ -138,5 +138,6 @@ def test_tensor_parallel_over_two_nodes_matches_one_rank(model_dir, prompts, one
     # running our GDN layers.
     init = f"world_size=2 rank={{}} local_rank=0 distributed_init_method=tcp://{HOST}:{master_port}"
     assert init.format(0) in node0_log and init.format(1) in node1_log
+    assert f"mq_connect_ip={HOST} " in node0_log  # the step broadcast to node 1: loopback too
     for log in (node0_activation, node1_log):
         assert f"{ACTIVATION_MARKER}QwenGatedDeltaNetAttention" in log, log[-4000:]
