@@ -7,7 +7,10 @@ with dummy weights, then served by vLLM twice, each in its own process: with our
 reports prefill tokens/s and decode ms/step, timed per engine step (step 0 prefills the whole
 batch, the rest decode: their median), and the GDN core op's time and share in those steps
 (``vllm::gdn_cpu_attention_core`` for ours, ``vllm::cpu_gdn_attention_core`` for vLLM's),
-measured with torch.profiler on a separate pass so the timings themselves run unprofiled.
+measured with torch.profiler on a separate pass so the timings themselves run unprofiled; that pass
+also splits a step into the recurrent layers' projections, their core op, the rest of those layers
+(norm, splits) and the rest of the model. ``--backends ours-vllm-proj`` adds our layers with vLLM's
+own projections and norm (``VLLM_GDN_CPU_PROJECTIONS=vllm``): what our small-batch projections gain.
 Both backends run eagerly (``enforce_eager``: no torch.compile, whose compile time on CPU would
 dwarf these runs), every measured shape warmed up first, prefix caching off (the same prompts
 repeat), and denormals flushed to zero (see ``worker``).
@@ -30,9 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
-BACKENDS = {"ours": "GDN_CPU", "vllm": None}
-CORE_OPS = {"ours": "vllm::gdn_cpu_attention_core", "vllm": "vllm::cpu_gdn_attention_core"}
-MAMBA2_CORE_OPS = {"ours": "vllm::mamba2_cpu_core", "vllm": "vllm::mamba_mixer2"}
+BACKENDS = {"ours": "GDN_CPU", "ours-vllm-proj": "GDN_CPU", "vllm": None}
+# ours-vllm-proj: our layers with vLLM's own projections and norm (VLLM_GDN_CPU_PROJECTIONS=vllm).
+CORE_OPS = {"ours": "vllm::gdn_cpu_attention_core", "ours-vllm-proj": "vllm::gdn_cpu_attention_core",
+            "vllm": "vllm::cpu_gdn_attention_core"}
+MAMBA2_CORE_OPS = {"ours": "vllm::mamba2_cpu_core", "ours-vllm-proj": "vllm::mamba2_cpu_core",
+                   "vllm": "vllm::mamba_mixer2"}
 
 
 def write_config(directory: Path, num_layers: int) -> Path:
@@ -85,10 +91,50 @@ def mamba2_decays(model) -> int:
 
 
 MODELS = {"qwen3_next": (write_config, CORE_OPS), "granite_4h": (write_granite_4h_config, MAMBA2_CORE_OPS)}
+# The recurrent layer class of each model (vLLM's and ours derive from it) and its projection modules.
+MIXERS = {"qwen3_next": ("QwenGatedDeltaNetAttention", ("in_proj_qkvz", "in_proj_ba", "out_proj")),
+          "granite_4h": ("MambaMixer2", ("in_proj", "out_proj"))}
+MIXER_RANGE, PROJECTION_RANGE = "e2e::mixer_layer", "e2e::mixer_projections"
+_profiling = [False]  # the ranges below are recorded only in the profiled pass
+
+
+def _profile_range(module, name: str) -> None:
+    """torch.profiler range `name` around every call of `module` (forward hooks), when profiling."""
+    import torch
+
+    open_ranges = []
+
+    def enter(mod, args):
+        if _profiling[0]:
+            open_ranges.append(torch.profiler.record_function(name))
+            open_ranges[-1].__enter__()
+
+    def leave(mod, args, output):
+        if open_ranges:
+            open_ranges.pop().__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave)
+
+
+def add_profile_ranges(model_name: str):
+    """For llm.apply_model: profiler ranges around each recurrent layer and its projections, so a
+    step's time splits into projections / core op / the layer's other work / the rest of the model."""
+    def apply(model) -> int:
+        class_name, projections = MIXERS[model_name]
+        count = 0
+        for module in model.modules():
+            if any(cls.__name__ == class_name for cls in type(module).__mro__):
+                _profile_range(module, MIXER_RANGE)
+                for name in projections:
+                    _profile_range(getattr(module, name), PROJECTION_RANGE)
+                count += 1
+        return count
+    return apply
 
 
 def worker(model_dir: str, backend: str, batches: list[int], prompt_len: int, decode_steps: int, tp: int,
-           model: str = "qwen3_next") -> dict:
+           model: str = "qwen3_next", dtype: str = "bfloat16") -> dict:
     """Runs in a child process whose environment already selects the backend."""
     import torch
     from vllm import LLM, SamplingParams
@@ -99,12 +145,14 @@ def worker(model_dir: str, backend: str, batches: list[int], prompt_len: int, de
     # keeps the comparison about the kernels.
     torch.set_flush_denormal(True)
 
-    llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+    llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype=dtype,
               enforce_eager=True, max_model_len=prompt_len + decode_steps + 8, max_num_seqs=max(batches),
               max_num_batched_tokens=max(batches) * prompt_len, tensor_parallel_size=tp, seed=0,
               enable_prefix_caching=False)  # the same prompts run repeatedly: every run prefills
     if model == "granite_4h":
         assert all(llm.apply_model(mamba2_decays)), "no Mamba2 layer found"
+    if tp == 1:
+        assert all(llm.apply_model(add_profile_ranges(model))), "no recurrent layer found"
 
     def prompts(b):
         return [TokensPrompt(prompt_token_ids=[(7 * i + 13 * j) % 31000 + 100 for j in range(prompt_len)])
@@ -116,7 +164,8 @@ def worker(model_dir: str, backend: str, batches: list[int], prompt_len: int, de
     def run_steps(b: int, profile: bool) -> list[float]:
         """b prompts to decode_steps + 1 new tokens, one engine step at a time. Step 0 prefills every
         prompt (max_num_batched_tokens fits them) and samples the first tokens; the later steps
-        decode. Returns each step's wall time, or with profile its GDN core time."""
+        decode. Returns each step's wall time, or with profile a dict of its times: the step, the
+        core op, the recurrent layers, their projections (seconds)."""
         params = SamplingParams(max_tokens=decode_steps + 1, min_tokens=decode_steps + 1, temperature=0.0,
                                 ignore_eos=True)
         for p in prompts(b):
@@ -124,10 +173,18 @@ def worker(model_dir: str, backend: str, batches: list[int], prompt_len: int, de
         times = []
         while engine.has_unfinished_requests():
             if profile:
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                    engine.step()
-                core_op = MODELS[model][1][backend]
-                times.append(sum(e.cpu_time_total for e in prof.key_averages() if e.key == core_op) / 1e6)
+                _profiling[0] = True
+                try:
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                        t0 = time.perf_counter()
+                        engine.step()
+                        step = time.perf_counter() - t0
+                finally:
+                    _profiling[0] = False
+                totals = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()}
+                times.append({"step": step, "core": totals.get(MODELS[model][1][backend], 0.0),
+                              "mixer": totals.get(MIXER_RANGE, 0.0),
+                              "projections": totals.get(PROJECTION_RANGE, 0.0)})
             else:
                 t0 = time.perf_counter()
                 engine.step()
@@ -144,12 +201,22 @@ def worker(model_dir: str, backend: str, batches: list[int], prompt_len: int, de
         row = {"backend": backend, "batch": b, "prompt_len": prompt_len, "tp": tp,
                "prefill_tok_s": b * prompt_len / t_prefill, "decode_ms_per_step": 1e3 * t_decode}
         if tp == 1:  # the profiler sees only this process's ops; profiled on a separate pass
-            core = run_steps(b, profile=True)
-            core_decode = statistics.median(core[1:decode_steps + 1])
-            row["gdn_core_prefill_tok_s"] = b * prompt_len / max(core[0], 1e-9)
+            profiled = run_steps(b, profile=True)
+            core_decode = statistics.median(p["core"] for p in profiled[1:decode_steps + 1])
+            row["gdn_core_prefill_tok_s"] = b * prompt_len / max(profiled[0]["core"], 1e-9)
             row["gdn_core_ms_per_decode_step"] = 1e3 * core_decode
-            row["gdn_core_share_prefill"] = core[0] / t_prefill
+            row["gdn_core_share_prefill"] = profiled[0]["core"] / t_prefill
             row["gdn_core_share_decode"] = core_decode / t_decode
+            # Where a (profiled) step's time goes, as shares of that step: the recurrent layers'
+            # projections, their core op, the rest of those layers (norm, splits, glue), the rest of
+            # the model (attention layers, MLPs, embedding, sampling, scheduling).
+            for phase, steps in (("prefill", profiled[:1]), ("decode", profiled[1:decode_steps + 1])):
+                split = {"projections": [p["projections"] / p["step"] for p in steps],
+                         "core": [p["core"] / p["step"] for p in steps],
+                         "mixer_other": [(p["mixer"] - p["projections"] - p["core"]) / p["step"] for p in steps],
+                         "rest": [1.0 - p["mixer"] / p["step"] for p in steps]}
+                for part, shares in split.items():
+                    row[f"split_{phase}_{part}"] = statistics.median(shares)
         row["model"] = model
         rows.append(row)
     return {"rows": rows}
@@ -161,11 +228,14 @@ def run_backend(backend: str, model_dir: Path, args) -> list[dict]:
     env.pop("VLLM_ATTENTION_BACKEND", None)
     if BACKENDS[backend]:
         env["VLLM_ATTENTION_BACKEND"] = BACKENDS[backend]
+    env.pop("VLLM_GDN_CPU_PROJECTIONS", None)
+    if backend == "ours-vllm-proj":
+        env["VLLM_GDN_CPU_PROJECTIONS"] = "vllm"
     if args.tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(args.tp))  # one core per rank
     code = ("import json, sys; from vllm_gdn_cpu.tools.bench_e2e import worker; "
             f"print('E2E_RESULT ' + json.dumps(worker({str(model_dir)!r}, {backend!r}, {args.batches!r}, "
-            f"{args.prompt_len}, {args.decode_steps}, {args.tp}, {args.model!r})))")
+            f"{args.prompt_len}, {args.decode_steps}, {args.tp}, {args.model!r}, {args.dtype!r})))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=args.timeout)
     for line in proc.stdout.splitlines():
@@ -182,7 +252,8 @@ def add_parser(sub, common) -> None:
     e.add_argument("--prompt-len", type=int, default=256)
     e.add_argument("--decode-steps", type=int, default=16)
     e.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (ours only when > 1)")
-    e.add_argument("--backends", default="ours,vllm")
+    e.add_argument("--backends", default="ours,vllm",
+                   help="comma list of ours, vllm, ours-vllm-proj (our layers with vLLM's projections and norm)")
     e.add_argument("--timeout", type=int, default=1800)
     e.add_argument("--model", choices=sorted(MODELS), default="qwen3_next",
                    help="qwen3_next (GDN layers) or granite_4h (Mamba2 layers, MambaMixer2)")
@@ -216,6 +287,12 @@ def bench_e2e(args) -> list[dict]:
                       f"{ours.get('gdn_core_prefill_tok_s', 0) / max(theirs.get('gdn_core_prefill_tok_s', 0), 1e-9):.2f}x,"
                       f" GDN core per decode step "
                       f"{theirs.get('gdn_core_ms_per_decode_step', 0) / max(ours.get('gdn_core_ms_per_decode_step', 0), 1e-9):.2f}x")
+        for r in rows:
+            for phase in ("decode", "prefill"):
+                parts = [f"{part} {100 * r[f'split_{phase}_{part}']:.1f}%"
+                         for part in ("projections", "core", "mixer_other", "rest") if f"split_{phase}_{part}" in r]
+                if parts:
+                    print(f"# {r['backend']} batch {r['batch']} {phase} step: " + ", ".join(parts))
     return rows
 
 
