@@ -75,3 +75,23 @@ def test_bench_decode_json_side_by_side():
     assert [r["state_dtype"] for r in out["rows"]] == ["float32", "bfloat16"]
     for row in out["rows"]:
         assert row["ours_gbps"] > 0 and row["stream_gbps"] > 0 and row["torch_ref_us_per_layer"] > 0
+
+
+def test_bench_gemv_json_side_by_side():
+    """Small shapes, one round: ours, torch's F.linear (and vLLM's onednn_mm where vLLM imports) over a
+    cold weight pool, each against the stream probe of the same run, plus the one-thread CPU-time
+    figures."""
+    from vllm_gdn_cpu.tools.bench import COLD_STATE_BYTES
+
+    out = run_cli("vllm_gdn_cpu.tools.bench", "gemv", "--json", "--shapes", "512x1024", "--ms", "1,3",
+                  "--weight-dtypes", "bfloat16", "--repeat", "1", "--cpu-time")
+    assert [r["M"] for r in out["rows"]] == [1, 3]
+    for row in out["rows"]:
+        weight_bytes = 512 * 1024 * 2
+        assert (row["pool_weights"] + 1) * weight_bytes >= COLD_STATE_BYTES  # cold: > 3x the LLC
+        assert row["ours_gbps"] > 0 and row["torch_gbps"] > 0 and row["stream_gbps"] > 0
+        assert row["ours_pct_of_stream"] == pytest.approx(100 * row["ours_gbps"] / row["stream_gbps"])
+        assert row["speedup_vs_torch"] == pytest.approx(row["torch_us"] / row["ours_us"])
+        assert row["ours_1t_cpu_gbps"] > 0 and row["stream_1t_cpu_gbps"] > 0
+        if "vllm_us" in row:
+            assert row["speedup_vs_vllm"] == pytest.approx(row["vllm_us"] / row["ours_us"])

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gdn_cases import DTYPE_IDS, DTYPES, forced_isa, isas, torch_threads
+from gdn_cases import DTYPE_IDS, DTYPES, forced_gemm, forced_isa, gemms, isas, torch_threads
 from vllm_gdn_cpu import ops, reference
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -101,6 +101,28 @@ def test_strided_x_and_out_write_only_their_elements(isa):
             mask = torch.ones_like(obuf, dtype=torch.bool)
             mask[:, 11:48] = False
             assert (obuf[mask] == 7.0).all()
+
+
+@pytest.mark.parametrize("gemm", ["amx", "avx512"])
+def test_bf16_amx_path_and_its_fallback(gemm):
+    """bf16 x and weight: the AMX tile path (VLLM_GDN_CPU_GEMM=amx with the avx512_bf16 kernels) over
+    M = 1..33 (token groups of 16 and 32, padding), row counts off the 16/32-row tiles, K off the
+    32-column tiles, out dtypes and strides; with the GEMM engine forced elsewhere the same calls run
+    the vector kernel."""
+    if gemm not in gemms() or "avx512_bf16" not in ISAS:
+        pytest.skip(f"this CPU/build has no {gemm} GEMM path with the avx512_bf16 kernels (has {gemms()})")
+    with forced_isa("avx512_bf16"), forced_gemm(gemm):
+        for M, N, K in [(2, 17, 64), (5, 47, 1030), (16, 64, 1024), (17, 33, 96), (33, 100, 2), (32, 1, 34),
+                        (1, 9, 64)]:
+            x, w, b = rand(M, K, dtype=torch.bfloat16, seed=M), rand(N, K, dtype=torch.bfloat16, seed=N), rand(N)
+            for od in DTYPES:
+                obuf = torch.full((M, N + 9), 5.0, dtype=od)
+                ops.small_linear(x, w, b, out=obuf[:, 4:4 + N])
+                check(obuf[:, 4:4 + N], x, w, b)
+                assert (obuf[:, :4] == 5.0).all() and (obuf[:, 4 + N:] == 5.0).all()
+        xs = rand(6, 200, dtype=torch.bfloat16)[:, 3:131]  # strided x rows
+        w = rand(40, 128, dtype=torch.bfloat16, seed=9)
+        check(ops.small_linear(xs, w), xs, w)
 
 
 def test_matches_torch_matmul():

@@ -19,7 +19,10 @@ namespace GDN_ISA {
 namespace {
 
 constexpr int kRows = 4;            // weight rows per register tile
-constexpr int kTokens = 4;          // tokens per register tile (kRows x kTokens accumulators)
+// Tokens per register tile: kRows x kTokens accumulators, kRows weight vectors and an x vector must
+// fit the register file (32 vector registers with AVX-512, 16 with AVX2/SSE: 4 x 4 would spill there;
+// measured no faster or slower at M = 16, where AVX2's FMA rate is the limit).
+constexpr int kTokens = kVecWidth >= 16 ? 4 : 2;
 constexpr int64_t kKChunk = 1024;   // columns per pass over a row block
 
 inline float hsum(vfloat v) {

@@ -6,10 +6,13 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
+#include <string>
 #include <utility>
 #include <vector>
 
 #include "common/checks.h"
+#include "common/gemm_backends.h"
+#include "common/parallel.h"
 #include "common/runtime.h"
 #include "ops.h"
 
@@ -19,11 +22,19 @@ namespace {
 constexpr const char* kLinearMaxMEnv = "VLLM_GDN_CPU_LINEAR_MAX_M";
 
 // Default token counts up to which linear() runs our kernel rather than torch's GEMM (at::linear:
-// oneDNN/MKL), per weight dtype. Provisional (first measurements: ours ahead of torch's F.linear at
-// M = 4 and 16 on fp32 weights, one thread, cold weights); the crossover is measured with
-// `python -m vllm_gdn_cpu.tools.bench gemv --ms ...` (see docs/performance.md).
-constexpr int64_t kDefaultMaxM_F32 = 16;
-constexpr int64_t kDefaultMaxM_BF16 = 16;
+// oneDNN/MKL, what linear() runs above it), per weight dtype: the largest M at which ours was at least
+// as fast as torch's F.linear on all three GDN projection shapes ([12352, 1024] qkvz+ba, [1024, 4096]
+// out_proj, [64, 1024] ba), weights cold (pool > 3x LLC), measured on the 2-core Xeon (AMX) with 1
+// thread by CPU time and 2 threads by wall time, and with the AVX2 caps (VLLM_GDN_CPU_MAX_ISA=avx2,
+// ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), M in {1, 4, 8, 16, 24, 32, 48}:
+// - fp32: AVX-512 ahead of torch up to 48 (1.7-1.9x at 16; vLLM's onednn_mm level at 16, ahead
+//   below, 5-15% ahead of ours at 24-48), AVX2 level at 32 and behind at 48: 32.
+// - bf16 with our AMX path (bf16 x): level with torch's AMX GEMM at 16, behind at 24: 16. Without
+//   AMX (AVX2 caps), torch's bf16 GEMM is emulated and ours stays 2.6-3x ahead at 48: 48.
+// - fp16: ahead at 16, behind at 32 on two shapes (torch uses AVX512-FP16 here): 16.
+constexpr int64_t kDefaultMaxM_F32 = 32;
+constexpr int64_t kDefaultMaxM_BF16_AMX = 16;
+constexpr int64_t kDefaultMaxM_BF16 = 48;
 constexpr int64_t kDefaultMaxM_F16 = 16;
 
 std::atomic<int64_t> g_small_calls{0}, g_large_calls{0};
@@ -39,7 +50,8 @@ int64_t linear_max_m(at::ScalarType weight_dtype) {
     return m;
   }
   switch (weight_dtype) {
-    case at::kBFloat16: return kDefaultMaxM_BF16;
+    case at::kBFloat16:
+      return std::string(active_gemm().backend.name) == "amx" ? kDefaultMaxM_BF16_AMX : kDefaultMaxM_BF16;
     case at::kHalf: return kDefaultMaxM_F16;
     default: return kDefaultMaxM_F32;
   }
@@ -81,12 +93,74 @@ void check_no_overlap(const at::Tensor& out, const at::Tensor& other, const char
                     allow_full ? " (other than being the same tensor)" : "");
 }
 
+#if GDN_HAVE_AMX_TILES
+// bf16 x and bf16 weight on AMX tiles: out^T[N, G] = weight[N, K] (the tiles' A operand, read in
+// place with row stride K) x^T[K, G] (x packed once into bf16 pairs along K, G = 16 or 32 token
+// columns, zero padded), fp32 accumulation; each thread runs its row range and writes its columns
+// of out (+ bias, one rounding). The products of bf16 values are exact in fp32, as in the vector
+// path; the tiles flush bf16 subnormal inputs to zero. The vector kernel's compute at M = 16 on
+// bf16 weights (a conversion per weight per 4 tokens) ran at half of the weight stream; the tiles
+// leave it memory-bound.
+void amx_linear(const at::Tensor& x, const at::Tensor& weight, const float* bias, at::Tensor& out,
+                const LinearShape& s) {
+  const int64_t K2 = s.K / 2, N = s.N;
+  const uint16_t* W = static_cast<const uint16_t*>(weight.data_ptr());
+  const uint16_t* xb = static_cast<const uint16_t*>(x.data_ptr());
+  for (int64_t m0 = 0; m0 < s.M; m0 += 32) {
+    const int64_t mt = std::min<int64_t>(32, s.M - m0), G = mt <= 16 ? 16 : 32;
+    std::vector<uint32_t> B(K2 * G, 0);
+    for (int64_t m = 0; m < mt; ++m) {
+      const uint16_t* row = xb + (m0 + m) * x.stride(0);
+      for (int64_t p = 0; p < K2; ++p) B[p * G + m] = row[2 * p] | (static_cast<uint32_t>(row[2 * p + 1]) << 16);
+    }
+    constexpr int64_t kRowBlock = 32;  // two tile rows
+    const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+    const int64_t grain = std::max<int64_t>(1, (64 << 10) / (kRowBlock * s.K * 2));
+    parallel_for(blocks, grain, [&](int64_t b0, int64_t b1) {
+      const int64_t r0 = b0 * kRowBlock, rows = std::min(N, b1 * kRowBlock) - r0;
+      float* C = thread_scratch(static_cast<size_t>(rows) * G);
+      amx_tile_gemm_bf16(rows, G, s.K, W + r0 * s.K, s.K, B.data(), G, C, G, false);
+      amx_tile_release();
+      for (int64_t m = 0; m < mt; ++m) {
+        const int64_t o = (m0 + m) * out.stride(0) + r0;
+        for (int64_t i = 0; i < rows; ++i) {
+          const float v = C[i * G + m] + (bias ? bias[r0 + i] : 0.f);
+          switch (out.scalar_type()) {
+            case at::kBFloat16: static_cast<at::BFloat16*>(out.data_ptr())[o + i] = static_cast<at::BFloat16>(v); break;
+            case at::kHalf: static_cast<at::Half*>(out.data_ptr())[o + i] = static_cast<at::Half>(v); break;
+            default: static_cast<float*>(out.data_ptr())[o + i] = v; break;
+          }
+        }
+      }
+    });
+  }
+}
+#endif
+
+// Whether small_linear takes the AMX tiles: bf16 x and weight, even K, M of at least 2 (one
+// token streams at the same rate on the vector kernel), and the AMX engine chosen for this CPU
+// (VLLM_GDN_CPU_GEMM auto/amx) with the avx512_bf16 kernels (forcing another ISA or GEMM engine
+// runs the vector kernel of that ISA instead).
+bool use_amx(const at::Tensor& x, const at::Tensor& weight, const LinearShape& s) {
+#if GDN_HAVE_AMX_TILES
+  return x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 && s.K % 2 == 0 && s.K > 0 &&
+         s.M >= 2 && std::string(active_kernels().isa) == "avx512_bf16" &&
+         std::string(active_gemm().backend.name) == "amx";
+#else
+  (void)x, (void)weight, (void)s;
+  return false;
+#endif
+}
+
 void run_small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       at::Tensor& out, const LinearShape& s) {
   if (s.M == 0 || s.N == 0) return;
-  const at::Tensor x32 = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
   at::Tensor b32;
   if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
+#if GDN_HAVE_AMX_TILES
+  if (use_amx(x, weight, s)) return amx_linear(x, weight, bias.has_value() ? b32.data_ptr<float>() : nullptr, out, s);
+#endif
+  const at::Tensor x32 = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
   LinearParams p{};
   p.M = s.M, p.N = s.N, p.K = s.K;
   p.x = x32.data_ptr<float>();

@@ -27,7 +27,9 @@ def small_linear(
     dtype with a contiguous last dim (rows may be strided); bias: [N] of any float dtype or None;
     out: [M, N] fp32/bf16/fp16 with a contiguous last dim (rows may be strided, e.g. a slice of a
     wider buffer), by default a new tensor in x's dtype. fp32 accumulation, one rounding to out's
-    dtype. Returns out."""
+    dtype. bf16 x with bf16 weights (M >= 2, K even) run on AMX tiles where the prefill's GEMM engine
+    is AMX (VLLM_GDN_CPU_GEMM auto/amx with the avx512_bf16 kernels), otherwise on the vector kernel
+    of the active ISA (VLLM_GDN_CPU_ISA). Returns out."""
     o = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device) if out is None else out
     _ops.small_linear(x, weight, bias, o)
     return o
@@ -35,7 +37,8 @@ def small_linear(
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear for x [M, K] and a plain weight [N, K]: our kernel (small_linear) when M is at most
-    VLLM_GDN_CPU_LINEAR_MAX_M (default measured per weight dtype), else torch's GEMM on the same
+    VLLM_GDN_CPU_LINEAR_MAX_M (default measured per weight dtype: fp32 32, bf16 16 where our AMX
+    path runs and 48 elsewhere, fp16 16; kernels/common/linear_ops.cpp), else torch's GEMM on the same
     weight (``torch.nn.functional.linear``; x converted to the weight's dtype when they differ).
     Returns [M, N] in x's dtype."""
     return _ops.linear(x, weight, bias)

@@ -1,0 +1,150 @@
+"""Small-batch projections (``ops.small_linear``) against the memory roofline, side by side with
+vLLM's CPU GEMM (``_custom_ops.onednn_mm``, what its linear layers run on CPU) and torch's F.linear.
+
+    python -m vllm_gdn_cpu.tools.bench gemv [--shapes 12352x1024,1024x4096,64x1024] [--ms 1,4,16]
+                                            [--weight-dtypes float32,bfloat16] [--cpu-time] [--json]
+
+Each row is one weight shape [N, K], weight dtype and token count M (x and out in the weight's
+dtype, as in a model). Weights are cold: every timed pass walks a pool of distinct weights larger
+than three times the last-level cache the kernel reports (bench.COLD_STATE_BYTES), one call per
+weight, as a model's layers do; GB/s counts the weight bytes read once per call, and % is of the
+in-place stream bandwidth measured in the same run (bench.stream_gbps, which counts its read and
+its write). The implementations' passes alternate (best of --repeat rounds), so drift on a loaded
+machine reaches all of them alike. vLLM's handlers are built the way its CPU linear layers build
+them (``create_onednn_mm(weight.t())``, one per weight of the pool, their packed copies included).
+With ``--cpu-time`` each row also gets one-thread figures by CPU time (ours, torch's, vLLM's, and
+the stream probe over as many bytes), which a shared machine distorts far less than wall time.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from vllm_gdn_cpu import ops
+from vllm_gdn_cpu.tools.bench import COLD_STATE_BYTES, print_row, stream_gbps
+
+DEFAULT_SHAPES = "12352x1024,1024x4096,64x1024"  # Qwen3-Next qkvz+ba fused, out_proj, ba (hidden 1024)
+
+
+def _vllm_onednn():
+    """vLLM's (create_onednn_mm, onednn_mm), or None when vLLM or its oneDNN GEMM is not here."""
+    try:
+        from vllm import _custom_ops as vops
+
+        if not getattr(vops, "_supports_onednn", False):
+            return None
+        return vops.create_onednn_mm, vops.onednn_mm
+    except Exception:  # noqa: BLE001 - any import failure means "not available here"
+        return None
+
+
+def _best_pass(fn, n_calls: int, clock) -> float:
+    t0 = clock()
+    for i in range(n_calls):
+        fn(i)
+    return clock() - t0
+
+
+def _time_side_by_side(fns: dict, n_calls: int, repeat: int, clock=time.perf_counter) -> dict:
+    """Best time of one pass (n_calls calls, fn(i) for i in order) per implementation, the
+    implementations' passes interleaved over `repeat` rounds after one warm-up pass each."""
+    for fn in fns.values():
+        _best_pass(fn, n_calls, clock)
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            best[name] = min(best[name], _best_pass(fn, n_calls, clock))
+    return best
+
+
+def _one_thread(fn):
+    def run():
+        saved = torch.get_num_threads()
+        torch._C.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch._C.set_num_threads(saved)
+
+    return run
+
+
+def bench_gemv(args) -> list[dict]:
+    vl = None if args.no_vllm else _vllm_onednn()
+    bw = stream_gbps()
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    ms = [int(m) for m in args.ms.split(",")]
+    rows = []
+    for wname in args.weight_dtypes.split(","):
+        wdtype = getattr(torch, wname)
+        pool_elems = -(-COLD_STATE_BYTES // wdtype.itemsize)
+        buf = torch.empty(pool_elems, dtype=wdtype).fill_(0.01)
+        for N, K in shapes:
+            count = max(2, pool_elems // (N * K))
+            weights = buf[: count * N * K].view(count, N, K)
+            wbytes = N * K * wdtype.itemsize
+            handlers = None
+            if vl is not None:
+                try:
+                    handlers = [vl[0](weights[i].t(), 32) for i in range(count)]
+                except RuntimeError as e:
+                    handlers = str(e).splitlines()[0][:120]
+            for M in ms:
+                gen = torch.Generator().manual_seed(M)
+                x = torch.randn(M, K, generator=gen).to(wdtype)
+                out = torch.empty(M, N, dtype=wdtype)
+                fns = {
+                    "ours": lambda i: ops.small_linear(x, weights[i], out=out),
+                    "torch": lambda i: F.linear(x, weights[i]),
+                }
+                if isinstance(handlers, list):
+                    fns["vllm"] = lambda i: vl[1](handlers[i], x, None)
+                times = _time_side_by_side(fns, count, args.repeat)
+                row = {"N": N, "K": K, "M": M, "weight_dtype": wname, "threads": torch.get_num_threads(),
+                       "isa": ops.runtime_info()["isa"], "gemm": ops.runtime_info()["gemm"],
+                       "pool_weights": count, "pool_mib": count * wbytes / 2**20, "stream_gbps": bw}
+                for name, t in times.items():
+                    gbps = wbytes * count / t / 1e9
+                    row[f"{name}_us"] = t / count * 1e6
+                    row[f"{name}_gbps"] = gbps
+                    row[f"{name}_pct_of_stream"] = 100 * gbps / bw
+                for name in times:
+                    if name != "ours":
+                        row[f"speedup_vs_{name}"] = times[name] / times["ours"]
+                if isinstance(handlers, str):
+                    row["vllm_error"] = handlers
+                if args.cpu_time:
+                    # The stream probe once per pass (its first call), over a cold buffer as large as the pool.
+                    stream_buf = torch.ones(max(count * wbytes, COLD_STATE_BYTES) // 4)
+                    fns1 = {**fns, "stream": lambda i: ops.stream_scale_(stream_buf, 1.0) if i == 0 else None}
+                    t1 = _one_thread(lambda: _time_side_by_side(fns1, count, args.repeat, time.thread_time))()
+                    stream1 = 2 * stream_buf.numel() * 4 / t1.pop("stream") / 1e9
+                    row["stream_1t_cpu_gbps"] = stream1
+                    for name, t in t1.items():
+                        gbps = wbytes * count / t / 1e9
+                        row[f"{name}_1t_cpu_gbps"] = gbps
+                        row[f"{name}_1t_pct_of_stream"] = 100 * gbps / stream1
+                    for name in t1:
+                        if name != "ours":
+                            row[f"speedup_vs_{name}_1t_cpu"] = t1[name] / t1["ours"]
+                    del stream_buf
+                rows.append(row)
+                print_row(row, args)
+            del handlers, weights
+        del buf
+    return rows
+
+
+def add_parser(sub, common) -> None:
+    g = sub.add_parser("gemv", parents=[common],
+                       help="small-batch projections: weights streamed GB/s vs the stream, ours vs vLLM vs torch")
+    g.add_argument("--shapes", default=DEFAULT_SHAPES, help="weight shapes NxK, comma-separated")
+    g.add_argument("--ms", default="1,4,16", help="token counts M, comma-separated")
+    g.add_argument("--weight-dtypes", default="float32,bfloat16")
+    g.set_defaults(repeat=2)  # passes over a > 1.4 GB pool: two rounds keep the run under a minute
+    g.add_argument("--cpu-time", action="store_true",
+                   help="also time each implementation on one thread by CPU time (time.thread_time) against "
+                        "the stream probe measured the same way: figures a loaded machine distorts less")
