@@ -14,6 +14,9 @@ void mamba2_chunk_scan(const Mamba2Params&);
 void mamba2_state_update(const Mamba2Params&);
 void linear(const LinearParams&);
 void gated_rms_norm(const GatedRmsNormParams&);
+void kda_gate(const KdaGateParams&);
+void chunk_kda(const KdaParams&);
+void fused_recurrent_kda(const KdaParams&);
 
 #define GDN_STR2(x) #x
 #define GDN_STR(x) GDN_STR2(x)
@@ -25,7 +28,8 @@ const KernelTable& kernel_table() {
 #endif
   static const KernelTable table{GDN_STR(GDN_ISA), kHasBF16Gemm, &gdn_gating, &fused_recurrent, &chunk_gated_delta_rule,
                                  &causal_conv1d, &stream_scale, &gemm_probe,
-                                 &mamba2_chunk_scan, &mamba2_state_update, &linear, &gated_rms_norm};
+                                 &mamba2_chunk_scan, &mamba2_state_update, &linear, &gated_rms_norm,
+                                 &kda_gate, &chunk_kda, &fused_recurrent_kda};
   return table;
 }
 

@@ -59,6 +59,18 @@ void reset_linear_path_counts();
 void gated_rms_norm(const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight, double eps, bool sigmoid,
                     at::Tensor& out);
 
+// Kimi Delta Attention (kernels/kda/ops.cpp): gate, chunked prefill, decode with the gate fused in.
+std::tuple<at::Tensor, at::Tensor> kda_gate(const at::Tensor& A_log, const at::Tensor& f, const at::Tensor& b,
+                                            const at::Tensor& dt_bias, std::optional<double> lower_bound);
+void chunk_kda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+               const at::Tensor& beta, at::Tensor& state, const at::Tensor& state_indices,
+               const at::Tensor& cu_seqlens, const std::optional<at::Tensor>& has_initial_state, double scale,
+               bool use_qk_l2norm, at::Tensor& out);
+void fused_recurrent_kda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& A_log,
+                         const at::Tensor& dt_bias, const at::Tensor& f, const at::Tensor& b, at::Tensor& state,
+                         const at::Tensor& state_indices, const std::optional<at::Tensor>& cu_seqlens, double scale,
+                         bool use_qk_l2norm, std::optional<double> lower_bound, at::Tensor& out);
+
 // How many chunk_gated_delta_rule calls ran each schedule: [sequential, chunk_parallel]
 // (kernels/gdn/prefill_schedule.cpp).
 std::vector<int64_t> prefill_schedule_counts();

@@ -43,6 +43,14 @@ TORCH_LIBRARY(vllm_gdn_cpu, m) {
   m.def("gemm_probe(bool bf16, float seconds) -> Tensor");
   m.def("runtime_info() -> str");
   m.def("prefill_schedule_counts() -> int[]");
+  m.def("kda_gate(Tensor A_log, Tensor f, Tensor b, Tensor dt_bias, float? lower_bound) -> (Tensor, Tensor)");
+  m.def(
+      "chunk_kda(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor(a!) state, Tensor state_indices, "
+      "Tensor cu_seqlens, Tensor? has_initial_state, float scale, bool use_qk_l2norm, Tensor(b!) out) -> ()");
+  m.def(
+      "fused_recurrent_kda(Tensor q, Tensor k, Tensor v, Tensor A_log, Tensor dt_bias, Tensor f, Tensor b, "
+      "Tensor(a!) state, Tensor state_indices, Tensor? cu_seqlens, float scale, bool use_qk_l2norm, "
+      "float? lower_bound, Tensor(b!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CPU, m) {
@@ -57,6 +65,9 @@ TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CPU, m) {
   m.impl("linear", &gdn::linear);
   m.impl("gated_rms_norm", &gdn::gated_rms_norm);
   m.impl("stream_scale", &gdn::stream_scale);
+  m.impl("kda_gate", &gdn::kda_gate);
+  m.impl("chunk_kda", &gdn::chunk_kda);
+  m.impl("fused_recurrent_kda", &gdn::fused_recurrent_kda);
 }
 
 TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CompositeExplicitAutograd, m) {

@@ -162,6 +162,37 @@ struct GatedRmsNormParams {
   bool sigmoid;
 };
 
+// Kimi Delta Attention (kernels/kda/): the GDN recurrence with a per-channel decay g [T, H, K].
+// Gate: g = -exp(A_log[h]) * softplus(f + dt_bias[h*K + d]) (softplus beta 1, linear above 20), or
+// with a lower bound lb: g = lb * sigmoid(exp(A_log[h]) * (f + dt_bias)); beta = sigmoid(b).
+struct KdaGateParams {
+  int64_t T, H, K;
+  Mat3 f;                 // [T, H, K]
+  Mat2 b;                 // [T, H]
+  const float* A_log;     // [H] fp32
+  const float* dt_bias;   // [H * K] fp32 or nullptr
+  bool has_lower_bound;
+  float lower_bound;
+  float* g;               // [T, H, K] contiguous (kda_gate only)
+  float* beta;            // [T, H] contiguous (kda_gate only)
+};
+
+// chunk_kda (prefill) and fused_recurrent_kda (decode, gate computed inside from `gate`).
+struct KdaParams {
+  int64_t N, H, K, V;
+  Mat3 q, k, v, out;                // q, k [T, H, K], v / out [T, H, V]
+  Mat3 g;                           // chunk: [T, H, K] fp32 log-decays
+  Mat2 beta;                        // chunk: [T, H] fp32
+  KdaGateParams gate;               // decode: f, b, A_log, dt_bias, lower bound
+  StatePool state;                  // [slots, H, K, V]
+  const int32_t* state_indices;     // [N], < 0: padding
+  const int32_t* cu_seqlens;        // [N+1]; decode: nullptr = sequence i is token i
+  const bool* has_initial_state;    // [N] or nullptr (all true); chunk only
+  float scale;
+  bool use_qk_l2norm;
+  GemmBackend gemm;                 // chunk only
+};
+
 // One entry per compiled ISA (kernels/common/runtime.cpp picks one at run time).
 struct KernelTable {
   const char* isa;
@@ -177,6 +208,9 @@ struct KernelTable {
   void (*mamba2_state_update)(const Mamba2Params&);
   void (*linear)(const LinearParams&);
   void (*gated_rms_norm)(const GatedRmsNormParams&);
+  void (*kda_gate)(const KdaGateParams&);
+  void (*chunk_kda)(const KdaParams&);
+  void (*fused_recurrent_kda)(const KdaParams&);
 };
 
 }  // namespace gdn

@@ -25,6 +25,7 @@ from vllm_gdn_cpu.ops.linear import (
     small_linear,
 )
 from vllm_gdn_cpu.ops.norm import gated_rms_norm
+from vllm_gdn_cpu.ops.kda import chunk_kda, fused_recurrent_kda, kda_gate
 
 __all__ = [
     "GEMM_ENV", "ISA_ENV", "MAX_ISA_ENV", "runtime_info", "stream_scale_", "gemm_probe",
@@ -34,4 +35,5 @@ __all__ = [
     "PREFILL_SCHEDULE_ENV", "prefill_schedule_counts",
     "LINEAR_MAX_M_ENV", "small_linear", "linear", "linear_path_counts", "reset_linear_path_counts",
     "gated_rms_norm",
+    "kda_gate", "chunk_kda", "fused_recurrent_kda",
 ]

@@ -1,0 +1,161 @@
+// Host entry points of the Kimi Delta Attention ops (argument checks, then the active ISA's kernel).
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "common/checks.h"
+#include "common/runtime.h"
+#include "ops.h"
+
+namespace gdn {
+namespace {
+
+// q, k [T, H, K] and v [T, H, V] of one float dtype (KDA has no grouped heads: Hk == Hv).
+struct KdaShape {
+  int64_t T, H, K, V;
+};
+KdaShape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
+  check_dim(q, 3, op, "q", "[T, H, K]");
+  check_dim(k, 3, op, "k", "[T, H, K]");
+  check_dim(v, 3, op, "v", "[T, H, V]");
+  check_shape(k, q.sizes(), op, "k");
+  const KdaShape s{q.size(0), q.size(1), q.size(2), v.size(2)};
+  TORCH_CHECK_VALUE(v.size(0) == s.T && v.size(1) == s.H, op, ": argument 'v' must have shape [", s.T, ", ", s.H,
+                    ", V] (q's tokens and heads), got ", v.sizes());
+  TORCH_CHECK_VALUE(s.H > 0 && s.K > 0 && s.V > 0, op, ": argument 'q'/'v' must have non-empty heads, got q ",
+                    q.sizes(), ", v ", v.sizes());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+                   ": arguments 'q', 'k', 'v' must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
+                   ", ", v.scalar_type());
+  to_dtype(q, op, "q");
+  return s;
+}
+
+void check_out(const at::Tensor& out, const at::Tensor& q, const KdaShape& s, const char* op) {
+  check_dim(out, 3, op, "out", "[T, H, V]");
+  check_shape(out, {s.T, s.H, s.V}, op, "out");
+  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), op, ": argument 'out' must have q's dtype ",
+                   q.scalar_type(), ", got ", out.scalar_type());
+}
+
+StatePool check_state(const at::Tensor& state, const KdaShape& s, const char* op) {
+  check_dim(state, 4, op, "state", "[num_slots, H, K, V]");
+  TORCH_CHECK_VALUE(state.size(1) == s.H && state.size(2) == s.K && state.size(3) == s.V, op,
+                    ": argument 'state' must have shape [num_slots, ", s.H, ", ", s.K, ", ", s.V, "], got ",
+                    state.sizes());
+  TORCH_CHECK_VALUE(state.stride(3) == 1 && state.stride(2) == s.V && state.stride(1) == s.K * s.V, op,
+                    ": argument 'state' must be contiguous within each slot, got strides ", state.strides());
+  return StatePool{state.data_ptr(), to_dtype(state, op, "state"), state.stride(0), state.size(0)};
+}
+
+// A fp32 contiguous copy (or the tensor itself) of a 1-D parameter of n entries.
+at::Tensor vector_f32(const at::Tensor& t, int64_t n, const char* op, const char* name, const char* layout) {
+  check_dim(t, 1, op, name, layout);
+  check_shape(t, {n}, op, name);
+  to_dtype(t, op, name);
+  return t.to(at::kFloat).contiguous();
+}
+
+// The gate's inputs: f [T, H, K], b [T, H], A_log [H], dt_bias [H*K]. A_log32 / dt32 keep the fp32
+// copies alive.
+KdaGateParams gate_params(const at::Tensor& A_log, const at::Tensor& f, const at::Tensor& b,
+                          const at::Tensor& dt_bias, std::optional<double> lower_bound, int64_t T, int64_t H,
+                          int64_t K, at::Tensor& A_log32, at::Tensor& dt32, const char* op) {
+  check_dim(f, 3, op, "f", "[T, H, K]");
+  check_shape(f, {T, H, K}, op, "f");
+  check_dim(b, 2, op, "b", "[T, H]");
+  check_shape(b, {T, H}, op, "b");
+  A_log32 = vector_f32(A_log, H, op, "A_log", "[H]");
+  dt32 = vector_f32(dt_bias, H * K, op, "dt_bias", "[H*K]");
+  KdaGateParams p{};
+  p.T = T, p.H = H, p.K = K;
+  p.f = mat3(f, op, "f");
+  p.b = mat2(b, op, "b");
+  p.A_log = A_log32.data_ptr<float>();
+  p.dt_bias = dt32.data_ptr<float>();
+  p.has_lower_bound = lower_bound.has_value();
+  p.lower_bound = static_cast<float>(lower_bound.value_or(0.0));
+  return p;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> kda_gate(const at::Tensor& A_log, const at::Tensor& f, const at::Tensor& b,
+                                            const at::Tensor& dt_bias, std::optional<double> lower_bound) {
+  constexpr const char* op = "kda_gate";
+  check_dim(f, 3, op, "f", "[T, H, K]");
+  const int64_t T = f.size(0), H = f.size(1), K = f.size(2);
+  at::Tensor A32, dt32;
+  KdaGateParams p = gate_params(A_log, f, b, dt_bias, lower_bound, T, H, K, A32, dt32, op);
+  at::Tensor g = at::empty({T, H, K}, f.options().dtype(at::kFloat));
+  at::Tensor beta = at::empty({T, H}, f.options().dtype(at::kFloat));
+  p.g = g.data_ptr<float>();
+  p.beta = beta.data_ptr<float>();
+  active_kernels().kda_gate(p);
+  return {g, beta};
+}
+
+void chunk_kda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+               const at::Tensor& beta, at::Tensor& state, const at::Tensor& state_indices,
+               const at::Tensor& cu_seqlens, const std::optional<at::Tensor>& has_initial_state, double scale,
+               bool use_qk_l2norm, at::Tensor& out) {
+  constexpr const char* op = "chunk_kda";
+  const KdaShape s = check_qkv(q, k, v, op);
+  check_dim(g, 3, op, "g", "[T, H, K]");
+  check_shape(g, {s.T, s.H, s.K}, op, "g");
+  check_dim(beta, 2, op, "beta", "[T, H]");
+  check_shape(beta, {s.T, s.H}, op, "beta");
+  for (const at::Tensor* t : {&g, &beta}) {
+    const char* name = t == &g ? "g" : "beta";
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": argument '", name, "' must be float32, got ",
+                     t->scalar_type());
+  }
+  check_out(out, q, s, op);
+  KdaParams p{};
+  p.state = check_state(state, s, op);
+  p.state_indices = check_state_indices(state_indices, p.state.num_slots, op);
+  p.N = state_indices.size(0);
+  p.cu_seqlens = check_cu_seqlens(cu_seqlens, p.N, s.T, op);
+  if (has_initial_state.has_value()) p.has_initial_state = check_has_initial_state(*has_initial_state, p.N, op);
+  p.H = s.H, p.K = s.K, p.V = s.V;
+  p.q = mat3(q, op, "q"), p.k = mat3(k, op, "k"), p.v = mat3(v, op, "v"), p.out = mat3(out, op, "out");
+  p.g = mat3(g, op, "g");
+  p.beta = mat2(beta, op, "beta");
+  p.scale = static_cast<float>(scale);
+  p.use_qk_l2norm = use_qk_l2norm;
+  const GemmChoice gemm = active_gemm();
+  p.gemm = gemm.backend;
+  gemm.kernels->chunk_kda(p);
+  zero_trailing_rows(out, p.cu_seqlens[p.N]);
+}
+
+void fused_recurrent_kda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& A_log,
+                         const at::Tensor& dt_bias, const at::Tensor& f, const at::Tensor& b, at::Tensor& state,
+                         const at::Tensor& state_indices, const std::optional<at::Tensor>& cu_seqlens, double scale,
+                         bool use_qk_l2norm, std::optional<double> lower_bound, at::Tensor& out) {
+  constexpr const char* op = "fused_recurrent_kda";
+  const KdaShape s = check_qkv(q, k, v, op);
+  check_out(out, q, s, op);
+  at::Tensor A32, dt32;
+  KdaParams p{};
+  p.gate = gate_params(A_log, f, b, dt_bias, lower_bound, s.T, s.H, s.K, A32, dt32, op);
+  p.state = check_state(state, s, op);
+  p.state_indices = check_state_indices(state_indices, p.state.num_slots, op);
+  p.N = state_indices.size(0);
+  int64_t covered = p.N;
+  if (cu_seqlens.has_value()) {
+    p.cu_seqlens = check_cu_seqlens(*cu_seqlens, p.N, s.T, op);
+    covered = p.cu_seqlens[p.N];
+  } else {
+    TORCH_CHECK_VALUE(p.N <= s.T, op, ": argument 'state_indices' has N=", p.N,
+                      " entries but there are only T=", s.T, " tokens (one token per sequence without cu_seqlens)");
+  }
+  p.H = s.H, p.K = s.K, p.V = s.V;
+  p.q = mat3(q, op, "q"), p.k = mat3(k, op, "k"), p.v = mat3(v, op, "v"), p.out = mat3(out, op, "out");
+  p.scale = static_cast<float>(scale);
+  p.use_qk_l2norm = use_qk_l2norm;
+  active_kernels().fused_recurrent_kda(p);
+  zero_trailing_rows(out, covered);
+}
+
+}  // namespace gdn
