@@ -1,0 +1,191 @@
+"""KDA (Kimi Delta Attention) kernel benchmarks: ours vs the plain-torch reference, side by side.
+(vLLM has no CPU KDA op to compare with: its KimiGatedDeltaNetAttention runs Triton kernels only.)
+
+    python -m vllm_gdn_cpu.tools.bench kda-prefill [--models kimi-linear,...] [--workloads T2048,8x256] [--cpu-time]
+    python -m vllm_gdn_cpu.tools.bench kda-decode  [--models ...] [--batches 1,16] [--state-dtypes ...] [--cpu-time]
+
+Prefill: kda_gate + chunk_kda per layer call is not what is timed: chunk_kda alone (g, beta given),
+against the float64-capable token-by-token reference run in fp32. GFLOP/s counts the chunked
+algorithm's products (q k^T and k k^T with their decays, Tm v, Tm k, [w; q] S, Aqk v_new, the state
+update; triangles as half; the per-channel exps of the diagonal blocks are not counted) and each row's
+% is of the GEMM peak of the dtype its GEMM path multiplies in (bench.add_roofline).
+Decode: fused_recurrent_kda (gate, l2norm and recurrence in one call) over ``layers`` state pools
+stepped in turn (cold states); GB/s counts the state read and written once per step, % of the
+in-place stream (bench.stream_gbps).
+With ``--cpu-time`` each row also gets one-thread figures by CPU time (ours, and the limit measured
+the same way: torch's matmul in the path's product dtype / stream_scale_ over as many bytes), which a
+machine shared with other work distorts far less than wall time on all threads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_gdn_cpu import ops, reference
+from vllm_gdn_cpu.tools.bench import (
+    COLD_STATE_BYTES,
+    add_roofline,
+    best_time,
+    gemm_peaks,
+    path_uses_bf16_products,
+    print_roofline,
+    print_row,
+    stream_gbps,
+)
+from vllm_gdn_cpu.tools.bench_mamba2 import CPU_TIME_HELP, best_cpu_time_1t, matmul_peak_1t
+
+CHUNK = 64
+
+
+@dataclass(frozen=True)
+class KdaShape:
+    name: str
+    H: int
+    K: int
+    V: int
+
+
+MODELS = {
+    "kimi-linear": KdaShape("kimi-linear", 32, 128, 128),          # Kimi-Linear-48B-A3B, one rank
+    "kimi-linear-tp4": KdaShape("kimi-linear-tp4", 8, 128, 128),   # its shard on 4 tensor-parallel ranks
+}
+
+WORKLOADS = {"T512": [512], "T2048": [2048], "8x256": [256] * 8, "16x128": [128] * 16}
+
+
+def prefill_flops(s: KdaShape, seqlens: list[int]) -> float:
+    macs = 0.0
+    for L in seqlens:
+        for c0 in range(0, L, CHUNK):
+            n = min(CHUNK, L - c0)
+            tri = n * (n + 1) / 2
+            macs += 3 * tri * s.K + 2 * tri * s.V + 3 * n * s.K * s.V
+    return 2 * s.H * macs
+
+
+def _inputs(s: KdaShape, seqlens: list[int], dtype: torch.dtype, state_dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(0)
+    T, N = sum(seqlens), len(seqlens)
+    q, k, v = (torch.randn(T, s.H, d, generator=gen).to(dtype) for d in (s.K, s.K, s.V))
+    f = (torch.randn(T, s.H, s.K, generator=gen) - 1.0).to(dtype)
+    b = torch.randn(T, s.H, generator=gen).to(dtype)
+    A_log, dt_bias = torch.linspace(-1.0, 0.5, s.H), torch.linspace(-2.0, 1.0, s.H * s.K)
+    state = torch.zeros(N + 1, s.H, s.K, s.V, dtype=state_dtype)  # slot 0: vLLM's null block
+    idx = torch.arange(1, N + 1, dtype=torch.int32)
+    cu = torch.zeros(N + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(seqlens).cumsum(0)
+    return q, k, v, f, b, A_log, dt_bias, state, idx, cu
+
+
+def bench_kda_prefill(args) -> list[dict]:
+    dtype = getattr(torch, args.dtype)
+    peaks_before = gemm_peaks()
+    rows = []
+    for model in args.models.split(","):
+        s = MODELS[model]
+        for wl in args.workloads.split(","):
+            seqlens = WORKLOADS[wl]
+            T = sum(seqlens)
+            q, k, v, f, b, A_log, dt_bias, state, idx, cu = _inputs(s, seqlens, dtype, torch.float32)
+            g, beta = ops.kda_gate(A_log, f, b, dt_bias)
+            out = torch.empty_like(v)
+            bf16_products = dtype == torch.bfloat16 and path_uses_bf16_products()
+            row = {"model": model, "workload": wl, "tokens": T, "dtype": args.dtype,
+                   "threads": torch.get_num_threads(), "gemm": ops.runtime_info()["gemm"],
+                   "gemm_products": "bf16" if bf16_products else "fp32"}
+
+            def ours():
+                ops.chunk_kda(q, k, v, g, beta, state, idx, cu, out=out)
+
+            t = best_time(ours, args.repeat)
+            row["ours_tok_s"] = T / t
+            row["ours_gflops"] = prefill_flops(s, seqlens) / t / 1e9
+            if not args.no_ref and T <= args.ref_max_tokens:
+                tr = best_time(lambda: reference.chunk_kda_ref(q, k, v, g, beta, state, idx, cu), 1, 0)
+                row["torch_ref_tok_s"] = T / tr
+                row["speedup_vs_torch_ref"] = tr / t
+            if args.cpu_time:
+                t1 = best_cpu_time_1t(ours, args.repeat)
+                peak_1t = matmul_peak_1t(torch.bfloat16 if bf16_products else torch.float32)
+                row["ours_1t_cpu_gflops"] = prefill_flops(s, seqlens) / t1 / 1e9
+                row["matmul_1t_cpu_gflops"] = peak_1t
+                row["ours_1t_pct_of_matmul"] = 100 * row["ours_1t_cpu_gflops"] / peak_1t
+                if not args.no_ref and T <= args.ref_max_tokens:
+                    tr1 = best_cpu_time_1t(lambda: reference.chunk_kda_ref(q, k, v, g, beta, state, idx, cu), 1)
+                    row["speedup_vs_torch_ref_1t_cpu"] = tr1 / t1
+            rows.append(row)
+            print_row(row, args)
+    add_roofline(rows, peaks_before)
+    if not args.json:
+        print_roofline(rows)
+    return rows
+
+
+def bench_kda_decode(args) -> list[dict]:
+    dtype = getattr(torch, args.dtype)
+    bw = stream_gbps()
+    rows = []
+    for model in args.models.split(","):
+        s = MODELS[model]
+        for batch in [int(x) for x in args.batches.split(",")]:
+            q, k, v, f, b, A_log, dt_bias, _, _, _ = _inputs(s, [1] * batch, dtype, torch.float32)
+            idx = torch.arange(1, batch + 1, dtype=torch.int32)  # slot 0: vLLM's null block
+            out = torch.empty_like(v)
+            for sdt_name in args.state_dtypes.split(","):
+                sdt = getattr(torch, sdt_name)
+                layer_bytes = (batch + 1) * s.H * s.K * s.V * sdt.itemsize
+                layers = args.layers or max(8, -(-COLD_STATE_BYTES // layer_bytes))
+                pools = [torch.zeros(batch + 1, s.H, s.K, s.V, dtype=sdt) for _ in range(layers)]
+                moved = 2 * batch * s.H * s.K * s.V * sdt.itemsize
+
+                def ours():
+                    for pool in pools:
+                        ops.fused_recurrent_kda(q, k, v, A_log, dt_bias, f, b, pool, idx, out=out)
+
+                row = {"model": model, "batch": batch, "dtype": args.dtype, "state_dtype": sdt_name,
+                       "layers": layers, "threads": torch.get_num_threads(), "stream_gbps": bw}
+                t = best_time(ours, args.repeat) / layers
+                row["ours_us_per_layer"] = t * 1e6
+                row["ours_gbps"] = moved / t / 1e9
+                row["ours_pct_of_stream"] = 100 * row["ours_gbps"] / bw
+                if not args.no_ref:
+                    def torch_ref():
+                        for pool in pools[:2]:
+                            reference.fused_recurrent_kda_ref(q, k, v, A_log, dt_bias, f, b, pool, idx)
+
+                    tr = best_time(torch_ref, 1, 0) / 2
+                    row["torch_ref_us_per_layer"] = tr * 1e6
+                    row["speedup_vs_torch_ref"] = tr / t
+                if args.cpu_time:  # one thread, CPU time, vs stream_scale_ over as many bytes
+                    flat = [torch.zeros(moved // 8) for _ in range(layers)]
+                    t1 = best_cpu_time_1t(ours, args.repeat) / layers
+                    ts1 = best_cpu_time_1t(lambda: [ops.stream_scale_(x, 1.0) for x in flat], args.repeat) / layers
+                    row["ours_1t_cpu_gbps"] = moved / t1 / 1e9
+                    row["stream_1t_cpu_gbps"] = moved / ts1 / 1e9
+                    row["ours_1t_pct_of_stream"] = 100 * ts1 / t1
+                    del flat
+                rows.append(row)
+                print_row(row, args)
+                del pools
+    return rows
+
+
+def add_parsers(sub, common) -> None:
+    p = sub.add_parser("kda-prefill", parents=[common], help="KDA chunked prefill (chunk_kda), tokens/s per layer")
+    p.add_argument("--models", default="kimi-linear", help=f"of {', '.join(MODELS)}")
+    p.add_argument("--workloads", default="T2048,8x256", help=f"of {', '.join(WORKLOADS)}")
+    p.add_argument("--ref-max-tokens", type=int, default=2048, help="skip the slow torch reference above this")
+    p.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
+    d = sub.add_parser("kda-decode", parents=[common], help="KDA decode step (fused_recurrent_kda) over cold states")
+    d.add_argument("--models", default="kimi-linear", help=f"of {', '.join(MODELS)}")
+    d.add_argument("--batches", default="1,16")
+    d.add_argument("--layers", type=int, default=0,
+                   help="state pools stepped in turn (default: at least 8 and 512 MiB of state)")
+    d.add_argument("--state-dtypes", default="float32,bfloat16")
+    d.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
+
+
+def run(args) -> list[dict]:
+    return bench_kda_prefill(args) if args.mode == "kda-prefill" else bench_kda_decode(args)
