@@ -251,12 +251,23 @@ void stream_decode(const RecurrentParams& p, const TaskGrid& grid, bool dynamic)
     // Local copies of the captured sizes: the state stores (vector types, which may alias anything)
     // would otherwise make the compiler reload them through the closure on every row.
     const int64_t K = p.K, V = p.V;
-    // This thread's tasks in order, taken one ahead (the next one's block is prefetched).
+    // This thread's tasks in order. Static: known one ahead (the next one's block is prefetched
+    // while this one ends). Dynamic: each taken when the last is done (taking one ahead would hand
+    // out all tasks as the first threads wake when there are two per thread); nothing is
+    // prefetched past a block then.
     int64_t cursor = begin;
     auto take = [&]() -> int64_t {
       if (!dynamic) return cursor < end ? cursor++ : -1;
       const int64_t t = counter.fetch_add(1, std::memory_order_relaxed);
       return t < n_tasks ? t : -1;
+    };
+    auto advance = [&](int64_t& task, int64_t& next_task) {
+      if (dynamic) {
+        task = take();
+      } else {
+        task = next_task;
+        next_task = task >= 0 ? take() : -1;
+      }
     };
     // Tokens are prepared a sequence at a time (the heads of this range, gates vectorised; one head
     // when dynamic), two buffers, as the previous tile's token stays in use while the next one is
@@ -274,8 +285,8 @@ void stream_decode(const RecurrentParams& p, const TaskGrid& grid, bool dynamic)
       if (slot < 0) return nullptr;
       return static_cast<TState*>(p.state.data) + slot * p.state.slot_stride + grid.head(task) * K * V + grid.v0(task);
     };
-    for (int64_t task = take(), next_task; task >= 0; task = next_task) {
-      next_task = take();
+    for (int64_t task = take(), next_task = dynamic || task < 0 ? -1 : take(); task >= 0;
+         advance(task, next_task)) {
       const int64_t seq = grid.seq(task), h = grid.head(task), v0 = grid.v0(task);
       const int64_t width = std::min(grid.vb, V - v0);
       TState* block = block_of(task);
@@ -322,8 +333,12 @@ void stream_decode(const RecurrentParams& p, const TaskGrid& grid, bool dynamic)
           } else {
             // The prefetches run kAhead rows ahead in the order tiles are walked: past the tile's
             // last row, into the next column tile of the block (tiles narrower than the block), or
-            // after the block's last tile into this thread's next block (if none: the block below).
-            const TState* next = j + kTileCols < width ? tile + kTileCols : next_block ? next_block : block + K * V;
+            // after the block's last tile into this thread's next block (static; if none, the block
+            // below; dynamic: this tile again, already in cache).
+            const TState* next = j + kTileCols < width ? tile + kTileCols
+                                 : next_block           ? next_block
+                                 : dynamic              ? tile
+                                                        : block + K * V;
             const int64_t split = std::max<int64_t>(K - kAhead, 0);
             int64_t r = 0;
             for (; r < split; ++r) both_passes(r, tile + (r + kAhead) * V);
