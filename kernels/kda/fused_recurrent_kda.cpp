@@ -101,6 +101,73 @@ Token prepare_token(const KdaParams& p, int64_t t, int64_t h, float* buf) {
   return Token{kd, qd, k, decay, kda_beta(p.gate, t, h), dot(k, q, K)};
 }
 
+// One token per sequence, software-pipelined over the thread's tiles in order (as GDN's decode):
+// pass 1 of a tile (streaming it from memory) runs row by row together with pass 2 of the tile
+// before it (updating that one from cache), so the reads stream while the updates are computed.
+// Every tile is NV vectors wide (the caller checks V and vb).
+template <int NV, class TIn, class TState>
+void stream_decode(const KdaParams& p, int64_t vb, int64_t nvb) {
+  constexpr int64_t kTileCols = NV * kVecWidth, kRowBytes = kTileCols * sizeof(TState);
+  constexpr int64_t kAhead = kPrefetchBytes / kRowBytes;
+  parallel_for(p.N * p.H * nvb, 1, [&](int64_t begin, int64_t end) {
+    const int64_t K = p.K, V = p.V;
+    float* buffers = thread_scratch(2 * 5 * K);  // two tokens: the previous tile's stays in use
+    int buffer = 0;
+    TState* prev = nullptr;  // the tile awaiting pass 2, and its token
+    Token prev_token{};
+    vfloat v_new[NV];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t seq = task / (p.H * nvb), h = task / nvb % p.H, v0 = task % nvb * vb;
+      const int64_t width = std::min(vb, V - v0);
+      const int64_t slot = p.state_indices[seq];
+      if (slot < 0) {  // padding: zero output, touch no state
+        std::fill_n(p.out.row<TIn>(seq, h) + v0, width, from_float<TIn>(0.f));
+        continue;
+      }
+      TState* block = static_cast<TState*>(p.state.data) + slot * p.state.slot_stride + h * K * V + v0;
+      prefetch_rows<2>(block, V, kAhead, kRowBytes);  // in flight while the token is prepared
+      const Token s = prepare_token<TIn>(p, seq, h, buffers + buffer * 5 * K);
+      buffer ^= 1;
+      const TIn* v = p.v.row<const TIn>(seq, h) + v0;
+      TIn* o = p.out.row<TIn>(seq, h) + v0;
+      for (int64_t j = 0; j < width; j += kTileCols) {
+        TState* tile = block + j;
+        vfloat acc_k[NV], acc_q[NV];
+        for (int n = 0; n < NV; ++n) acc_k[n] = acc_q[n] = vfloat{};
+        for (int64_t r = 0; r < K; ++r) {
+          prefetch_rows<2>(tile + (r + kAhead) * V, V, 1, kRowBytes);
+          const vfloat kr = vbroadcast(s.kd[r]), qr = vbroadcast(s.qd[r]);
+          for (int n = 0; n < NV; ++n) {
+            const vfloat x = vload_float(tile + r * V + n * kVecWidth);
+            acc_k[n] += kr * x;
+            acc_q[n] += qr * x;
+          }
+          if (prev) {
+            const vfloat dr = vbroadcast(prev_token.decay[r]), pk = vbroadcast(prev_token.k[r]);
+            TState* row = prev + r * V;
+            for (int n = 0; n < NV; ++n)
+              vstore_float(row + n * kVecWidth, dr * vload_float(row + n * kVecWidth) + pk * v_new[n]);
+          }
+        }
+        for (int n = 0; n < NV; ++n) {
+          v_new[n] = s.beta * (vload_float(v + j + n * kVecWidth) - acc_k[n]);
+          vstore_float(o + j + n * kVecWidth, acc_q[n] + s.kq * v_new[n]);
+        }
+        prev = tile;
+        prev_token = s;
+      }
+    }
+    if (prev) {  // the thread's last tile
+      for (int64_t r = 0; r < K; ++r) {
+        const vfloat dr = vbroadcast(prev_token.decay[r]), pk = vbroadcast(prev_token.k[r]);
+        TState* row = prev + r * V;
+        for (int n = 0; n < NV; ++n)
+          vstore_float(row + n * kVecWidth, dr * vload_float(row + n * kVecWidth) + pk * v_new[n]);
+      }
+    }
+  });
+}
+
 template <class TIn, class TState>
 void recurrent_kernel(const KdaParams& p) {
   const int64_t K = p.K, V = p.V, threads = num_threads();
@@ -110,6 +177,13 @@ void recurrent_kernel(const KdaParams& p) {
   const int64_t vb = std::min(V, std::max<int64_t>(kVecWidth, ((V + splits - 1) / splits + kVecWidth - 1) /
                                                                   kVecWidth * kVecWidth));
   const int64_t nvb = (V + vb - 1) / vb;
+  bool one_token_each = true;
+  for (int64_t i = 0; p.cu_seqlens && i < p.N && one_token_each; ++i)
+    one_token_each = p.cu_seqlens[i] == i && p.cu_seqlens[i + 1] == i + 1;
+  auto fits = [&](int64_t cols) { return V % cols == 0 && vb % cols == 0; };
+  if (one_token_each && fits(kTile)) return stream_decode<kTileVecs, TIn, TState>(p, vb, nvb);
+  if (one_token_each && fits(4 * kVecWidth)) return stream_decode<4, TIn, TState>(p, vb, nvb);
+  if (one_token_each && fits(kVecWidth)) return stream_decode<1, TIn, TState>(p, vb, nvb);
   parallel_for(p.N * p.H * nvb, 1, [&](int64_t begin, int64_t end) {
     float* buf = thread_scratch(5 * K + K * vb);
     float* local = buf + 5 * K;  // fp32 copy of the block across the tokens of one sequence
