@@ -28,7 +28,8 @@ namespace gdn {
 namespace GDN_ISA {
 namespace {
 
-constexpr int64_t kC = chunk::kChunk;  // 64
+constexpr int64_t kC = 64;  // chunk size (independent of GDN's)
+static_assert(kC <= chunk::kChunk, "chunk::invert_unit_lower solves up to chunk::kChunk rows");
 constexpr int64_t kSub = 16;
 
 inline int64_t padded(int64_t K) { return (K + kVecWidth - 1) / kVecWidth * kVecWidth; }
