@@ -184,6 +184,22 @@ def test_chunk_gate_from_op_strong_decays():
     run_chunk(p, g, beta, torch.float32, torch.float32)
 
 
+def test_chunk_empty_and_zero_length_sequences():
+    """No sequences at all; a zero-length sequence between others (without an initial state its
+    slot becomes zero, as in the reference); rows past cu_seqlens[-1] zeroed; a strided out."""
+    p = make_kda([4, 0, 4, 2], 2, 16, 24)
+    p.cu_seqlens[-1] = 8  # the last "sequence" is empty too; tokens 8, 9 belong to none
+    out = torch.full((10, 2, 48), 7.0)[:, :, :24]
+    has_init = torch.tensor([True, False, True, True])
+    state, _ = run_chunk(p, *p.gates(), torch.float32, torch.float32, has_initial_state=has_init)
+    ops.chunk_kda(p.q, p.k, p.v, *p.gates(), p.state.clone(), p.state_indices, p.cu_seqlens,
+                  has_initial_state=has_init, out=out)
+    assert (out[8:] == 0).all() and (state[3] == 0).all()
+    empty = make_kda([], 2, 16, 24)
+    o = ops.chunk_kda(empty.q, empty.k, empty.v, *empty.gates(), empty.state, empty.state_indices, empty.cu_seqlens)
+    assert o.shape == (0, 2, 24)
+
+
 # ---------------------------------------------------------------------------------------- decode
 def run_decode(p, dtype, state_dtype, cu_seqlens=None, **kw):
     state_ref = p.state.double()
@@ -208,6 +224,13 @@ def test_decode(isa, dtype, state_dtype, shape):
     p = make_kda([1] * N, H, K, V, dtype, state_dtype, strided=True)
     with forced_isa(isa):
         run_decode(p, dtype, state_dtype)
+
+
+def test_decode_empty_batch():
+    p = make_kda([], 2, 16, 24)
+    before = p.state.clone()
+    o = ops.fused_recurrent_kda(p.q, p.k, p.v, p.A_log, p.dt_bias, p.f, p.b, p.state, p.state_indices)
+    assert o.shape == (0, 2, 24) and torch.equal(p.state, before)
 
 
 @pytest.mark.parametrize("lower_bound", [None, -5.0])

@@ -171,6 +171,7 @@ void stream_decode(const KdaParams& p, int64_t vb, int64_t nvb) {
 template <class TIn, class TState>
 void recurrent_kernel(const KdaParams& p) {
   const int64_t K = p.K, V = p.V, threads = num_threads();
+  if (p.N == 0) return;
   // Whole heads where there are enough (sequence, head) tasks for the threads, else column blocks
   // of whole vectors so that at batch 1 with few heads every thread streams its share.
   const int64_t heads = p.N * p.H, splits = std::max<int64_t>(1, (2 * threads + heads - 1) / heads);
