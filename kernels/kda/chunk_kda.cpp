@@ -151,11 +151,6 @@ void chunk_step(const KdaParams& p, const Mm& mm, KdaScratch& s, int64_t h, int6
   for (const Mat3* m : {&p.q, &p.k}) chunk::prefetch_head_rows<TIn>(*m, c0, ahead, h, K);
   chunk::prefetch_head_rows<TIn>(p.v, c0, ahead, h, V);
   chunk::prefetch_head_rows<float>(p.g, c0, ahead, h, K);
-  for (int64_t i = c0 + n; i < c0 + n + next_n; ++i) {  // the next chunk's rows into L2 meanwhile
-    for (const Mat3* m : {&p.q, &p.k}) prefetch_rows<2>(m->row<const TIn>(i, h), 0, 1, K * int64_t(sizeof(TIn)));
-    prefetch_rows<2>(p.v.row<const TIn>(i, h), 0, 1, V * int64_t(sizeof(TIn)));
-    prefetch_rows<2>(p.g.row<const float>(i, h), 0, 1, K * int64_t(sizeof(float)));
-  }
   gather_qk<TIn>(p.q, c0, n, h, K, s.q, p.use_qk_l2norm, p.scale);
   gather_qk<TIn>(p.k, c0, n, h, K, s.k, p.use_qk_l2norm, 1.f);
   for (int64_t i = 0; i < n; ++i) {
@@ -182,6 +177,13 @@ void chunk_step(const KdaParams& p, const Mm& mm, KdaScratch& s, int64_t h, int6
   // Aqk (lower incl. diagonal) and Akk (strictly lower, into Tm), sub-chunk by sub-chunk.
   for (int64_t i0 = 0; i0 < n; i0 += kSub) {
     const int64_t i1 = std::min(n, i0 + kSub), m = i1 - i0;
+    // The next chunk's rows into L2, a quarter per sub-chunk: spread over the work, not in one
+    // burst that would fill the line-fill buffers.
+    for (int64_t i = c0 + n + i0 * next_n / n; i < c0 + n + i1 * next_n / n; ++i) {
+      for (const Mat3* mat : {&p.q, &p.k}) prefetch_rows<2>(mat->row<const TIn>(i, h), 0, 1, K * int64_t(sizeof(TIn)));
+      prefetch_rows<2>(p.v.row<const TIn>(i, h), 0, 1, V * int64_t(sizeof(TIn)));
+      prefetch_rows<2>(p.g.row<const float>(i, h), 0, 1, K * int64_t(sizeof(float)));
+    }
     if (i0 > 0) {  // against the earlier sub-chunks: [q; k]_I e^{G_I - G_a}  x  (k_J e^{G_a - G_J})^T
       std::fill(s.fac, s.fac + Kp, 1.f);  // e^{G_i - G_a}, forward from the anchor a = i0
       for (int64_t i = i0; i < i1; ++i) {
