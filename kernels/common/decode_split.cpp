@@ -94,13 +94,17 @@ int64_t decode_v_block(int64_t units, int64_t V, int64_t quantum, int64_t thread
   return best_vb;
 }
 
+// Whether auto claims dynamically where there are at most 4 tasks per thread (not yet measured on a
+// many-core host: static until it is).
+constexpr bool kAutoDynamic = false;
+
 bool decode_dynamic_claim(int64_t tasks, int64_t threads) {
   switch (current<Claim, parse_claim>(kDecodeClaimEnv)) {
     case Claim::kStatic: return false;
     case Claim::kDynamic: return true;
     case Claim::kAuto: break;
   }
-  return threads > 1 && tasks <= 4 * threads;
+  return kAutoDynamic && threads > 1 && tasks <= 4 * threads;
 }
 
 }  // namespace gdn

@@ -13,7 +13,8 @@
 //   vblocks:C  V-blocks of C columns (for tests and tuning; a multiple of the vector width keeps the
 //              vector paths).
 // VLLM_GDN_CPU_DECODE_CLAIM: how the threads get their tasks.
-//   auto       dynamic where there are at most 4 tasks per thread, else static.
+//   auto       static (dynamic where there are at most 4 tasks per thread is the candidate, pending
+//              a measurement on a many-core host: kAutoDynamic in decode_split.cpp).
 //   static     at::parallel_for's consecutive ranges (neighbouring blocks: linear streams).
 //   dynamic    one task at a time from a shared counter: threads that the fork wakes first take
 //              more of the work.
