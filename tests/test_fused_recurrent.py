@@ -178,7 +178,6 @@ def test_decode_splits_agree_bitwise(isa, state_dtype, case):
     cu = None if all(n == 1 for n in seqlens) else p.cu_seqlens
     touched = [s for s in p.state_indices.tolist() if s >= 0]
     untouched = [s for s in range(p.state.shape[0]) if s not in touched]
-    # 3 threads: auto then splits batch 1-2 here (few heads per thread), as on many-core hosts.
     with forced_isa(isa), torch_threads(3):
         want_out, want_state = decode_with_split(p, "heads", cu, claim="static")
         for split in SPLITS + ["heads"]:
@@ -200,8 +199,9 @@ def test_decode_splits_agree_bitwise(isa, state_dtype, case):
 
 @pytest.mark.parametrize("threads", [1, 2, 5, 16])
 def test_decode_splits_agree_at_thread_counts(threads):
-    """auto's choices depend on the thread count (more threads than tasks included)."""
-    p = make_problem([1, 1, 1], 1, 2, 64, 128, torch.float32, torch.float32, seed=8)
+    """auto's choices depend on the thread count (more threads than tasks included) and on the state
+    size: with two 640 KiB heads auto splits them into V-blocks on 5 and 16 threads."""
+    p = make_problem([1], 1, 2, 320, 512, torch.float32, torch.float32, seed=8)
     with torch_threads(threads):
         want = decode_with_split(p, "heads", claim="static")
         for claim in CLAIMS:

@@ -63,7 +63,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
-int64_t decode_v_block(int64_t units, int64_t V, int64_t quantum, int64_t threads) {
+int64_t decode_v_block(int64_t units, int64_t V, int64_t quantum, int64_t threads, int64_t column_bytes) {
   const Split split = current_split();
   threads = std::max<int64_t>(threads, 1);
   quantum = std::max<int64_t>(quantum, 1);
@@ -80,12 +80,18 @@ int64_t decode_v_block(int64_t units, int64_t V, int64_t quantum, int64_t thread
     case Split::kAuto:
       break;
   }
-  // auto: the busiest thread's columns, ceil(tasks / threads) * vb, as at::parallel_for hands each
-  // thread ceil(tasks / threads) consecutive tasks. A narrower block must cut that by more than an
-  // eighth: at equal balance whole heads streamed 4-7% faster than half heads (16-core host, batch
-  // 1: contiguous tasks, each prepared once), so a few percent of balance does not pay for them.
+  // auto: whole heads, unless the busiest thread would stream more than kSplitMinBytes of state
+  // with them and narrower blocks cut its columns (ceil(tasks / threads) * vb, as at::parallel_for
+  // hands each thread ceil(tasks / threads) consecutive tasks) by more than an eighth. Measured on
+  // the 16-core host (docs/performance.md): at equal balance whole heads streamed 2-7% faster than
+  // half heads (Qwen3-Next batch 1), and a TP=8 shard (4 heads of 64 KiB fp32 on 16 threads) ran
+  // 6-20% faster on 4 threads with whole heads than split over all 16: below a few hundred KiB per
+  // thread the call's fixed cost and fork/join (~15 us there), not bandwidth, set the time. The
+  // threshold itself is not measured (no shape measured reached it): at 10-20 GB/s per core it is
+  // 25-50 us of streaming, several times that fixed cost.
+  constexpr int64_t kSplitMinBytes = 512 << 10;
   int64_t best_vb = V, best_load = ceil_div(units, threads) * V;
-  if (V % quantum != 0) return V;
+  if (V % quantum != 0 || best_load * column_bytes <= kSplitMinBytes) return V;
   for (int64_t vb = V - quantum; vb >= quantum; vb -= quantum) {
     if (V % vb != 0) continue;
     const int64_t load = ceil_div(units * (V / vb), threads) * vb;

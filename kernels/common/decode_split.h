@@ -3,10 +3,11 @@
 //
 // A decode task owns the columns [v0, v0 + vb) of one (sequence, head) state: columns are
 // independent in every step, so any split gives the same arithmetic per column, bit for bit.
-//   auto       whole heads, unless narrower V-blocks (multiples of `quantum` columns that divide V)
-//              give the busiest thread at least 1/8 fewer columns: at batch 1-2 with fewer heads
-//              than threads (a tensor-parallel shard), blocks narrow enough that every thread
-//              streams; otherwise whole heads (contiguous states, each task's token prepared once).
+//   auto       whole heads, unless with them the busiest thread would stream more than 512 KiB of
+//              state and narrower V-blocks (multiples of `quantum` columns that divide V) cut its
+//              columns by more than 1/8 (few large heads on many threads). Below that, at batch 1-2
+//              the call's fixed cost and fork/join, not bandwidth, set the time (measured:
+//              docs/performance.md), and whole heads stream contiguously.
 //   heads      one task per (sequence, head): vb = V.
 //   vblocks    the rule of earlier releases: V halved (in steps of `quantum`) until there are at
 //              least 4 tasks per thread.
@@ -28,8 +29,9 @@ constexpr const char* kDecodeSplitEnv = "VLLM_GDN_CPU_DECODE_SPLIT";
 constexpr const char* kDecodeClaimEnv = "VLLM_GDN_CPU_DECODE_CLAIM";
 
 // The V-block width (1..V) for `units` (sequence, head) states of V columns on `threads` threads.
-// `quantum`: the narrowest block auto and vblocks choose (the kernel's narrowest vector tile).
-int64_t decode_v_block(int64_t units, int64_t V, int64_t quantum, int64_t threads);
+// `quantum`: the narrowest block auto and vblocks choose (the kernel's narrowest vector tile);
+// `column_bytes`: the state bytes of one column (K x the state's element size).
+int64_t decode_v_block(int64_t units, int64_t V, int64_t quantum, int64_t threads, int64_t column_bytes);
 
 // Whether `tasks` decode tasks on `threads` threads are claimed dynamically (VLLM_GDN_CPU_DECODE_CLAIM).
 bool decode_dynamic_claim(int64_t tasks, int64_t threads);

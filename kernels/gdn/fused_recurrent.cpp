@@ -412,11 +412,12 @@ void multi_token_decode(const RecurrentParams& p, const TaskGrid& grid) {
 
 template <class TIn, class TState>
 void recurrent_kernel(const RecurrentParams& p) {
-  // V-blocks (decode_split.h): whole heads where there are enough of them for the threads, else
-  // blocks as narrow as one vector, so that at batch 1-2 every thread streams its share.
+  // V-blocks (decode_split.h): whole heads, or blocks as narrow as one vector where few large heads
+  // would leave threads idle for long.
   // (bf16 states walked as even/odd column pairs need tiles of whole pairs of vectors.)
   constexpr bool Paired = kPaired<TState, TState>;
-  const int64_t vb = decode_v_block(p.N * p.Hv, p.V, (Paired ? 2 : 1) * kVecWidth, num_threads());
+  const int64_t vb = decode_v_block(p.N * p.Hv, p.V, (Paired ? 2 : 1) * kVecWidth, num_threads(),
+                                    p.K * int64_t(sizeof(TState)));
   const bool dynamic = decode_dynamic_claim(p.N * p.Hv * ((p.V + vb - 1) / vb), num_threads());
   const TaskGrid grid{p.Hv, vb, (p.V + vb - 1) / vb};
   bool one_token_each = true;
