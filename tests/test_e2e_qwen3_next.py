@@ -299,10 +299,15 @@ def test_our_kernels_run_instead_of_vllms(llm_half, prompts):
         "vllm_gdn_cpu::chunk_gated_delta_rule",
         "vllm_gdn_cpu::gdn_decode_step",
         "vllm_gdn_cpu::causal_conv1d",
-        "vllm_gdn_cpu::linear",  # the GDN layers' projections
         "vllm_gdn_cpu::gated_rms_norm",
     ):
         assert ours in names, f"{ours} did not run"
+    # The GDN layers' projections: our engine unless this dtype takes vLLM's GEMM on this CPU (bf16
+    # weights on AMX: vllm_gdn_cpu.layers.projections).
+    from vllm_gdn_cpu.layers.projections import engine_for
+
+    dtype = llm_half.llm_engine.model_config.dtype
+    assert ("vllm_gdn_cpu::linear" in names) == (engine_for(dtype) == "ours"), (dtype, engine_for(dtype))
     assert "vllm::cpu_gdn_attention_core" not in names, "vLLM's own CPU GDN core ran"
 
 

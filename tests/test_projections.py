@@ -31,6 +31,7 @@ def linear_module(weight: torch.Tensor, bias: torch.Tensor | None = None) -> tor
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_small_batch_method_permutes_rows_once_and_runs_both_paths(dtype, monkeypatch):
+    monkeypatch.setenv(projections.PROJECTIONS_ENV, "ours")  # bf16 on AMX CPUs would take vLLM's GEMM
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(37, 24, generator=generator).to(dtype)
     bias = torch.randn(37, generator=generator).to(dtype)
@@ -38,7 +39,7 @@ def test_small_batch_method_permutes_rows_once_and_runs_both_paths(dtype, monkey
     module = linear_module(weight, bias)
     assert projections.install_small_batch_linear(module, order) is None
     method = module.quant_method
-    assert isinstance(method, projections.SmallBatchLinearMethod)
+    assert isinstance(method, projections.SmallBatchLinearMethod) and method.engine == "ours"
     method.process_weights_after_loading(module)
     assert torch.equal(module.weight, weight[order]) and torch.equal(module.bias, bias[order])
     assert module.weight.is_contiguous()
@@ -57,6 +58,42 @@ def test_small_batch_method_permutes_rows_once_and_runs_both_paths(dtype, monkey
         torch.testing.assert_close(got.double(), want, atol=tolerance * scale, rtol=0)
     x3 = torch.randn(2, 3, 24, generator=generator).to(dtype)  # leading dims are flattened and restored
     assert method.apply(module, x3).shape == (2, 3, 37)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_permuted_rows_on_vllms_gemm(dtype):
+    """The "vllm" engine (auto for bf16 weights on AMX CPUs): rows permuted, then vLLM's own load-time
+    processing (its repacked GEMM; the plain weight freed) and GEMM, our path counters untouched."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(40, 64, generator=generator).to(dtype)
+    order = torch.randperm(40, generator=generator)
+    module = linear_module(weight)
+    method = projections.SmallBatchLinearMethod(order, engine="vllm")
+    module.quant_method = method
+    method.process_weights_after_loading(module)
+    assert hasattr(module, "cpu_linear"), "vLLM's CPU GEMM dispatch did not run"
+    before = ops.linear_path_counts()
+    for tokens in (1, 16, 70):
+        x = torch.randn(tokens, 64, generator=generator).to(dtype)
+        want = x.double() @ weight[order].double().t()
+        got = method.apply(module, x)
+        tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+        torch.testing.assert_close(got.double(), want, atol=tolerance * want.abs().max().item(), rtol=0)
+    assert ops.linear_path_counts() == before
+
+
+def test_engine_choice(monkeypatch):
+    amx = "amx" in ops.runtime_info()["available_gemms"]
+    monkeypatch.delenv(projections.PROJECTIONS_ENV, raising=False)
+    assert projections.engine_for(torch.float32) == "ours"
+    assert projections.engine_for(torch.float16) == "ours"
+    assert projections.engine_for(torch.bfloat16) == ("vllm" if amx else "ours")
+    monkeypatch.setenv(projections.PROJECTIONS_ENV, "ours")
+    assert projections.engine_for(torch.bfloat16) == "ours"
+    monkeypatch.setenv(projections.PROJECTIONS_ENV, "auto")
+    module = linear_module(torch.randn(8, 8).to(torch.bfloat16))
+    field = projections.install_all({"out_proj": module})
+    assert field == ("vllm-gemm (bf16 weights on AMX: oneDNN's tiles)" if amx else "ours")
 
 
 def test_what_keeps_vllms_method_and_why(monkeypatch):
@@ -84,7 +121,7 @@ def test_what_keeps_vllms_method_and_why(monkeypatch):
     assert projections.install_all({"out_proj": kept}) == f"vllm (out_proj: {projections.PROJECTIONS_ENV}=vllm)"
     assert type(kept.quant_method) is UnquantizedLinearMethod
     monkeypatch.setenv(projections.PROJECTIONS_ENV, "fastest")
-    with pytest.raises(ValueError, match="VLLM_GDN_CPU_PROJECTIONS='fastest'"):
+    with pytest.raises(ValueError, match="VLLM_GDN_CPU_PROJECTIONS='fastest': expected one of auto, ours, vllm"):
         projections.install_all({"out_proj": linear_module(torch.randn(8, 8))})
 
 

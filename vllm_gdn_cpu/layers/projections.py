@@ -1,19 +1,26 @@
 """The replaced layers' own projections and gated norm on our kernels.
 
 At decode-sized token counts a projection is a matrix-vector product: its cost is streaming the
-weights once, and vLLM's CPU GEMM (oneDNN, packed at load) leaves memory bandwidth unused there (at 16
-tokens it streamed fp32 weights at about half the in-place stream rate). ``SmallBatchLinearMethod``
-replaces the ``UnquantizedLinearMethod`` of a layer's projection modules:
+weights once. ``SmallBatchLinearMethod`` replaces the ``UnquantizedLinearMethod`` of a layer's
+projection modules. After loading it permutes the weight rows once if asked (``row_order``: e.g.
+Qwen3-Next's interleaved q|k|v|z into flat order, so no per-step split is needed), then runs one of
+two GEMM engines, chosen per weight dtype from measurements (docs/performance.md, "Small-batch
+projections"):
 
-* ``process_weights_after_loading`` keeps the weight as the plain ``[N, K]`` tensor it was loaded
-  into (optionally with its rows permuted once, see ``row_order``) instead of letting vLLM repack it
-  for oneDNN and free the original: one copy of the weights, as before;
-* ``apply`` calls ``vllm_gdn_cpu::linear``: our streaming kernel up to a token count measured per
-  weight dtype (``VLLM_GDN_CPU_LINEAR_MAX_M`` overrides it), torch's GEMM on the same tensor above it.
+* ``ours``: the weight stays the plain ``[N, K]`` tensor it was loaded into (vLLM's oneDNN-repacked
+  copy is not made: one copy of the weights, as before) and ``apply`` calls ``vllm_gdn_cpu::linear``:
+  our streaming kernel up to a token count measured per weight dtype (``VLLM_GDN_CPU_LINEAR_MAX_M``),
+  torch's GEMM on the same tensor above it;
+* ``vllm``: vLLM's own CPU GEMM (its load-time repacking, e.g. oneDNN), on the permuted rows. Chosen
+  for bf16 weights on CPUs with AMX, where oneDNN's AMX kernels already stream decode-sized products
+  at the memory roofline, ran up to 15% ahead of ours at 16 tokens and well ahead of torch's GEMM
+  (our large-M path) between 16 and a few hundred tokens.
 
-Quantized or otherwise non-plain projections keep vLLM's method; ``install_small_batch_linear``
-returns the reason, which the layer's INFO line reports. The modules stay vLLM's (weight loaders,
-tensor-parallel sharding, the row-parallel all-reduce), so any layer family can use this.
+``VLLM_GDN_CPU_PROJECTIONS``: ``auto`` (that choice), ``ours`` (our engine for every dtype), ``vllm``
+(vLLM's projections and norm untouched: no permutation, no method swap). Quantized or otherwise
+non-plain projections keep vLLM's method; ``install_small_batch_linear`` returns the reason, which
+the layer's INFO line reports. The modules stay vLLM's (weight loaders, tensor-parallel sharding, the
+row-parallel all-reduce), so any layer family can use this.
 """
 
 from __future__ import annotations
@@ -28,25 +35,37 @@ from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from vllm_gdn_cpu import ops
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# "vllm" keeps vLLM's own projections and gated norm in the layers we replace (A/B comparisons,
-# or a fallback); "auto" (default) runs ours where the weights allow.
 PROJECTIONS_ENV = "VLLM_GDN_CPU_PROJECTIONS"
+_MODES = ("auto", "ours", "vllm")
 
 
 def _projections_mode() -> str:
     mode = os.environ.get(PROJECTIONS_ENV, "auto").strip().lower() or "auto"
-    if mode not in ("auto", "vllm"):
-        raise ValueError(f"vllm_gdn_cpu: {PROJECTIONS_ENV}={mode!r}: expected 'auto' or 'vllm'")
+    if mode not in _MODES:
+        raise ValueError(f"vllm_gdn_cpu: {PROJECTIONS_ENV}={mode!r}: expected one of {', '.join(_MODES)}")
     return mode
 
 
-class SmallBatchLinearMethod(UnquantizedLinearMethod):
-    """vLLM's unquantized linear method with our small-batch engine; ``row_order`` (int64 [N], a
-    permutation of the output rows) reorders the weight (and bias) rows once after loading."""
+def engine_for(dtype: torch.dtype) -> str:
+    """The GEMM engine ("ours" or "vllm") our projections use for weights of `dtype` on this CPU."""
+    if _projections_mode() == "ours":
+        return "ours"
+    if dtype == torch.bfloat16 and "amx" in ops.runtime_info()["available_gemms"]:
+        return "vllm"  # oneDNN's AMX GEMM (see the module docstring)
+    return "ours"
 
-    def __init__(self, row_order: torch.Tensor | None = None) -> None:
+
+class SmallBatchLinearMethod(UnquantizedLinearMethod):
+    """vLLM's unquantized linear method with rows permuted once after loading (``row_order``, int64
+    [N], a permutation of the output rows, or None) and the GEMM of ``engine``: "ours" (plain weight,
+    ``ops.linear``) or "vllm" (vLLM's own repacking and GEMM)."""
+
+    def __init__(self, row_order: torch.Tensor | None = None, engine: str = "ours") -> None:
         super().__init__()
+        if engine not in ("ours", "vllm"):
+            raise ValueError(f"vllm_gdn_cpu: unknown projection engine {engine!r}")
         self.row_order = row_order
+        self.engine = engine
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         weight = layer.weight.data
@@ -56,8 +75,12 @@ class SmallBatchLinearMethod(UnquantizedLinearMethod):
             if bias is not None:
                 bias.data = bias.data.index_select(0, self.row_order)
         layer.weight.data = weight.contiguous()
+        if self.engine == "vllm":
+            super().process_weights_after_loading(layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.engine == "vllm":
+            return super().apply(layer, x, bias)
         if x.dim() == 2:
             return ops.linear(x, layer.weight, bias)
         return ops.linear(x.reshape(-1, x.shape[-1]), layer.weight, bias).unflatten(0, x.shape[:-1])
@@ -86,21 +109,28 @@ def install_small_batch_linear(module: torch.nn.Module, row_order: torch.Tensor 
         raise ValueError(
             f"vllm_gdn_cpu: row_order of {row_order.numel()} rows for a weight of {weight.shape[0]}"
         )
-    module.quant_method = SmallBatchLinearMethod(row_order)
+    module.quant_method = SmallBatchLinearMethod(row_order, engine_for(weight.dtype))
     return None
 
 
 def install_all(modules: dict[str, torch.nn.Module | tuple[torch.nn.Module, torch.Tensor | None]]) -> str:
     """``install_small_batch_linear`` on each named module (or (module, row_order)); returns the
-    INFO line's ``projections`` field: "ours" when all took it, else which kept vLLM's and why."""
-    kept = {}
+    INFO line's ``projections`` field: the engine(s) when all took it, else which kept vLLM's method
+    and why."""
+    kept, engines = {}, set()
     for name, entry in modules.items():
         module, row_order = entry if isinstance(entry, tuple) else (entry, None)
         if (reason := install_small_batch_linear(module, row_order)) is not None:
             kept[name] = reason
-    if not kept:
+        else:
+            engines.add(module.quant_method.engine)
+    if kept:
+        return "vllm (" + "; ".join(f"{name}: {reason}" for name, reason in kept.items()) + ")"
+    if engines == {"ours"}:
         return "ours"
-    return "vllm (" + "; ".join(f"{name}: {reason}" for name, reason in kept.items()) + ")"
+    if engines == {"vllm"}:
+        return "vllm-gemm (bf16 weights on AMX: oneDNN's tiles)"
+    return "ours + vllm-gemm"
 
 
 def _gated_norm_forward(norm: torch.nn.Module, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
