@@ -168,13 +168,14 @@ def test_grouped_value_heads_match_one_head_per_task(gemm):
 # ----------------------------------------------------------------------------- schedules
 # VLLM_GDN_CPU_PREFILL_SCHEDULE=sequential walks each (sequence, head) task's chunks in order;
 # chunk_parallel prepares every chunk in parallel and then runs only the state pass in order, split
-# over state column blocks (kernels/gdn/chunk_parallel.cpp). Both run the same per-chunk calls, and a
-# column block computes each element with the same operations in the same order as the whole row,
-# so on our own GEMM engines the results are bit-identical. An external BLAS (torch's MKL,
-# OpenBLAS) picks its blocking from the operands' shapes, which differ with the column block: there
-# the two agree to a different summation order (fp32 state 1e-5 relative) and one rounding of the
-# output dtype.
-EXTERNAL_BLAS = ("torch", "openblas")
+# over state column blocks (kernels/gdn/chunk_parallel.cpp). Both run the same per-chunk calls on the
+# same operands in the same order; only the GEMM kernels' code for a narrower column block may
+# differ in FMA contraction (seen with GCC 13 on the fp32 micro-kernels), and an external BLAS
+# (torch's MKL, OpenBLAS) picks its blocking, hence its summation order, from the operands' shapes.
+# Each such difference is a few fp32 roundings (~1e-7 relative) per product, a handful of products
+# chained per chunk, carried through the state over the chunks: 1e-5 relative to the largest
+# entry; then the output's one rounding to its dtype (2^-8 bf16, 2^-11 fp16) on top. On this
+# machine and compiler the two schedules were bit-identical on our own engines.
 
 
 @contextmanager
@@ -203,15 +204,11 @@ def run_prefill(p, g, beta, has_initial_state=None):
     return out, state
 
 
-def assert_schedules_agree(a, b, gemm: str, what: str):
+def assert_schedules_agree(a, b, what: str):
     (out_a, state_a), (out_b, state_b) = a, b
-    if gemm in EXTERNAL_BLAS:
-        torch.testing.assert_close(state_b.float(), state_a.float(), rtol=1e-5, atol=1e-6, msg=what)
-        rtol = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[out_a.dtype]
-        torch.testing.assert_close(out_b.float(), out_a.float(), rtol=rtol, atol=1e-5, msg=what)
-    else:
-        assert torch.equal(out_b, out_a), f"{what}: outputs differ"
-        assert torch.equal(state_b, state_a), f"{what}: states differ"
+    rounding = {torch.float32: 0.0, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+    assert_close_rel(state_b, state_a, 1e-5 + rounding[state_a.dtype], f"{what}: final state")
+    assert_close_rel(out_b, out_a, 1e-5 + rounding[out_a.dtype], f"{what}: output")
 
 
 # (seqlens, Hk, Hv, K, V). At 1-4 threads the long ones span several windows of chunks (a window
@@ -252,7 +249,7 @@ def test_chunk_parallel_matches_sequential(threads, gemm, dtype, shape):
             seq = run_prefill(p, g, beta, has_init)
         with forced_schedule("chunk_parallel"):
             par = run_prefill(p, g, beta, has_init)
-    assert_schedules_agree(seq, par, gemm, f"{gemm} {threads} threads")
+    assert_schedules_agree(seq, par, f"{gemm} {threads} threads")
     if len(shape[0]) > 2:  # padding: zero output, its slot and every slot not named untouched
         cu = p.cu_seqlens.tolist()
         assert (par[0][cu[1] : cu[2]] == 0).all()
@@ -281,7 +278,7 @@ def test_chunk_parallel_dtypes(dtype, state_dtype):
             par = run_and_compare(p, dtype, state_dtype, has_initial_state=has_init)
         with forced_schedule("sequential"):
             seq = run_and_compare(p, dtype, state_dtype, has_initial_state=has_init)
-    assert_schedules_agree(seq, par, ops.runtime_info()["gemm"].removesuffix("-fp32"), "auto GEMM path")
+    assert_schedules_agree(seq, par, "auto GEMM path")
 
 
 @pytest.mark.parametrize("schedule", ["sequential", "chunk_parallel"])

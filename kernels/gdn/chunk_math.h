@@ -18,7 +18,9 @@
 // of the state: columns of S, v_new and o are independent). Both schedules run the same calls,
 // and a column block computes each element with the same operations in the same order as the
 // whole row does (our GEMM kernels and AMX tiles treat columns independently; blocks start at
-// multiples of 16), so on our own GEMM engines both give bit-identical results.
+// multiples of 16): with GCC 12 here both schedules give bit-identical results on our own GEMM
+// engines; a compiler may contract the narrower kernels' multiply-adds differently (GCC 13 on the
+// test host did for fp32), and an external BLAS blocks by shape: tests allow 1e-5 relative.
 //
 // All products go through Mm, which runs them in fp32 or, for bf16 inputs on a bf16-capable GEMM
 // path, rounds the operands to bf16 and accumulates in fp32 (the precision of FLA's GPU kernels).
@@ -286,13 +288,20 @@ float chunk_prepare(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t
 
 // The state-dependent work of one chunk of value head h on state columns [v0, v0 + vb): S is that
 // [K, vb] block of the head's fp32 state (row stride ldS), updated in place; writes the output
-// columns [v0, v0 + vb) of the chunk's rows. Uses s's pack buffers only (and, in fp32, Mm's).
+// columns [v0, v0 + vb) of the chunk's rows. v_new and o live in d.vo's rows (in place) or, with
+// `work` ([2C, vb]), in work, u's columns copied there: the chunk-parallel schedule then only reads
+// the slot, which another thread wrote. Uses s's pack buffers only (and, in fp32, Mm's).
 template <class TIn>
 void chunk_state_step(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t h, int64_t c0, int64_t n,
-                      const ChunkSlot& d, float* S, int64_t ldS, int64_t v0, int64_t vb, bool bf16_gemm) {
-  const int64_t K = p.K, V = p.V, C = kChunk;
-  float* vnew = d.vo + v0;
-  float* o = d.vo + n * V + v0;
+                      const ChunkSlot& d, float* S, int64_t ldS, int64_t v0, int64_t vb, bool bf16_gemm,
+                      float* work = nullptr) {
+  const int64_t K = p.K, C = kChunk;
+  const int64_t V = work ? vb : p.V;  // row stride of v_new and o
+  float* vnew = work ? work : d.vo + v0;
+  float* o = vnew + n * V;
+  if (work) {
+    for (int64_t i = 0; i < n; ++i) std::copy_n(d.vo + i * p.V + v0, vb, work + i * vb);
+  }
   // [v_new; o] = [u; 0] + [w; exp(gc) q] S   (one product: both rows share S)
   for (int64_t i = 0; i < n; ++i) std::fill_n(o + i * V, vb, 0.f);
   const Mm::B S_op = mm.operand(S, K, vb, ldS, s.pack_S);

@@ -4,23 +4,26 @@
 //   1. prepare, in parallel over (chunk, key head): chunk_load_qk + chunk_prepare of its value
 //      heads, the work that does not read the carried state, into one slot per (chunk, value head);
 //   2. state pass, in parallel over (sequence, value head, state column block), each in chunk
-//      order: chunk_state_step (v_new, the output rows, the state update). Columns of the state are
-//      independent, so a head's pass splits over column blocks (multiples of 16): enough blocks to
-//      give every thread a task where there are fewer (sequence, head) pairs than threads.
+//      order: chunk_state_step (v_new, the output rows, the state update) on its own copy of u's
+//      columns, so that it only reads the slot another thread wrote. Columns of the state are
+//      independent, so a head's pass may split over column blocks (multiples of 16 columns).
 // One parallel region runs the state pass of window w - 1 beside the preparation of window w (both
 // need only earlier regions): threads the state pass leaves idle prepare the next window, and a
-// call forks and joins (windows + 1) times. The tasks of a region are dealt out by estimated cost.
+// call forks and joins (windows + 1) times. A region's tasks are dealt out by estimated cost, and
+// its state pass takes the fewest column blocks whose largest task fits one thread's share: narrow
+// blocks cost more than their share of the products (on 2 cores, one sequence, AMX: 2 blocks of 64
+// columns 1.16x one thread, 1 block beside preparation 1.46x).
 // The output rows are written in the state pass: fusing o = qg S + P v_new there saves storing one
 // state per chunk and a third parallel step; the pass then holds ~3/4 of a chunk's multiply-adds
 // but, measured on one thread at K = V = 128, only 42% (AMX) / 60% (AVX-512) of its time.
 //
 // Scratch memory, per call, kept by the calling thread for its next call: two windows of slots,
 // (2C V + 2C K + C^2 + K C) floats per (chunk, value head) (C = 64: 176 KiB at K = V = 128; on bf16
-// GEMM paths the last three are bf16: 120 KiB), a window ~1 MiB per thread and at most 1/8 of the
-// chunks (at least one chunk: Hv slots), plus two fp32 states per value head carried between
-// windows (2 Hv K V floats): at most ~2 MiB per thread + 2 Hv (C + K) V floats. Per thread: the
-// sequential schedule's scratch.
-// Results are bit-identical to the sequential schedule on our own GEMM engines (chunk_math.h).
+// GEMM paths vo is C V floats and the rest bf16: 88 KiB), a window ~1 MiB per thread and at most
+// 1/8 of the chunks (at least one chunk: Hv slots), plus two fp32 states per value head carried
+// between windows (2 Hv K V floats): about 2 MiB per thread + 2 Hv (C + K) V floats. Per thread:
+// the sequential schedule's scratch.
+// Same operations on the same operands as the sequential schedule (chunk_math.h).
 #include <cstdlib>
 #include <memory>
 #include <new>
@@ -70,7 +73,7 @@ struct ChunkRef {
 // Consecutive chunks [first, first + count) of a window that belong to one sequence; starts /
 // ends: the sequence's first / last chunk is among them.
 struct Segment {
-  int64_t seq, first, count;
+  int64_t seq, first, count, tokens;
   bool starts, ends;
 };
 
@@ -130,8 +133,9 @@ void chunk_parallel_kernel(const ChunkParams& p, bool bf16_gemm) {
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
   if (num_chunks == 0) return;
 
-  // A slot: vo, then wq, P, kTd in fp32 or (bf16 GEMM path) their bf16 copies (ChunkSlot).
-  const int64_t vo_f = round16(2 * C * V);
+  // A slot: vo, then wq, P, kTd in fp32 or (bf16 GEMM path) their bf16 copies (ChunkSlot). The state
+  // pass keeps v_new and o in its own scratch; chunk_prepare needs vo's o rows only in fp32.
+  const int64_t vo_f = round16((bf16_gemm ? 1 : 2) * C * V);
   const int64_t wq_f = bf16_gemm ? round16(C * even(K)) : round16(2 * C * K);
   const int64_t P_f = bf16_gemm ? C * C / 2 : C * C, kTd_f = bf16_gemm ? round16(K * C / 2) : round16(K * C);
   const int64_t slot_floats = vo_f + wq_f + P_f + kTd_f;
@@ -158,43 +162,50 @@ void chunk_parallel_kernel(const ChunkParams& p, bool bf16_gemm) {
   std::vector<std::vector<Task>> plan;
   for (int64_t region = 0; region <= num_windows; ++region) {
     // This region: the state pass of window region - 1 and the state-independent work of window
-    // region (both depend only on earlier regions).
+    // region (both depend only on earlier regions). Costs in multiply-adds, see kPrepareWeight.
     tasks.clear();
-    int64_t Vb = V;
-    if (region > 0) {
-      const int64_t w = region - 1, w0 = w * window, wc = std::min(window, num_chunks - w0);
-      segments.clear();
-      for (int64_t ci = 0; ci < wc; ++ci) {
-        const ChunkRef& c = chunks[w0 + ci];
-        if (segments.empty() || segments.back().seq != c.seq)
-          segments.push_back({c.seq, ci, 0, c.c0 == p.cu_seqlens[c.seq], false});
-        segments.back().count += 1;
-        segments.back().ends = c.c0 + c.n == p.cu_seqlens[c.seq + 1];
-      }
-      // Enough column blocks that the state pass alone has a task per thread.
-      const int64_t pairs = static_cast<int64_t>(segments.size()) * Hv;
-      const int64_t want = std::clamp<int64_t>((threads + pairs - 1) / pairs, 1, (V + kColumnBlock - 1) / kColumnBlock);
-      if (want > 1) Vb = ((V + want - 1) / want + kColumnBlock - 1) / kColumnBlock * kColumnBlock;
-      for (int64_t sg = 0; sg < static_cast<int64_t>(segments.size()); ++sg) {
-        int64_t tokens = 0;
-        for (int64_t ci = segments[sg].first; ci < segments[sg].first + segments[sg].count; ++ci)
-          tokens += chunks[w0 + ci].n;
-        for (int64_t h = 0; h < Hv; ++h)
-          for (int64_t v0 = 0; v0 < V; v0 += Vb) {
-            const int64_t vb = std::min(Vb, V - v0);
-            // products per token: [w; qg] S, P v_new, k^T v_new
-            tasks.push_back({Task::kStatePass, sg, h, v0, vb, tokens * vb * (3 * K + C / 2)});
-          }
-      }
-    }
+    int64_t prepare_cost = 0;
     if (region < num_windows) {
       const int64_t w0 = region * window, wc = std::min(window, num_chunks - w0);
       for (int64_t ci = 0; ci < wc; ++ci) {
         const int64_t n = chunks[w0 + ci].n;
-        for (int64_t hk = 0; hk < Hk; ++hk)  // k k^T, q k^T; per value head Tm v, Tm kg, the inverse
+        for (int64_t hk = 0; hk < Hk; ++hk) {  // k k^T, q k^T; per value head Tm v, Tm kg, the inverse
           tasks.push_back({Task::kPrepare, ci, hk, 0, 0,
                            kPrepareWeight[bf16_gemm] * n * (n * K + ratio * (n * (K + V) / 2 + n * n / 6))});
+          prepare_cost += tasks.back().cost;
+        }
       }
+    }
+    int64_t Vb = V;
+    if (region > 0) {
+      const int64_t w0 = (region - 1) * window, wc = std::min(window, num_chunks - w0);
+      segments.clear();
+      for (int64_t ci = 0; ci < wc; ++ci) {
+        const ChunkRef& c = chunks[w0 + ci];
+        if (segments.empty() || segments.back().seq != c.seq)
+          segments.push_back({c.seq, ci, 0, 0, c.c0 == p.cu_seqlens[c.seq], false});
+        segments.back().count += 1;
+        segments.back().tokens += c.n;
+        segments.back().ends = c.c0 + c.n == p.cu_seqlens[c.seq + 1];
+      }
+      // products per token and state column: [w; qg] S, P v_new, k^T v_new
+      const int64_t per_column = 3 * K + C / 2;
+      int64_t pass_cost = 0, longest = 0;
+      for (const Segment& sg : segments) pass_cost += Hv * sg.tokens * V * per_column, longest = std::max(longest, sg.tokens);
+      // The fewest column blocks whose largest task fits one thread's share of the region: narrow
+      // blocks cost more than their share of the products (each re-reads the chunk's left
+      // operands and packs its own operands), and the preparation fills the other threads.
+      const double share = static_cast<double>(pass_cost + prepare_cost) / threads;
+      for (int64_t blocks = 1;; ++blocks) {
+        Vb = blocks == 1 ? V : ((V + blocks - 1) / blocks + kColumnBlock - 1) / kColumnBlock * kColumnBlock;
+        if (Vb <= kColumnBlock || static_cast<double>(longest) * Vb * per_column <= share) break;
+      }
+      for (int64_t sg = 0; sg < static_cast<int64_t>(segments.size()); ++sg)
+        for (int64_t h = 0; h < Hv; ++h)
+          for (int64_t v0 = 0; v0 < V; v0 += Vb) {
+            const int64_t vb = std::min(Vb, V - v0);
+            tasks.push_back({Task::kStatePass, sg, h, v0, vb, segments[sg].tokens * vb * per_column});
+          }
     }
     balance(tasks, threads, plan);
 
@@ -233,7 +244,7 @@ void chunk_parallel_kernel(const ChunkParams& p, bool bf16_gemm) {
           }
           for (int64_t ci = seg.first; ci < seg.first + seg.count; ++ci) {
             const ChunkRef& c = chunks[pass_w * window + ci];
-            chunk_state_step<TIn>(p, mm, s, h, c.c0, c.n, slot_of(pass_w, ci, h), S, vb, v0, vb, bf16_gemm);
+            chunk_state_step<TIn>(p, mm, s, h, c.c0, c.n, slot_of(pass_w, ci, h), S, vb, v0, vb, bf16_gemm, s.vo);
           }
           if (seg.ends) {
             for (int64_t r = 0; r < K; ++r) store_row(S + r * vb, state + r * V, vb);
