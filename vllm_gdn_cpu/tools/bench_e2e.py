@@ -272,12 +272,20 @@ def bench_e2e(args) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="gdn_e2e_") as tmp:
         model_dir = MODELS[args.model][0](Path(tmp), args.layers)
         for backend in args.backends.split(","):
-            for row in run_backend(backend, model_dir, args):
+            try:
+                backend_rows = run_backend(backend, model_dir, args)
+            except RuntimeError as error:
+                # e.g. vLLM's own CPU GDN path asserts bf16 ("CPU GDN attention requires BF16."):
+                # report why and go on with the other backends.
+                reason = next((line.strip() for line in reversed(str(error).splitlines())
+                               if "Error" in line), str(error).splitlines()[0])
+                backend_rows = [{"backend": backend, "batch": b, "failed": reason} for b in args.batches]
+            for row in backend_rows:
                 rows.append(row)
                 if not args.json:
                     print("  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                           flush=True)
-    by_key = {(r["backend"], r["batch"]): r for r in rows}
+    by_key = {(r["backend"], r["batch"]): r for r in rows if "failed" not in r}
     if not args.json:
         for b in args.batches:
             ours, theirs = by_key.get(("ours", b)), by_key.get(("vllm", b))
