@@ -116,4 +116,54 @@ inline at::Tensor per_head_f32(const at::Tensor& t, int64_t Hv, const char* op, 
   return t.to(at::kFloat).contiguous();
 }
 
+// Delta-rule operands (GDN, KDA): q, k [T, Hk, K] and v [T, Hv, V] of one float dtype. grouped: Hv is
+// a multiple of Hk (GDN's grouped value heads); otherwise Hv == Hk, written H (KDA).
+struct QKVShape {
+  int64_t T, Hk, Hv, K, V;
+  bool grouped;
+};
+inline QKVShape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op,
+                          bool grouped) {
+  check_dim(q, 3, op, "q", grouped ? "[T, Hk, K]" : "[T, H, K]");
+  check_dim(k, 3, op, "k", grouped ? "[T, Hk, K]" : "[T, H, K]");
+  check_dim(v, 3, op, "v", grouped ? "[T, Hv, V]" : "[T, H, V]");
+  check_shape(k, q.sizes(), op, "k");
+  const QKVShape s{q.size(0), q.size(1), v.size(1), q.size(2), v.size(2), grouped};
+  if (grouped) {
+    TORCH_CHECK_VALUE(v.size(0) == s.T, op, ": argument 'v' must have T=", s.T, " tokens like q, got shape ",
+                      v.sizes());
+  } else {
+    TORCH_CHECK_VALUE(v.size(0) == s.T && s.Hv == s.Hk, op, ": argument 'v' must have shape [", s.T, ", ", s.Hk,
+                      ", V] (q's tokens and heads), got ", v.sizes());
+  }
+  TORCH_CHECK_VALUE(s.Hk > 0 && s.K > 0 && s.V > 0, op, ": argument 'q'/'v' must have non-empty heads, got q ",
+                    q.sizes(), ", v ", v.sizes());
+  TORCH_CHECK_VALUE(s.Hv % s.Hk == 0, op, ": argument 'v' must have a number of heads (", s.Hv,
+                    ") that is a multiple of q/k's (", s.Hk, ")");
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+                   ": arguments 'q', 'k', 'v' must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
+                   ", ", v.scalar_type());
+  to_dtype(q, op, "q");
+  return s;
+}
+
+// out [T, Hv, V] in q's dtype.
+inline void check_out(const at::Tensor& out, const at::Tensor& q, const QKVShape& s, const char* op) {
+  check_dim(out, 3, op, "out", s.grouped ? "[T, Hv, V]" : "[T, H, V]");
+  check_shape(out, {s.T, s.Hv, s.V}, op, "out");
+  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), op, ": argument 'out' must have q's dtype ",
+                   q.scalar_type(), ", got ", out.scalar_type());
+}
+
+// The recurrent state pool [num_slots, Hv, K, V], contiguous within each slot.
+inline StatePool check_state(const at::Tensor& state, const QKVShape& s, const char* op) {
+  check_dim(state, 4, op, "state", s.grouped ? "[num_slots, Hv, K, V]" : "[num_slots, H, K, V]");
+  TORCH_CHECK_VALUE(state.size(1) == s.Hv && state.size(2) == s.K && state.size(3) == s.V, op,
+                    ": argument 'state' must have shape [num_slots, ", s.Hv, ", ", s.K, ", ", s.V, "], got ",
+                    state.sizes());
+  TORCH_CHECK_VALUE(state.stride(3) == 1 && state.stride(2) == s.V && state.stride(1) == s.K * s.V, op,
+                    ": argument 'state' must be contiguous within each slot, got strides ", state.strides());
+  return StatePool{state.data_ptr(), to_dtype(state, op, "state"), state.stride(0), state.size(0)};
+}
+
 }  // namespace gdn

@@ -11,47 +11,6 @@
 namespace gdn {
 namespace {
 
-// q, k [T, Hk, K] and v [T, Hv, V] of one float dtype; Hv a multiple of Hk.
-struct QKVShape {
-  int64_t T, Hk, Hv, K, V;
-};
-QKVShape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
-  check_dim(q, 3, op, "q", "[T, Hk, K]");
-  check_dim(k, 3, op, "k", "[T, Hk, K]");
-  check_dim(v, 3, op, "v", "[T, Hv, V]");
-  check_shape(k, q.sizes(), op, "k");
-  QKVShape s{q.size(0), q.size(1), v.size(1), q.size(2), v.size(2)};
-  TORCH_CHECK_VALUE(v.size(0) == s.T, op, ": argument 'v' must have T=", s.T, " tokens like q, got shape ",
-                    v.sizes());
-  TORCH_CHECK_VALUE(s.Hk > 0 && s.K > 0 && s.V > 0, op, ": argument 'q'/'v' must have non-empty heads, got q ",
-                    q.sizes(), ", v ", v.sizes());
-  TORCH_CHECK_VALUE(s.Hv % s.Hk == 0, op, ": argument 'v' must have a number of heads (", s.Hv,
-                    ") that is a multiple of q/k's (", s.Hk, ")");
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-                   ": arguments 'q', 'k', 'v' must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
-                   ", ", v.scalar_type());
-  to_dtype(q, op, "q");
-  return s;
-}
-
-void check_out(const at::Tensor& out, const at::Tensor& q, const QKVShape& s, const char* op) {
-  check_dim(out, 3, op, "out", "[T, Hv, V]");
-  check_shape(out, {s.T, s.Hv, s.V}, op, "out");
-  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), op, ": argument 'out' must have q's dtype ",
-                   q.scalar_type(), ", got ", out.scalar_type());
-}
-
-StatePool check_state(const at::Tensor& state, const QKVShape& s, const char* op) {
-  check_dim(state, 4, op, "state", "[num_slots, Hv, K, V]");
-  TORCH_CHECK_VALUE(state.size(1) == s.Hv && state.size(2) == s.K && state.size(3) == s.V, op,
-                    ": argument 'state' must have shape [num_slots, ", s.Hv, ", ", s.K, ", ", s.V, "], got ",
-                    state.sizes());
-  TORCH_CHECK_VALUE(state.stride(3) == 1 && state.stride(2) == s.V && state.stride(1) == s.K * s.V, op,
-                    ": argument 'state' must be contiguous within each slot, got strides ", state.strides());
-  return StatePool{state.data_ptr(), to_dtype(state, op, "state"), state.stride(0), state.size(0)};
-}
-
-
 // A per-head [Hv] parameter as fp32: the tensor's own data when it is fp32 and contiguous, else
 // converted into `buffer` (the checks of per_head_f32).
 const float* per_head_f32_ptr(const at::Tensor& t, int64_t Hv, const char* op, const char* name,
@@ -118,7 +77,7 @@ void chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& cu_seqlens, const std::optional<at::Tensor>& has_initial_state,
                             double scale, bool use_qk_l2norm, at::Tensor& out) {
   constexpr const char* op = "chunk_gated_delta_rule";
-  const QKVShape s = check_qkv(q, k, v, op);
+  const QKVShape s = check_qkv(q, k, v, op, /*grouped=*/true);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{g, "g"}, {beta, "beta"}}) {
     check_dim(t, 2, op, name, "[T, Hv]");
     check_shape(t, {s.T, s.Hv}, op, name);
@@ -152,7 +111,7 @@ void fused_recurrent_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, 
                                       bool use_qk_l2norm, bool allow_neg_eigval, double softplus_beta,
                                       double softplus_threshold, at::Tensor& out) {
   constexpr const char* op = "fused_recurrent_gated_delta_rule";
-  const QKVShape s = check_qkv(q, k, v, op);
+  const QKVShape s = check_qkv(q, k, v, op, /*grouped=*/true);
   check_out(out, q, s, op);
   // A_log / dt_bias as fp32 without a tensor op per call (bf16 ones converted here: at batch 1
   // two at::Tensor conversions were a third of the fixed cost of a call).

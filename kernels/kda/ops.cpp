@@ -10,44 +10,6 @@
 namespace gdn {
 namespace {
 
-// q, k [T, H, K] and v [T, H, V] of one float dtype (KDA has no grouped heads: Hk == Hv).
-struct KdaShape {
-  int64_t T, H, K, V;
-};
-KdaShape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
-  check_dim(q, 3, op, "q", "[T, H, K]");
-  check_dim(k, 3, op, "k", "[T, H, K]");
-  check_dim(v, 3, op, "v", "[T, H, V]");
-  check_shape(k, q.sizes(), op, "k");
-  const KdaShape s{q.size(0), q.size(1), q.size(2), v.size(2)};
-  TORCH_CHECK_VALUE(v.size(0) == s.T && v.size(1) == s.H, op, ": argument 'v' must have shape [", s.T, ", ", s.H,
-                    ", V] (q's tokens and heads), got ", v.sizes());
-  TORCH_CHECK_VALUE(s.H > 0 && s.K > 0 && s.V > 0, op, ": argument 'q'/'v' must have non-empty heads, got q ",
-                    q.sizes(), ", v ", v.sizes());
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-                   ": arguments 'q', 'k', 'v' must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
-                   ", ", v.scalar_type());
-  to_dtype(q, op, "q");
-  return s;
-}
-
-void check_out(const at::Tensor& out, const at::Tensor& q, const KdaShape& s, const char* op) {
-  check_dim(out, 3, op, "out", "[T, H, V]");
-  check_shape(out, {s.T, s.H, s.V}, op, "out");
-  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), op, ": argument 'out' must have q's dtype ",
-                   q.scalar_type(), ", got ", out.scalar_type());
-}
-
-StatePool check_state(const at::Tensor& state, const KdaShape& s, const char* op) {
-  check_dim(state, 4, op, "state", "[num_slots, H, K, V]");
-  TORCH_CHECK_VALUE(state.size(1) == s.H && state.size(2) == s.K && state.size(3) == s.V, op,
-                    ": argument 'state' must have shape [num_slots, ", s.H, ", ", s.K, ", ", s.V, "], got ",
-                    state.sizes());
-  TORCH_CHECK_VALUE(state.stride(3) == 1 && state.stride(2) == s.V && state.stride(1) == s.K * s.V, op,
-                    ": argument 'state' must be contiguous within each slot, got strides ", state.strides());
-  return StatePool{state.data_ptr(), to_dtype(state, op, "state"), state.stride(0), state.size(0)};
-}
-
 // A fp32 contiguous copy (or the tensor itself) of a 1-D parameter of n entries.
 at::Tensor vector_f32(const at::Tensor& t, int64_t n, const char* op, const char* name, const char* layout) {
   check_dim(t, 1, op, name, layout);
@@ -100,11 +62,11 @@ void chunk_kda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
                const at::Tensor& cu_seqlens, const std::optional<at::Tensor>& has_initial_state, double scale,
                bool use_qk_l2norm, at::Tensor& out) {
   constexpr const char* op = "chunk_kda";
-  const KdaShape s = check_qkv(q, k, v, op);
+  const QKVShape s = check_qkv(q, k, v, op, /*grouped=*/false);  // KDA: Hk == Hv, written H
   check_dim(g, 3, op, "g", "[T, H, K]");
-  check_shape(g, {s.T, s.H, s.K}, op, "g");
+  check_shape(g, {s.T, s.Hv, s.K}, op, "g");
   check_dim(beta, 2, op, "beta", "[T, H]");
-  check_shape(beta, {s.T, s.H}, op, "beta");
+  check_shape(beta, {s.T, s.Hv}, op, "beta");
   for (const at::Tensor* t : {&g, &beta}) {
     const char* name = t == &g ? "g" : "beta";
     TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": argument '", name, "' must be float32, got ",
@@ -117,7 +79,7 @@ void chunk_kda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   p.N = state_indices.size(0);
   p.cu_seqlens = check_cu_seqlens(cu_seqlens, p.N, s.T, op);
   if (has_initial_state.has_value()) p.has_initial_state = check_has_initial_state(*has_initial_state, p.N, op);
-  p.H = s.H, p.K = s.K, p.V = s.V;
+  p.H = s.Hv, p.K = s.K, p.V = s.V;
   p.q = mat3(q, op, "q"), p.k = mat3(k, op, "k"), p.v = mat3(v, op, "v"), p.out = mat3(out, op, "out");
   p.g = mat3(g, op, "g");
   p.beta = mat2(beta, op, "beta");
@@ -134,11 +96,11 @@ void fused_recurrent_kda(const at::Tensor& q, const at::Tensor& k, const at::Ten
                          const at::Tensor& state_indices, const std::optional<at::Tensor>& cu_seqlens, double scale,
                          bool use_qk_l2norm, std::optional<double> lower_bound, at::Tensor& out) {
   constexpr const char* op = "fused_recurrent_kda";
-  const KdaShape s = check_qkv(q, k, v, op);
+  const QKVShape s = check_qkv(q, k, v, op, /*grouped=*/false);  // KDA: Hk == Hv, written H
   check_out(out, q, s, op);
   at::Tensor A32, dt32;
   KdaParams p{};
-  p.gate = gate_params(A_log, f, b, dt_bias, lower_bound, s.T, s.H, s.K, A32, dt32, op);
+  p.gate = gate_params(A_log, f, b, dt_bias, lower_bound, s.T, s.Hv, s.K, A32, dt32, op);
   p.state = check_state(state, s, op);
   p.state_indices = check_state_indices(state_indices, p.state.num_slots, op);
   p.N = state_indices.size(0);
@@ -150,7 +112,7 @@ void fused_recurrent_kda(const at::Tensor& q, const at::Tensor& k, const at::Ten
     TORCH_CHECK_VALUE(p.N <= s.T, op, ": argument 'state_indices' has N=", p.N,
                       " entries but there are only T=", s.T, " tokens (one token per sequence without cu_seqlens)");
   }
-  p.H = s.H, p.K = s.K, p.V = s.V;
+  p.H = s.Hv, p.K = s.K, p.V = s.V;
   p.q = mat3(q, op, "q"), p.k = mat3(k, op, "k"), p.v = mat3(v, op, "v"), p.out = mat3(out, op, "out");
   p.scale = static_cast<float>(scale);
   p.use_qk_l2norm = use_qk_l2norm;
