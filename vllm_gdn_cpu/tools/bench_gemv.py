@@ -9,7 +9,7 @@ dtype, as in a model). Weights are cold: every timed pass walks a pool of distin
 than three times the last-level cache the kernel reports (bench.COLD_STATE_BYTES), one call per
 weight, as a model's layers do; GB/s counts the weight bytes read once per call, and % is of the
 in-place stream bandwidth measured in the same run (bench.stream_gbps, which counts its read and
-its write). The implementations' passes alternate (best of --repeat rounds), so drift on a loaded
+its write) and of the read-only bandwidth (``read_gbps``: a projection only reads its weights). The implementations' passes alternate (best of --repeat rounds), so drift on a loaded
 machine reaches all of them alike. vLLM's handlers are built the way its CPU linear layers build
 them (``create_onednn_mm(weight.t())``, one per weight of the pool, their packed copies included).
 With ``--cpu-time`` each row also gets one-thread figures by CPU time (ours, torch's, vLLM's, and
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_gdn_cpu import ops
-from vllm_gdn_cpu.tools.bench import COLD_STATE_BYTES, print_row, stream_gbps
+from vllm_gdn_cpu.tools.bench import COLD_STATE_BYTES, best_time, print_row, stream_gbps
 
 DEFAULT_SHAPES = "12352x1024,1024x4096,64x1024"  # Qwen3-Next qkvz+ba fused, out_proj, ba (hidden 1024)
 
@@ -72,9 +72,20 @@ def _one_thread(fn):
     return run
 
 
+def read_gbps(repeat: int = 3) -> float:
+    """Read-only bandwidth: the better of torch's sum and dot (x with itself: each line read once)
+    over a cold fp32 buffer as large as the weight pools. A projection only reads its weights, while
+    the in-place stream probe counts its reads and its writes; on the 2-core VM measured a pure read
+    moved about half the in-place figure's bytes (sum 24, dot 27 of an in-place 53 GB/s)."""
+    x = torch.ones(COLD_STATE_BYTES // 4)
+    t = min(best_time(lambda: x.sum(), repeat), best_time(lambda: torch.dot(x, x), repeat))
+    return x.numel() * 4 / t / 1e9
+
+
 def bench_gemv(args) -> list[dict]:
     vl = None if args.no_vllm else _vllm_onednn()
     bw = stream_gbps()
+    read_bw = read_gbps()
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     ms = [int(m) for m in args.ms.split(",")]
     rows = []
@@ -105,12 +116,14 @@ def bench_gemv(args) -> list[dict]:
                 times = _time_side_by_side(fns, count, args.repeat)
                 row = {"N": N, "K": K, "M": M, "weight_dtype": wname, "threads": torch.get_num_threads(),
                        "isa": ops.runtime_info()["isa"], "gemm": ops.runtime_info()["gemm"],
-                       "pool_weights": count, "pool_mib": count * wbytes / 2**20, "stream_gbps": bw}
+                       "pool_weights": count, "pool_mib": count * wbytes / 2**20, "stream_gbps": bw,
+                       "read_gbps": read_bw}
                 for name, t in times.items():
                     gbps = wbytes * count / t / 1e9
                     row[f"{name}_us"] = t / count * 1e6
                     row[f"{name}_gbps"] = gbps
                     row[f"{name}_pct_of_stream"] = 100 * gbps / bw
+                    row[f"{name}_pct_of_read"] = 100 * gbps / read_bw
                 for name in times:
                     if name != "ours":
                         row[f"speedup_vs_{name}"] = times[name] / times["ours"]
