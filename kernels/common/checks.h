@@ -6,6 +6,7 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "common/params.h"
@@ -94,6 +95,21 @@ inline const int32_t* check_cu_seqlens(const at::Tensor& cu, int64_t N, int64_t 
   return p;
 }
 
+// The token rows of a recurrent (decode-style) call over N sequences: with cu_seqlens (checked,
+// stored in *cu) the sequences' own lengths, else one token per sequence (*cu = nullptr). Returns
+// how many leading rows of the T tokens the sequences cover.
+inline int64_t check_recurrent_sequences(const std::optional<at::Tensor>& cu_seqlens, int64_t N, int64_t T,
+                                         const char* op, const int32_t** cu) {
+  if (cu_seqlens.has_value()) {
+    *cu = check_cu_seqlens(*cu_seqlens, N, T, op);
+    return (*cu)[N];
+  }
+  TORCH_CHECK_VALUE(N <= T, op, ": argument 'state_indices' has N=", N, " entries but there are only T=", T,
+                    " tokens (one token per sequence without cu_seqlens)");
+  *cu = nullptr;
+  return N;
+}
+
 inline const bool* check_has_initial_state(const at::Tensor& h, int64_t N, const char* op) {
   check_dim(h, 1, op, "has_initial_state", "[N]");
   check_shape(h, {N}, op, "has_initial_state");
@@ -155,15 +171,22 @@ inline void check_out(const at::Tensor& out, const at::Tensor& q, const QKVShape
                    q.scalar_type(), ", got ", out.scalar_type());
 }
 
-// The recurrent state pool [num_slots, Hv, K, V], contiguous within each slot.
-inline StatePool check_state(const at::Tensor& state, const QKVShape& s, const char* op) {
-  check_dim(state, 4, op, "state", s.grouped ? "[num_slots, Hv, K, V]" : "[num_slots, H, K, V]");
-  TORCH_CHECK_VALUE(state.size(1) == s.Hv && state.size(2) == s.K && state.size(3) == s.V, op,
-                    ": argument 'state' must have shape [num_slots, ", s.Hv, ", ", s.K, ", ", s.V, "], got ",
+// A recurrent state pool [num_slots, heads, rows, cols] (layout names the dims for messages),
+// contiguous within each slot; every family's states are such pools.
+inline StatePool check_state_pool(const at::Tensor& state, int64_t heads, int64_t rows, int64_t cols,
+                                  const char* layout, const char* op) {
+  check_dim(state, 4, op, "state", layout);
+  TORCH_CHECK_VALUE(state.size(1) == heads && state.size(2) == rows && state.size(3) == cols, op,
+                    ": argument 'state' must have shape [num_slots, ", heads, ", ", rows, ", ", cols, "], got ",
                     state.sizes());
-  TORCH_CHECK_VALUE(state.stride(3) == 1 && state.stride(2) == s.V && state.stride(1) == s.K * s.V, op,
+  TORCH_CHECK_VALUE(state.stride(3) == 1 && state.stride(2) == cols && state.stride(1) == rows * cols, op,
                     ": argument 'state' must be contiguous within each slot, got strides ", state.strides());
   return StatePool{state.data_ptr(), to_dtype(state, op, "state"), state.stride(0), state.size(0)};
+}
+
+// The delta rule's state pool [num_slots, Hv, K, V].
+inline StatePool check_state(const at::Tensor& state, const QKVShape& s, const char* op) {
+  return check_state_pool(state, s.Hv, s.K, s.V, s.grouped ? "[num_slots, Hv, K, V]" : "[num_slots, H, K, V]", op);
 }
 
 }  // namespace gdn

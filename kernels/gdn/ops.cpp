@@ -123,14 +123,7 @@ void fused_recurrent_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, 
   p.state = check_state(state, s, op);
   p.state_indices = check_state_indices(state_indices, p.state.num_slots, op);
   p.N = state_indices.size(0);
-  int64_t covered = p.N;
-  if (cu_seqlens.has_value()) {
-    p.cu_seqlens = check_cu_seqlens(*cu_seqlens, p.N, s.T, op);
-    covered = p.cu_seqlens[p.N];
-  } else {
-    TORCH_CHECK_VALUE(p.N <= s.T, op, ": argument 'state_indices' has N=", p.N,
-                      " entries but there are only T=", s.T, " tokens (one token per sequence without cu_seqlens)");
-  }
+  const int64_t covered = check_recurrent_sequences(cu_seqlens, p.N, s.T, op, &p.cu_seqlens);
   p.Hk = s.Hk, p.Hv = s.Hv, p.K = s.K, p.V = s.V;
   p.q = mat3(q, op, "q"), p.k = mat3(k, op, "k"), p.v = mat3(v, op, "v"), p.out = mat3(out, op, "out");
   p.scale = static_cast<float>(scale);

@@ -51,13 +51,7 @@ Shape check_inputs(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& 
 }
 
 StatePool check_state(const at::Tensor& state, const Shape& s, const char* op) {
-  check_dim(state, 4, op, "state", "[num_slots, H, P, N]");
-  TORCH_CHECK_VALUE(state.size(1) == s.H && state.size(2) == s.P && state.size(3) == s.Nst, op,
-                    ": argument 'state' must have shape [num_slots, ", s.H, ", ", s.P, ", ", s.Nst, "], got ",
-                    state.sizes());
-  TORCH_CHECK_VALUE(state.stride(3) == 1 && state.stride(2) == s.Nst && state.stride(1) == s.P * s.Nst, op,
-                    ": argument 'state' must be contiguous within each slot, got strides ", state.strides());
-  return StatePool{state.data_ptr(), to_dtype(state, op, "state"), state.stride(0), state.size(0)};
+  return check_state_pool(state, s.H, s.P, s.Nst, "[num_slots, H, P, N]", op);
 }
 
 // Fills everything but the sequence layout (state_indices, cu_seqlens, checkpoints).
