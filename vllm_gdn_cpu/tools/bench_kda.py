@@ -25,7 +25,6 @@ import torch
 
 from vllm_gdn_cpu import ops, reference
 from vllm_gdn_cpu.tools.bench import (
-    COLD_STATE_BYTES,
     add_roofline,
     best_time,
     gemm_peaks,
@@ -34,7 +33,14 @@ from vllm_gdn_cpu.tools.bench import (
     print_row,
     stream_gbps,
 )
-from vllm_gdn_cpu.tools.bench_mamba2 import CPU_TIME_HELP, best_cpu_time_1t, matmul_peak_1t
+from vllm_gdn_cpu.tools.bench_mamba2 import (
+    CPU_TIME_HELP,
+    best_cpu_time_1t,
+    cold_state_pools,
+    cpu_time_cold_decode,
+    matmul_peak_1t,
+    time_cold_decode,
+)
 
 CHUNK = 64
 
@@ -135,10 +141,8 @@ def bench_kda_decode(args) -> list[dict]:
             out = torch.empty_like(v)
             for sdt_name in args.state_dtypes.split(","):
                 sdt = getattr(torch, sdt_name)
-                layer_bytes = (batch + 1) * s.H * s.K * s.V * sdt.itemsize
-                layers = args.layers or max(8, -(-COLD_STATE_BYTES // layer_bytes))
-                pools = [torch.zeros(batch + 1, s.H, s.K, s.V, dtype=sdt) for _ in range(layers)]
-                moved = 2 * batch * s.H * s.K * s.V * sdt.itemsize
+                pools, moved = cold_state_pools(batch, (s.H, s.K, s.V), sdt, args.layers)
+                layers = len(pools)
 
                 def ours():
                     for pool in pools:
@@ -146,10 +150,7 @@ def bench_kda_decode(args) -> list[dict]:
 
                 row = {"model": model, "batch": batch, "dtype": args.dtype, "state_dtype": sdt_name,
                        "layers": layers, "threads": torch.get_num_threads(), "stream_gbps": bw}
-                t = best_time(ours, args.repeat) / layers
-                row["ours_us_per_layer"] = t * 1e6
-                row["ours_gbps"] = moved / t / 1e9
-                row["ours_pct_of_stream"] = 100 * row["ours_gbps"] / bw
+                t = time_cold_decode(row, ours, layers, moved, bw, args.repeat)
                 if not args.no_ref:
                     def torch_ref():
                         for pool in pools[:2]:
@@ -159,13 +160,7 @@ def bench_kda_decode(args) -> list[dict]:
                     row["torch_ref_us_per_layer"] = tr * 1e6
                     row["speedup_vs_torch_ref"] = tr / t
                 if args.cpu_time:  # one thread, CPU time, vs stream_scale_ over as many bytes
-                    flat = [torch.zeros(moved // 8) for _ in range(layers)]
-                    t1 = best_cpu_time_1t(ours, args.repeat) / layers
-                    ts1 = best_cpu_time_1t(lambda: [ops.stream_scale_(x, 1.0) for x in flat], args.repeat) / layers
-                    row["ours_1t_cpu_gbps"] = moved / t1 / 1e9
-                    row["stream_1t_cpu_gbps"] = moved / ts1 / 1e9
-                    row["ours_1t_pct_of_stream"] = 100 * ts1 / t1
-                    del flat
+                    cpu_time_cold_decode(row, ours, layers, moved, args.repeat)
                 rows.append(row)
                 print_row(row, args)
                 del pools

@@ -103,6 +103,42 @@ def best_cpu_time_1t(fn, repeat: int) -> float:
         torch._C.set_num_threads(saved)
 
 
+def cold_state_pools(batch: int, slot_shape: tuple, state_dtype: torch.dtype, layers: int | None):
+    """State pools for a decode benchmark over cold states: `layers` pools (by default as many as
+    exceed COLD_STATE_BYTES, at least 8) of batch + 1 slots of `slot_shape` (slot 0: vLLM's null
+    block, never named). Returns (pools, bytes one decode of the batch moves per pool: each state
+    read and written once)."""
+    numel = 1
+    for n in slot_shape:
+        numel *= n
+    layer_bytes = (batch + 1) * numel * state_dtype.itemsize
+    layers = layers or max(8, -(-COLD_STATE_BYTES // layer_bytes))
+    pools = [torch.zeros(batch + 1, *slot_shape, dtype=state_dtype) for _ in range(layers)]
+    return pools, 2 * batch * numel * state_dtype.itemsize
+
+
+def time_cold_decode(row: dict, ours, layers: int, moved: int, bw: float, repeat: int) -> float:
+    """Times ours() (one call per pool) into row: per layer, GB/s moved, % of the stream `bw`.
+    Returns the time per layer."""
+    t = best_time(ours, repeat) / layers
+    row["ours_us_per_layer"] = t * 1e6
+    row["ours_gbps"] = moved / t / 1e9
+    row["ours_pct_of_stream"] = 100 * row["ours_gbps"] / bw
+    return t
+
+
+def cpu_time_cold_decode(row: dict, ours, layers: int, moved: int, repeat: int) -> float:
+    """ours() on one thread by CPU time against stream_scale_ over as many bytes, into row. Returns
+    ours' one-thread CPU time per layer."""
+    flat = [torch.zeros(moved // 8) for _ in range(layers)]
+    t1 = best_cpu_time_1t(ours, repeat) / layers
+    ts1 = best_cpu_time_1t(lambda: [ops.stream_scale_(f, 1.0) for f in flat], repeat) / layers
+    row["ours_1t_cpu_gbps"] = moved / t1 / 1e9
+    row["stream_1t_cpu_gbps"] = moved / ts1 / 1e9
+    row["ours_1t_pct_of_stream"] = 100 * ts1 / t1
+    return t1
+
+
 def matmul_peak_1t(dtype: torch.dtype, n: int = 1024, repeat: int = 5) -> float:
     """GFLOP/s of torch's n x n matmul in dtype on one thread, by CPU time (best_cpu_time_1t)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
@@ -216,10 +252,8 @@ def bench_mamba2_decode(args) -> list[dict]:
             out = torch.empty_like(x)
             for sdt_name in args.state_dtypes.split(","):
                 sdt = getattr(torch, sdt_name)
-                layer_bytes = (batch + 1) * s.H * s.P * s.N * sdt.itemsize
-                layers = args.layers or max(8, -(-COLD_STATE_BYTES // layer_bytes))
-                pools = [torch.zeros(batch + 1, s.H, s.P, s.N, dtype=sdt) for _ in range(layers)]
-                moved = 2 * batch * s.H * s.P * s.N * sdt.itemsize
+                pools, moved = cold_state_pools(batch, (s.H, s.P, s.N), sdt, args.layers)
+                layers = len(pools)
 
                 def ours():
                     for pool in pools:
@@ -227,10 +261,7 @@ def bench_mamba2_decode(args) -> list[dict]:
 
                 row = {"model": model, "batch": batch, "dtype": args.dtype, "state_dtype": sdt_name,
                        "layers": layers, "threads": torch.get_num_threads(), "stream_gbps": bw}
-                t = best_time(ours, args.repeat) / layers
-                row["ours_us_per_layer"] = t * 1e6
-                row["ours_gbps"] = moved / t / 1e9
-                row["ours_pct_of_stream"] = 100 * row["ours_gbps"] / bw
+                t = time_cold_decode(row, ours, layers, moved, bw, args.repeat)
                 if vl is not None:
                     A_v = A[:, None, None].expand(s.H, s.P, s.N)
                     dt_v = dt[:, :, None].expand(batch, s.H, s.P)
@@ -256,13 +287,7 @@ def bench_mamba2_decode(args) -> list[dict]:
                     row["torch_ref_us_per_layer"] = tr * 1e6
                     row["speedup_vs_torch_ref"] = tr / t
                 if args.cpu_time:  # one thread, CPU time, vs stream_scale_ over as many bytes
-                    flat = [torch.zeros(moved // 8) for _ in range(layers)]
-                    t1 = best_cpu_time_1t(ours, args.repeat) / layers
-                    ts1 = best_cpu_time_1t(lambda: [ops.stream_scale_(f, 1.0) for f in flat], args.repeat) / layers
-                    row["ours_1t_cpu_gbps"] = moved / t1 / 1e9
-                    row["stream_1t_cpu_gbps"] = moved / ts1 / 1e9
-                    row["ours_1t_pct_of_stream"] = 100 * ts1 / t1
-                    del flat
+                    t1 = cpu_time_cold_decode(row, ours, layers, moved, args.repeat)
                     if "vllm_us_per_layer" in row:
                         row["speedup_vs_vllm_1t_cpu"] = best_cpu_time_1t(vllm, args.repeat) / layers / t1
                 rows.append(row)
