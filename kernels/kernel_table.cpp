@@ -17,6 +17,8 @@ void gated_rms_norm(const GatedRmsNormParams&);
 void kda_gate(const KdaGateParams&);
 void chunk_kda(const KdaParams&);
 void fused_recurrent_kda(const KdaParams&);
+void mamba1_selective_scan(const Mamba1Params&);
+void mamba1_state_update(const Mamba1Params&);
 
 #define GDN_STR2(x) #x
 #define GDN_STR(x) GDN_STR2(x)
@@ -29,7 +31,8 @@ const KernelTable& kernel_table() {
   static const KernelTable table{GDN_STR(GDN_ISA), kHasBF16Gemm, &gdn_gating, &fused_recurrent, &chunk_gated_delta_rule,
                                  &causal_conv1d, &stream_scale, &gemm_probe,
                                  &mamba2_chunk_scan, &mamba2_state_update, &linear, &gated_rms_norm,
-                                 &kda_gate, &chunk_kda, &fused_recurrent_kda};
+                                 &kda_gate, &chunk_kda, &fused_recurrent_kda,
+                                 &mamba1_selective_scan, &mamba1_state_update};
   return table;
 }
 

@@ -50,6 +50,19 @@ void mamba2_state_update(const at::Tensor& x, const at::Tensor& dt, const at::Te
                          const at::Tensor& state_indices, const std::optional<at::Tensor>& z, bool dt_softplus,
                          double dt_min, double dt_max, at::Tensor& out);
 
+// Mamba-1 selective scan: varlen prefill and one-token decode (kernels/mamba1/ops.cpp).
+void mamba1_selective_scan(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                           const at::Tensor& C, const std::optional<at::Tensor>& D,
+                           const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& dt_bias,
+                           at::Tensor& state, const at::Tensor& state_indices, const at::Tensor& cu_seqlens,
+                           const std::optional<at::Tensor>& has_initial_state, bool dt_softplus,
+                           const std::optional<at::Tensor>& checkpoint_offsets,
+                           const std::optional<at::Tensor>& checkpoint_slots, at::Tensor& out);
+void mamba1_state_update(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                         const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                         const std::optional<at::Tensor>& dt_bias, at::Tensor& state, const at::Tensor& state_indices,
+                         bool dt_softplus, at::Tensor& out);
+
 // Small-batch linear engine and gated RMSNorm (kernels/common/linear_ops.cpp).
 void small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   at::Tensor& out);

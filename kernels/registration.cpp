@@ -34,6 +34,13 @@ TORCH_LIBRARY(vllm_gdn_cpu, m) {
       "mamba2_state_update(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? dt_bias, "
       "Tensor(a!) state, Tensor state_indices, Tensor? z, bool dt_softplus, float dt_min, float dt_max, "
       "Tensor(b!) out) -> ()");
+  m.def(
+      "mamba1_selective_scan(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+      "Tensor? dt_bias, Tensor(a!) state, Tensor state_indices, Tensor cu_seqlens, Tensor? has_initial_state, "
+      "bool dt_softplus, Tensor? checkpoint_offsets, Tensor? checkpoint_slots, Tensor(b!) out) -> ()");
+  m.def(
+      "mamba1_state_update(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+      "Tensor? dt_bias, Tensor(a!) state, Tensor state_indices, bool dt_softplus, Tensor(b!) out) -> ()");
   m.def("small_linear(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_path_counts() -> int[]");
@@ -61,6 +68,8 @@ TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CPU, m) {
   m.impl("gdn_decode_step", &gdn::gdn_decode_step);
   m.impl("mamba2_chunk_scan", &gdn::mamba2_chunk_scan);
   m.impl("mamba2_state_update", &gdn::mamba2_state_update);
+  m.impl("mamba1_selective_scan", &gdn::mamba1_selective_scan);
+  m.impl("mamba1_state_update", &gdn::mamba1_state_update);
   m.impl("small_linear", &gdn::small_linear);
   m.impl("linear", &gdn::linear);
   m.impl("gated_rms_norm", &gdn::gated_rms_norm);

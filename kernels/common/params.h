@@ -193,6 +193,23 @@ struct KdaParams {
   GemmBackend gemm;                 // chunk only
 };
 
+// Mamba-1 selective scan (kernels/mamba1/): Dm channels with per-channel A [Dm, Nst], one B/C row
+// per token shared by every channel, state [slots, Dm, Nst].
+struct Mamba1Params {
+  int64_t N, Dm, Nst;                 // sequences, channels (d_inner), d_state
+  Mat2 x, dt, B, C, z, out;           // x/dt/z/out [T, Dm], B/C [T, Nst]; z.data null if absent
+  const float* A;                     // [Dm, Nst] fp32 contiguous
+  const float* D;                     // [Dm] fp32 or nullptr
+  const float* dt_bias;               // [Dm] fp32 or nullptr
+  bool dt_softplus;                   // dt = softplus(dt + dt_bias) (threshold 20)
+  StatePool state;                    // [slots, Dm, Nst]
+  const int32_t* state_indices;       // [N], < 0: padding
+  const int32_t* cu_seqlens;          // [N+1] (prefill; decode: sequence i is token i)
+  const bool* has_initial_state;      // [N] or nullptr (all true)
+  const int32_t* checkpoint_offsets;  // [N] or nullptr: o > 0 also writes the state after o tokens
+  const int32_t* checkpoint_slots;    //   into slot checkpoint_slots[i]
+};
+
 // One entry per compiled ISA (kernels/common/runtime.cpp picks one at run time).
 struct KernelTable {
   const char* isa;
@@ -211,6 +228,8 @@ struct KernelTable {
   void (*kda_gate)(const KdaGateParams&);
   void (*chunk_kda)(const KdaParams&);
   void (*fused_recurrent_kda)(const KdaParams&);
+  void (*mamba1_selective_scan)(const Mamba1Params&);
+  void (*mamba1_state_update)(const Mamba1Params&);
 };
 
 }  // namespace gdn

@@ -16,6 +16,7 @@ from vllm_gdn_cpu.ops.gdn import (
     gdn_gating,
 )
 from vllm_gdn_cpu.ops.mamba2 import mamba2_chunk_scan, mamba2_state_update
+from vllm_gdn_cpu.ops.mamba1 import selective_scan, selective_state_update
 from vllm_gdn_cpu.ops.prefill_schedule import PREFILL_SCHEDULE_ENV, prefill_schedule_counts
 from vllm_gdn_cpu.ops.linear import (
     LINEAR_MAX_M_ENV,
@@ -32,6 +33,7 @@ __all__ = [
     "causal_conv1d",
     "gdn_gating", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "gdn_decode_step",
     "mamba2_chunk_scan", "mamba2_state_update",
+    "selective_scan", "selective_state_update",
     "PREFILL_SCHEDULE_ENV", "prefill_schedule_counts",
     "LINEAR_MAX_M_ENV", "small_linear", "linear", "linear_path_counts", "reset_linear_path_counts",
     "gated_rms_norm",
