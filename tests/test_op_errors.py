@@ -249,3 +249,109 @@ def test_mamba2_state_update_rejects(m2, case):
     with pytest.raises(exc, match=message):
         m2_update(m2, **override(m2, 2))
     assert torch.equal(m2.state, before)
+
+
+# ----------------------------------------------------------------------------- Mamba-1
+
+
+@pytest.fixture
+def m1():
+    from mamba1_cases import make_m1
+
+    return make_m1([5, 3], 37, 16, torch.float32, torch.float32)
+
+
+def m1_scan(m, **over):
+    args = dict(x=m.x, dt=m.dt, A=m.A, B=m.B, C=m.C, D=m.D, z=m.z, dt_bias=m.dt_bias, state=m.state,
+                state_indices=m.state_indices, cu_seqlens=m.cu_seqlens)
+    args.update(over)
+    return ops.selective_scan(**args)
+
+
+def m1_update(m, **over):
+    args = dict(x=m.x[:2], dt=m.dt[:2], A=m.A, B=m.B[:2], C=m.C[:2], D=m.D, z=m.z[:2], dt_bias=m.dt_bias,
+                state=m.state, state_indices=m.state_indices)
+    args.update(over)
+    return ops.selective_state_update(**args)
+
+
+M1_COMMON_CASES = [
+    ("x dims", lambda m, n: dict(x=m.x[:n, None]), ValueError, "'x' must be 2-D"),
+    ("x dtype", lambda m, n: dict(x=m.x[:n].double()), TypeError, "'x' must be float32"),
+    ("x stride", lambda m, n: dict(x=m.x[:n].t().contiguous().t()), ValueError,
+     "'x' must be contiguous in its last dim"),
+    ("x empty", lambda m, n: dict(x=m.x[:n, :0]), ValueError, "'x' must have at least one channel"),
+    ("dt shape", lambda m, n: dict(dt=m.dt[:n, :3]), ValueError, "'dt' must have shape"),
+    ("dt dtype", lambda m, n: dict(dt=m.dt[:n].double()), TypeError, "'dt' must be float32"),
+    ("dt stride", lambda m, n: dict(dt=m.dt[:n].t().contiguous().t()), ValueError,
+     "'dt' must be contiguous in its last dim"),
+    ("A shape", lambda m, n: dict(A=m.A[:5]), ValueError, "'A' must have shape \\[Dm=37, N\\]"),
+    ("A dims", lambda m, n: dict(A=m.A[:, 0]), ValueError, "'A' must be 2-D"),
+    ("B tokens", lambda m, n: dict(B=m.B[: n - 1]), ValueError, "'B' must have shape"),
+    ("C d_state", lambda m, n: dict(C=m.C[:n, :8]), ValueError, "'C' must have shape"),
+    ("B dtype", lambda m, n: dict(B=m.B[:n].bfloat16()), TypeError, "'B' must have x's dtype Float or float32, got BFloat16"),
+    ("C stride", lambda m, n: dict(C=m.C[:n].t().contiguous().t()), ValueError,
+     "'C' must be contiguous in its last dim"),
+    ("z shape", lambda m, n: dict(z=m.z[:n, :2]), ValueError, "'z' must have shape"),
+    ("z dtype", lambda m, n: dict(z=m.z[:n].bfloat16()), TypeError, "'z' must have x's dtype"),
+    ("D shape", lambda m, n: dict(D=m.D[:3]), ValueError, "'D' must have shape"),
+    ("dt_bias dtype", lambda m, n: dict(dt_bias=m.dt_bias.int()), TypeError, "'dt_bias' must be float32"),
+    ("state shape", lambda m, n: dict(state=m.state[:, :, :8]), ValueError, "'state' must have shape"),
+    ("state dims", lambda m, n: dict(state=m.state[:, None]), ValueError, "'state' must be 3-D"),
+    ("state layout", lambda m, n: dict(state=m.state.transpose(1, 2).contiguous().transpose(1, 2)), ValueError,
+     "'state' must be contiguous within each slot"),
+    ("state dtype", lambda m, n: dict(state=m.state.double()), TypeError, "'state' must be float32"),
+    ("idx range", lambda m, n: dict(state_indices=torch.tensor([1, 99], **I32)), IndexError,
+     "'state_indices' has 99 at position 1"),
+    ("idx dup", lambda m, n: dict(state_indices=torch.tensor([3, 3], **I32)), ValueError,
+     "names slot 3 more than once"),
+    ("idx dtype", lambda m, n: dict(state_indices=m.state_indices.long()), TypeError, "'state_indices' must be int32"),
+    ("out dtype", lambda m, n: dict(out=torch.empty(n, 37, dtype=torch.bfloat16)), TypeError,
+     "'out' must have x's dtype"),
+    ("out shape", lambda m, n: dict(out=torch.empty(n, 36)), ValueError, "'out' must have shape"),
+]
+
+M1_SCAN_CASES = M1_COMMON_CASES + [
+    ("cu len", lambda m, n: dict(cu_seqlens=m.cu_seqlens[:2]), ValueError, "'cu_seqlens' must have N\\+1=3"),
+    ("cu end", lambda m, n: dict(cu_seqlens=torch.tensor([0, 5, 9], **I32)), ValueError, "beyond T=8"),
+    ("has_init", lambda m, n: dict(has_initial_state=torch.tensor([1, 0])), TypeError,
+     "'has_initial_state' must be bool"),
+    ("ckpt alone", lambda m, n: dict(checkpoint_slots=torch.tensor([0, 2], **I32)), ValueError,
+     "'checkpoint_offsets' and 'checkpoint_slots' must be given together"),
+    ("ckpt dtype", lambda m, n: dict(checkpoint_offsets=torch.tensor([1, 1]), checkpoint_slots=torch.tensor(
+        [0, 2], **I32)), TypeError, "'checkpoint_offsets' must be int32"),
+    ("ckpt beyond len", lambda m, n: dict(checkpoint_offsets=torch.tensor([1, 4], **I32), checkpoint_slots=torch.tensor(
+        [0, 2], **I32)), ValueError, "'checkpoint_offsets' has 4 at position 1, outside \\[0, 3\\]"),
+    ("ckpt slot range", lambda m, n: dict(checkpoint_offsets=torch.tensor([1, 1], **I32),
+                                          checkpoint_slots=torch.tensor([0, 50], **I32)), IndexError,
+     "'checkpoint_slots' has 50 at position 1"),
+    ("ckpt slot in idx", lambda m, n: dict(checkpoint_offsets=torch.tensor([1, 1], **I32),
+                                           checkpoint_slots=torch.tensor([0, 1], **I32)), ValueError,
+     "'checkpoint_slots' names slot 1 at position 1, which is in state_indices"),
+    ("ckpt slot dup", lambda m, n: dict(checkpoint_offsets=torch.tensor([1, 1], **I32),
+                                        checkpoint_slots=torch.tensor([0, 0], **I32)), ValueError,
+     "which is another checkpoint's slot"),
+]
+
+M1_UPDATE_CASES = M1_COMMON_CASES + [
+    ("seq count", lambda m, n: dict(state_indices=torch.tensor([1], **I32)), ValueError,
+     "'state_indices' must have one entry per sequence"),
+]
+
+
+@pytest.mark.parametrize("case", M1_SCAN_CASES, ids=[c[0] for c in M1_SCAN_CASES])
+def test_mamba1_selective_scan_rejects(m1, case):
+    _, override, exc, message = case
+    before = m1.state.clone()
+    with pytest.raises(exc, match=message):
+        m1_scan(m1, **override(m1, 8))
+    assert torch.equal(m1.state, before)
+
+
+@pytest.mark.parametrize("case", M1_UPDATE_CASES, ids=[c[0] for c in M1_UPDATE_CASES])
+def test_mamba1_selective_state_update_rejects(m1, case):
+    _, override, exc, message = case
+    before = m1.state.clone()
+    with pytest.raises(exc, match=message):
+        m1_update(m1, **override(m1, 2))
+    assert torch.equal(m1.state, before)

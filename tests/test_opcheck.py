@@ -65,6 +65,28 @@ def test_opcheck_mamba2_state_update():
     )
 
 
+def test_opcheck_mamba1_selective_scan():
+    from mamba1_cases import make_m1
+
+    p = make_m1([70, 5], 37, 16, torch.bfloat16, torch.float32, extra_slots=4)
+    torch.library.opcheck(
+        torch.ops.vllm_gdn_cpu.mamba1_selective_scan.default,
+        (p.x, p.dt, p.A, p.B, p.C, p.D, p.z, p.dt_bias, p.state, p.state_indices, p.cu_seqlens,
+         torch.tensor([True, False]), True, torch.tensor([64, 5], dtype=torch.int32),
+         torch.tensor([0, 2], dtype=torch.int32), torch.empty_like(p.x)),
+    )
+
+
+def test_opcheck_mamba1_state_update():
+    from mamba1_cases import make_m1
+
+    p = make_m1([1, 1, 1], 37, 16, torch.float32, torch.bfloat16, with_z=False)
+    torch.library.opcheck(
+        torch.ops.vllm_gdn_cpu.mamba1_state_update.default,
+        (p.x, p.dt, p.A, p.B, p.C, p.D, None, p.dt_bias, p.state, p.state_indices, True, torch.empty_like(p.x)),
+    )
+
+
 def test_opcheck_small_linear():
     x, w, b = torch.randn(3, 40), torch.randn(7, 40).bfloat16(), torch.randn(7)
     torch.library.opcheck(torch.ops.vllm_gdn_cpu.small_linear.default, (x, w, b, torch.empty(3, 7)))
