@@ -15,7 +15,8 @@ Two hooks, both supported out-of-tree extension points of vLLM 0.32:
    state layout but runs our CPU forward.
    ``OlmoHybridGatedDeltaNetAttention`` (OLMo-hybrid) is a PluggableLayer too and is replaced the
    same way (``vllm_gdn_cpu.layers.olmo``), and so is Mamba2's ``MambaMixer2``
-   (``vllm_gdn_cpu.layers.mamba2``, which keeps vLLM's MAMBA2 backend and metadata).
+   (``vllm_gdn_cpu.layers.mamba2``, which keeps vLLM's MAMBA2 backend and metadata), and Mamba-1's
+   ``MambaMixer`` (``vllm_gdn_cpu.layers.mamba1``, keeping vLLM's MAMBA1 backend and metadata).
 2. ``register_backend(MambaAttentionBackendEnum.GDN_ATTN, ..., is_mamba=True)``
    (v1/attention/backends/registry.py): points the existing GDN_ATTN member at our backend class,
    whose ``get_name()`` is ``GDN_CPU``. We override the member rather than adding a new
@@ -43,6 +44,9 @@ REPLACED_OLMO_LAYER = "OlmoHybridGatedDeltaNetAttention"
 # Mamba2 layers (Mamba2, Granite-4.0-H, NemotronH, Falcon-H1, ...): vllm_gdn_cpu.layers.mamba2.
 # They keep vLLM's MAMBA2 attention backend (its metadata builder is plain torch).
 REPLACED_MAMBA2_LAYER = "MambaMixer2"
+# Mamba-1 layers (Mamba, FalconMamba, Jamba; no CPU path in vLLM 0.32): vllm_gdn_cpu.layers.mamba1.
+# They keep vLLM's MAMBA1 attention backend (plain torch metadata).
+REPLACED_MAMBA1_LAYER = "MambaMixer"
 
 _activated = False
 
@@ -87,6 +91,7 @@ def _register_layer() -> None:
     from vllm.model_executor.custom_op import PluggableLayer, op_registry_oot
 
     from vllm_gdn_cpu.layers.gdn import GDNCPUQwenGatedDeltaNetAttention
+    from vllm_gdn_cpu.layers.mamba1 import GDNCPUMambaMixer
     from vllm_gdn_cpu.layers.mamba2 import GDNCPUMambaMixer2
     from vllm_gdn_cpu.layers.olmo import GDNCPUOlmoHybridGatedDeltaNetAttention
 
@@ -94,6 +99,7 @@ def _register_layer() -> None:
         REPLACED_LAYER: GDNCPUQwenGatedDeltaNetAttention,
         REPLACED_OLMO_LAYER: GDNCPUOlmoHybridGatedDeltaNetAttention,
         REPLACED_MAMBA2_LAYER: GDNCPUMambaMixer2,
+        REPLACED_MAMBA1_LAYER: GDNCPUMambaMixer,
     }
     # Check all before registering any: refusing must leave vLLM unchanged.
     for name, ours in replacements.items():
@@ -109,12 +115,13 @@ def _register_layer() -> None:
 
 
 # vLLM model files (vllm.model_executor.models.<name>) whose state layers (mamba-type layers) are
-# all ours: QwenGatedDeltaNetAttention, OlmoHybridGatedDeltaNetAttention or MambaMixer2, whose
-# kernels take fp32, bf16 and fp16 states. Models with other state layers (Mamba-1, KDA, short
-# conv, ...) keep vLLM's decision.
+# all ours: QwenGatedDeltaNetAttention, OlmoHybridGatedDeltaNetAttention, MambaMixer2 or MambaMixer
+# (Mamba-1: mamba.py also serves FalconMamba), whose kernels take fp32, bf16 and fp16 states.
+# Models with other state layers (KDA, short conv, ...) keep vLLM's decision.
 OUR_STATE_MODEL_FILES = frozenset({
     "qwen3_next", "qwen3_5", "olmo_hybrid",
     "mamba2", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2",
+    "mamba", "jamba",
 })
 REQUESTABLE_STATE_DTYPES = ("bfloat16", "float16")
 
