@@ -39,6 +39,7 @@ def pristine_registries(monkeypatch):
     op_registry_oot.pop(plugin.REPLACED_LAYER, None)
     op_registry_oot.pop(plugin.REPLACED_OLMO_LAYER, None)
     op_registry_oot.pop(plugin.REPLACED_MAMBA2_LAYER, None)
+    op_registry_oot.pop(plugin.REPLACED_KDA_LAYER, None)
     op_registry_oot.pop(plugin.REPLACED_MAMBA1_LAYER, None)
     _MAMBA_ATTN_OVERRIDES.pop(GDN_ATTN, None)
     monkeypatch.setattr(plugin, "_activated", False)
@@ -59,6 +60,7 @@ def assert_inactive() -> None:
     assert plugin.REPLACED_LAYER not in op_registry_oot
     assert plugin.REPLACED_OLMO_LAYER not in op_registry_oot
     assert plugin.REPLACED_MAMBA2_LAYER not in op_registry_oot
+    assert plugin.REPLACED_KDA_LAYER not in op_registry_oot
     assert plugin.REPLACED_MAMBA1_LAYER not in op_registry_oot
     assert not GDN_ATTN.is_overridden()
     assert GDN_ATTN.get_class() is GDNAttentionBackend
@@ -88,6 +90,14 @@ def assert_active() -> None:
 
     assert op_registry_oot[plugin.REPLACED_MAMBA2_LAYER] is GDNCPUMambaMixer2
     assert type(MambaMixer2.__new__(MambaMixer2)) is GDNCPUMambaMixer2
+    from vllm.model_executor.layers.mamba.gdn.kimi_gdn_linear_attn import KimiGatedDeltaNetAttention
+
+    from vllm_gdn_cpu.layers.kda import GDNCPUKimiGatedDeltaNetAttention
+
+    assert op_registry_oot[plugin.REPLACED_KDA_LAYER] is GDNCPUKimiGatedDeltaNetAttention
+    assert type(KimiGatedDeltaNetAttention.__new__(KimiGatedDeltaNetAttention)) is (
+        GDNCPUKimiGatedDeltaNetAttention
+    )
     from vllm.model_executor.layers.mamba.mamba_mixer import MambaMixer
 
     from vllm_gdn_cpu.layers.mamba1 import GDNCPUMambaMixer

@@ -17,6 +17,8 @@ Two hooks, both supported out-of-tree extension points of vLLM 0.32:
    same way (``vllm_gdn_cpu.layers.olmo``), and so is Mamba2's ``MambaMixer2``
    (``vllm_gdn_cpu.layers.mamba2``, which keeps vLLM's MAMBA2 backend and metadata), and Mamba-1's
    ``MambaMixer`` (``vllm_gdn_cpu.layers.mamba1``, keeping vLLM's MAMBA1 backend and metadata).
+   ``KimiGatedDeltaNetAttention`` (Kimi-Linear's KDA layers) likewise (``vllm_gdn_cpu.layers.kda``,
+   keeping the GDN_ATTN backend and metadata).
 2. ``register_backend(MambaAttentionBackendEnum.GDN_ATTN, ..., is_mamba=True)``
    (v1/attention/backends/registry.py): points the existing GDN_ATTN member at our backend class,
    whose ``get_name()`` is ``GDN_CPU``. We override the member rather than adding a new
@@ -44,6 +46,8 @@ REPLACED_OLMO_LAYER = "OlmoHybridGatedDeltaNetAttention"
 # Mamba2 layers (Mamba2, Granite-4.0-H, NemotronH, Falcon-H1, ...): vllm_gdn_cpu.layers.mamba2.
 # They keep vLLM's MAMBA2 attention backend (its metadata builder is plain torch).
 REPLACED_MAMBA2_LAYER = "MambaMixer2"
+# Kimi Delta Attention layers (Kimi-Linear; Triton-only in vLLM 0.32): vllm_gdn_cpu.layers.kda.
+REPLACED_KDA_LAYER = "KimiGatedDeltaNetAttention"
 # Mamba-1 layers (Mamba, FalconMamba, Jamba; no CPU path in vLLM 0.32): vllm_gdn_cpu.layers.mamba1.
 # They keep vLLM's MAMBA1 attention backend (plain torch metadata).
 REPLACED_MAMBA1_LAYER = "MambaMixer"
@@ -91,6 +95,7 @@ def _register_layer() -> None:
     from vllm.model_executor.custom_op import PluggableLayer, op_registry_oot
 
     from vllm_gdn_cpu.layers.gdn import GDNCPUQwenGatedDeltaNetAttention
+    from vllm_gdn_cpu.layers.kda import GDNCPUKimiGatedDeltaNetAttention
     from vllm_gdn_cpu.layers.mamba1 import GDNCPUMambaMixer
     from vllm_gdn_cpu.layers.mamba2 import GDNCPUMambaMixer2
     from vllm_gdn_cpu.layers.olmo import GDNCPUOlmoHybridGatedDeltaNetAttention
@@ -99,6 +104,7 @@ def _register_layer() -> None:
         REPLACED_LAYER: GDNCPUQwenGatedDeltaNetAttention,
         REPLACED_OLMO_LAYER: GDNCPUOlmoHybridGatedDeltaNetAttention,
         REPLACED_MAMBA2_LAYER: GDNCPUMambaMixer2,
+        REPLACED_KDA_LAYER: GDNCPUKimiGatedDeltaNetAttention,
         REPLACED_MAMBA1_LAYER: GDNCPUMambaMixer,
     }
     # Check all before registering any: refusing must leave vLLM unchanged.
