@@ -21,7 +21,7 @@ namespace GDN_ISA {
 namespace {
 
 constexpr int64_t kChunk = 64;      // tokens per chunk
-constexpr int64_t kMaxBlocks = 4;   // channel blocks per task (64 fp32 channels: 4 lines per row)
+constexpr int64_t kMaxBlocks = 16;  // channel blocks per task
 constexpr int64_t kRowsAhead = 8;   // token rows prefetched this far ahead
 
 // The recurrence of one block over n tokens. dl / ux: [n, W] step sizes and dt x (y overwrites
@@ -39,10 +39,10 @@ inline void scan_block(int64_t n, int64_t Ns_rt, const float* dl, float* ux, con
       const float *b = Bf + i * kN, *c = Cf + i * kN;
       vfloat acc0{}, acc1{};
       for (int k = 0; k < kN; k += 2) {
-        hv[k] = vexp(d * vload(At + k * W)) * hv[k] + u * b[k];
+        hv[k] = mamba1::vexp_decay(d * vload(At + k * W)) * hv[k] + u * b[k];
         acc0 += hv[k] * c[k];
         if (k + 1 < kN) {
-          hv[k + 1] = vexp(d * vload(At + (k + 1) * W)) * hv[k + 1] + u * b[k + 1];
+          hv[k + 1] = mamba1::vexp_decay(d * vload(At + (k + 1) * W)) * hv[k + 1] + u * b[k + 1];
           acc1 += hv[k + 1] * c[k + 1];
         }
       }
@@ -56,15 +56,15 @@ inline void scan_block(int64_t n, int64_t Ns_rt, const float* dl, float* ux, con
       vfloat acc0{}, acc1{};
       int64_t k = 0;
       for (; k + 2 <= Ns; k += 2) {
-        const vfloat h0 = vexp(d * vload(At + k * W)) * vload(h + k * W) + u * b[k];
-        const vfloat h1 = vexp(d * vload(At + (k + 1) * W)) * vload(h + (k + 1) * W) + u * b[k + 1];
+        const vfloat h0 = mamba1::vexp_decay(d * vload(At + k * W)) * vload(h + k * W) + u * b[k];
+        const vfloat h1 = mamba1::vexp_decay(d * vload(At + (k + 1) * W)) * vload(h + (k + 1) * W) + u * b[k + 1];
         vstore(h + k * W, h0);
         vstore(h + (k + 1) * W, h1);
         acc0 += h0 * c[k];
         acc1 += h1 * c[k + 1];
       }
       if (k < Ns) {
-        const vfloat h0 = vexp(d * vload(At + k * W)) * vload(h + k * W) + u * b[k];
+        const vfloat h0 = mamba1::vexp_decay(d * vload(At + k * W)) * vload(h + k * W) + u * b[k];
         vstore(h + k * W, h0);
         acc0 += h0 * c[k];
       }
@@ -134,13 +134,15 @@ void scan_kernel(const Mamba1Params& p) {
           mamba1::load_any(mamba1::any_row(p.C, pos + i), p.C.dtype, Cf + i * Ns, Ns);
         }
         const int64_t dt_size = mamba1::dtype_size(p.dt.dtype), dt_row_bytes = p.dt.row_stride * dt_size;
+        const int64_t x_bytes = (c1 - c0) * static_cast<int64_t>(sizeof(TIn));
         for (int64_t i = 0; i < n; ++i) {
           const int64_t t = pos + i;
           const TIn* x = mamba1::row<const TIn>(p.x, t);
           const char* dtr = static_cast<const char*>(mamba1::any_row(p.dt, t));
-          if (i + kRowsAhead < n) {
-            __builtin_prefetch(mamba1::row<const TIn>(p.x, t + kRowsAhead) + c0, 0, 3);
-            __builtin_prefetch(dtr + kRowsAhead * dt_row_bytes + c0 * dt_size, 0, 3);
+          if (i + kRowsAhead < n) {  // the task's part of the rows kRowsAhead tokens on (one page each)
+            prefetch_rows<3>(mamba1::row<const TIn>(p.x, t + kRowsAhead) + c0, 0, 1, x_bytes);
+            prefetch_rows<3>(dtr + kRowsAhead * dt_row_bytes + c0 * dt_size, 0, 1, (c1 - c0) * dt_size);
+            if (p.z.data) prefetch_rows<3>(mamba1::row<const TIn>(p.z, t + kRowsAhead) + c0, 0, 1, x_bytes);
           }
           for (int64_t b = 0; b < nb; ++b) {
             const int64_t d0 = c0 + b * W, nd = std::min(W, c1 - d0), o = (b * kChunk + i) * W;

@@ -25,13 +25,13 @@ inline vfloat update_row(TS* row, const float* A, const float* B, const float* C
   vfloat acc{};
   int64_t i = 0;
   for (; i + kVecWidth <= Ns; i += kVecWidth) {
-    const vfloat h = vexp(dv * vload(A + i)) * vload_float(row + i) + xv * vload(B + i);
+    const vfloat h = mamba1::vexp_decay(dv * vload(A + i)) * vload_float(row + i) + xv * vload(B + i);
     vstore_float(row + i, h);
     acc += h * vload(C + i);
   }
   if (i < Ns) {
     const int64_t n = Ns - i;
-    const vfloat h = vexp(dv * mamba1::load_part(A + i, n)) * mamba1::load_part(row + i, n) + xv * vload(B + i);
+    const vfloat h = mamba1::vexp_decay(dv * mamba1::load_part(A + i, n)) * mamba1::load_part(row + i, n) + xv * vload(B + i);
     mamba1::store_part(row + i, h, n);
     acc += h * vload(C + i);
   }
