@@ -8,6 +8,7 @@
     python -m vllm_gdn_cpu.tools.bench e2e [--batches 1,16] [--tp 2]        (inside vLLM: ours vs built-in)
     python -m vllm_gdn_cpu.tools.bench mamba2-prefill | mamba2-decode ...   (Mamba2 SSD: tools/bench_mamba2.py)
     python -m vllm_gdn_cpu.tools.bench kda-prefill | kda-decode ...         (KDA / Kimi-Linear: tools/bench_kda.py)
+    python -m vllm_gdn_cpu.tools.bench mamba1-prefill | mamba1-decode ...   (Mamba-1 selective scan: tools/bench_mamba1.py)
     python -m vllm_gdn_cpu.tools.bench gemv [--shapes NxK,...] [--ms 1,4,16]  (projections: tools/bench_gemv.py)
 
 Every figure comes from the same process and the same run: rates of each implementation, their
@@ -628,6 +629,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     from vllm_gdn_cpu.tools import bench_kda
 
     bench_kda.add_parsers(sub, common)
+    from vllm_gdn_cpu.tools import bench_mamba1
+
+    bench_mamba1.add_parsers(sub, common)
     from vllm_gdn_cpu.tools import bench_gemv
 
     bench_gemv.add_parser(sub, common)
@@ -650,6 +654,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows = bench_mamba2.run(args)
     elif args.mode.startswith("kda-"):
         rows = bench_kda.run(args)
+    elif args.mode.startswith("mamba1-"):
+        rows = bench_mamba1.run(args)
     elif args.mode == "gemv":
         rows = bench_gemv.bench_gemv(args)
     else:

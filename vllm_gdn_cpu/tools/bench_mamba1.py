@@ -1,0 +1,173 @@
+"""Mamba-1 selective-scan benchmarks: ours vs the plain-torch reference, side by side.
+
+    python -m vllm_gdn_cpu.tools.bench mamba1-prefill [--models mamba-2.8b,...] [--workloads T2048,8x256] [--cpu-time]
+    python -m vllm_gdn_cpu.tools.bench mamba1-decode  [--models ...] [--batches 1,16,64] [--state-dtypes ...]
+
+vLLM 0.32 has no CPU op for either (its MambaMixer calls ``torch.ops._C.selective_scan_fwd``, which
+no CPU build has, and its CPU ``selective_state_update`` takes only Mamba2's 4-D state), so there is
+no vLLM column: the comparison is the plain-torch token loop of ``vllm_gdn_cpu.reference.mamba1``
+(fp32).
+Prefill: tokens/s per layer, and "updates" = tokens x Dm x N state updates per second (each one
+exp(dt A), two FMAs and a product with C: the scan is bound by its exps, not by memory or GEMMs).
+Decode: ``layers`` state pools stepped in turn (cold states, as in a model); GB/s counts the state
+read and written once per step, % of the in-place stream (bench.stream_gbps). A [Dm, N] fp32 is also
+read per call (as large as one fp32 state: at batch 1 it adds half the state's traffic, from cache
+when the layer's A stays there; not counted).
+With ``--cpu-time`` each row also gets one-thread figures by CPU time (prefill: ours and the
+reference; decode: ours against stream_scale_ over as many bytes), which a machine shared with other
+work distorts far less than wall time on all threads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_gdn_cpu import ops, reference
+from vllm_gdn_cpu.tools.bench import best_time, print_row, stream_gbps
+from vllm_gdn_cpu.tools.bench_mamba2 import (
+    CPU_TIME_HELP,
+    best_cpu_time_1t,
+    cold_state_pools,
+    cpu_time_cold_decode,
+    time_cold_decode,
+)
+
+NO_VLLM = ("vLLM 0.32 has no CPU selective scan (MambaMixer needs torch.ops._C.selective_scan_fwd; its CPU "
+           "selective_state_update takes Mamba2's 4-D state only): ours vs the plain-torch reference")
+
+
+@dataclass(frozen=True)
+class M1Shape:
+    name: str
+    Dm: int  # d_inner (per TP rank)
+    N: int   # d_state
+
+
+MODELS = {
+    "mamba-2.8b": M1Shape("mamba-2.8b", 5120, 16),
+    "mamba-130m": M1Shape("mamba-130m", 1536, 16),
+    "falcon-mamba-7b": M1Shape("falcon-mamba-7b", 8192, 16),
+}
+
+WORKLOADS = {"T512": [512], "T2048": [2048], "8x256": [256] * 8, "16x128": [128] * 16}
+
+
+def _weights(s: M1Shape, gen: torch.Generator):
+    """A as a trained Mamba's (S4D-real init -(n+1), spread per channel), D, dt_bias."""
+    A = -(torch.arange(1, s.N + 1, dtype=torch.float32)[None, :] * torch.exp(0.5 * torch.randn(s.Dm, 1, generator=gen)))
+    return A, torch.ones(s.Dm), 0.5 * torch.randn(s.Dm, generator=gen) - 2.0
+
+
+def _prefill_inputs(s: M1Shape, seqlens: list[int], dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(0)
+    T, Nseq = sum(seqlens), len(seqlens)
+    x, z, dt = (torch.randn(T, s.Dm, generator=gen).to(dtype) for _ in range(3))
+    B, C = (torch.randn(T, s.N, generator=gen).to(dtype) for _ in range(2))
+    A, D, dt_bias = _weights(s, gen)
+    state = torch.zeros(Nseq + 1, s.Dm, s.N)  # slot 0: vLLM's null block
+    idx = torch.arange(1, Nseq + 1, dtype=torch.int32)
+    cu = torch.zeros(Nseq + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(seqlens).cumsum(0)
+    return x, dt, A, B, C, D, z, dt_bias, state, idx, cu
+
+
+def bench_mamba1_prefill(args) -> list[dict]:
+    dtype = getattr(torch, args.dtype)
+    if not args.json:
+        print(f"# {NO_VLLM}", flush=True)
+    rows = []
+    for model in args.models.split(","):
+        s = MODELS[model]
+        for wl in args.workloads.split(","):
+            seqlens = WORKLOADS[wl]
+            T = sum(seqlens)
+            x, dt, A, B, C, D, z, dt_bias, state, idx, cu = _prefill_inputs(s, seqlens, dtype)
+            out = torch.empty_like(x)
+
+            def ours():
+                ops.selective_scan(x, dt, A, B, C, D, z, dt_bias, state, idx, cu, out=out)
+
+            def torch_ref():
+                reference.selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, state, idx, cu)
+
+            row = {"model": model, "workload": wl, "tokens": T, "dtype": args.dtype,
+                   "threads": torch.get_num_threads()}
+            t = best_time(ours, args.repeat)
+            row["ours_tok_s"] = T / t
+            row["ours_gupdates_s"] = T * s.Dm * s.N / t / 1e9
+            if not args.no_ref and T <= args.ref_max_tokens:
+                tr = best_time(torch_ref, 1, 0)
+                row["torch_ref_tok_s"] = T / tr
+                row["speedup_vs_torch_ref"] = tr / t
+            if args.cpu_time:  # one thread, CPU time: robust to a loaded machine
+                t1 = best_cpu_time_1t(ours, args.repeat)
+                row["ours_1t_cpu_tok_s"] = T / t1
+                row["ours_1t_cpu_gupdates_s"] = T * s.Dm * s.N / t1 / 1e9
+                if not args.no_ref and T <= args.ref_max_tokens:
+                    row["speedup_vs_torch_ref_1t_cpu"] = best_cpu_time_1t(torch_ref, 1) / t1
+            rows.append(row)
+            print_row(row, args)
+    return rows
+
+
+def bench_mamba1_decode(args) -> list[dict]:
+    dtype = getattr(torch, args.dtype)
+    if not args.json:
+        print(f"# {NO_VLLM}", flush=True)
+    bw = stream_gbps()
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for model in args.models.split(","):
+        s = MODELS[model]
+        A, D, dt_bias = _weights(s, gen)
+        for batch in [int(b) for b in args.batches.split(",")]:
+            x, z, dt = (torch.randn(batch, s.Dm, generator=gen).to(dtype) for _ in range(3))
+            B, C = (torch.randn(batch, s.N, generator=gen).to(dtype) for _ in range(2))
+            idx = torch.arange(1, batch + 1, dtype=torch.int32)  # slot 0: vLLM's null block
+            out = torch.empty_like(x)
+            for sdt_name in args.state_dtypes.split(","):
+                sdt = getattr(torch, sdt_name)
+                pools, moved = cold_state_pools(batch, (s.Dm, s.N), sdt, args.layers)
+                layers = len(pools)
+
+                def ours():
+                    for pool in pools:
+                        ops.selective_state_update(x, dt, A, B, C, D, z, dt_bias, pool, idx, out=out)
+
+                row = {"model": model, "batch": batch, "dtype": args.dtype, "state_dtype": sdt_name,
+                       "layers": layers, "threads": torch.get_num_threads(), "stream_gbps": bw}
+                t = time_cold_decode(row, ours, layers, moved, bw, args.repeat)
+                if not args.no_ref:
+                    def torch_ref():
+                        for pool in pools[:2]:
+                            reference.selective_state_update_ref(x, dt, A, B, C, D, z, dt_bias, pool, idx)
+
+                    tr = best_time(torch_ref, 1, 0) / 2
+                    row["torch_ref_us_per_layer"] = tr * 1e6
+                    row["speedup_vs_torch_ref"] = tr / t
+                if args.cpu_time:  # one thread, CPU time, vs stream_scale_ over as many bytes
+                    cpu_time_cold_decode(row, ours, layers, moved, args.repeat)
+                rows.append(row)
+                print_row(row, args)
+    return rows
+
+
+def add_parsers(sub, common) -> None:
+    p = sub.add_parser("mamba1-prefill", parents=[common], help="Mamba-1 selective scan prefill, tokens/s per layer")
+    p.add_argument("--models", default="mamba-2.8b", help=f"of {', '.join(MODELS)}")
+    p.add_argument("--workloads", default="T2048,8x256", help=f"of {', '.join(WORKLOADS)}")
+    p.add_argument("--ref-max-tokens", type=int, default=2048, help="skip the slow torch reference above this")
+    p.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
+    d = sub.add_parser("mamba1-decode", parents=[common], help="Mamba-1 decode step over cold states")
+    d.add_argument("--models", default="mamba-2.8b", help=f"of {', '.join(MODELS)}")
+    d.add_argument("--batches", default="1,16,64")
+    d.add_argument("--layers", type=int, default=0,
+                   help="state pools stepped in turn (default: at least 8 and 512 MiB of state)")
+    d.add_argument("--state-dtypes", default="float32,bfloat16")
+    d.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
+
+
+def run(args) -> list[dict]:
+    return bench_mamba1_prefill(args) if args.mode == "mamba1-prefill" else bench_mamba1_decode(args)
