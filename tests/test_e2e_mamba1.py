@@ -22,6 +22,7 @@ engine's agreement with HF fp32 is printed and held to a floor.
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -33,6 +34,7 @@ from vllm import SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
 from test_e2e_qwen3_next import agreement, gdn_cpu_llm, hf_argmax_along  # noqa: E402
+from test_scale_out import omp_bind_two_ranks  # noqa: E402
 
 from vllm_gdn_cpu import ops  # noqa: E402
 from vllm_gdn_cpu.layers import common  # noqa: E402
@@ -79,6 +81,19 @@ def model_dirs(tmp_path_factory):
     def get(kind: str):
         if kind not in cache:
             cache[kind] = build_tiny_mamba1(kind, tmp_path_factory.mktemp(f"tiny-{kind}"))
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def hf_reference(model_dirs):
+    """kind -> (HF fp32 model, its greedy continuations of PROMPTS), computed once per module."""
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            cache[kind] = hf_greedy(model_dirs(kind), PROMPTS)
         return cache[kind]
 
     return get
@@ -156,7 +171,8 @@ def core_calls(monkeypatch) -> list[dict]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_prefix_caching_float32_matches_hf_and_bfloat16_close(kind, model_dirs, call_counts, core_calls):
+def test_prefix_caching_float32_matches_hf_and_bfloat16_close(kind, model_dirs, hf_reference, call_counts,
+                                                              core_calls):
     """fp32 engine: greedy tokens identical to HF fp32 for every prompt, with the scheduling cases
     (chunked prefill continuing from a state, decode beside prefill, two cache hits) checked to have
     occurred. bf16 engine (bf16 weights and conv state; vLLM keeps fp32 SSM states on AVX512-BF16
@@ -166,7 +182,7 @@ def test_prefix_caching_float32_matches_hf_and_bfloat16_close(kind, model_dirs, 
     Jamba's smallest), so bf16 rounding of weights and activations flips some near-ties; a wrong
     state would instead leave agreement at chance (1/512)."""
     model_dir = model_dirs(kind)
-    hf_model, want = hf_greedy(model_dir, PROMPTS)
+    hf_model, want = hf_reference(kind)
     with gdn_cpu_llm(model_dir, "float32", **ENGINE_ARGS) as llm:
         tokens, cached = run_rounds(llm, ROUNDS)
     print(f"{kind}: cached tokens per prompt {cached}")
@@ -192,6 +208,20 @@ def test_prefix_caching_float32_matches_hf_and_bfloat16_close(kind, model_dirs, 
     print(f"{kind} bf16 vs HF fp32: greedy agreement {free:.2f}, teacher-forced {forced:.2f}, cached {cached16}")
     assert cached16[3] > 0, cached16
     assert forced >= MIN_BF16_AGREEMENT
+
+
+def test_tensor_parallel_2_matches_hf(model_dirs, hf_reference):
+    """FalconMamba with tensor_parallel_size=2 (each rank holds half the channels: conv, A, D,
+    dt_proj and the states are split, x_proj's partial sums are all-reduced inside our core op),
+    prefix caching on: greedy tokens identical to HF fp32, cache hit."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("tensor parallelism on CPU needs one core per rank (fewer than 2 allowed CPUs)")
+    _, want = hf_reference("falcon_mamba")
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": omp_bind_two_ranks()}
+    with gdn_cpu_llm(model_dirs("falcon_mamba"), "float32", env=env, tensor_parallel_size=2, **ENGINE_ARGS) as llm:
+        tokens, cached = run_rounds(llm, ROUNDS)
+    assert tokens == want
+    assert cached[3] > 0, cached
 
 
 def test_vllm_own_cpu_path_cannot_run_mamba1():
