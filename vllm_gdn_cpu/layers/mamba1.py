@@ -139,25 +139,27 @@ class GDNCPUMambaMixer(CPUConvWeights, MambaMixer):
         device = projected_states.device
 
         # One conv call over decode rows (length-1 sequences continuing from their state) and
-        # prefill rows (continuing where has_initial_states_p).
-        slots_d = cu_d = slots_p = cu_p = None
-        slots, cus, has_initial = [], [], []
+        # prefill rows (continuing where has_initial_states_p); concatenated only in mixed steps.
+        slots_d = slots_p = cu_p = None
         if num_decodes > 0:
             slots_d = _slots(metadata.state_indices_tensor_d[:num_decodes, 0])
             cu_d = torch.arange(num_decodes + 1, dtype=torch.int32, device=device)
-            slots.append(slots_d)
-            cus.append(cu_d[:-1])
-            has_initial.append(torch.ones(num_decodes, dtype=torch.bool, device=device))
         if num_prefills > 0:
             slots_p = _slots(metadata.state_indices_tensor_p[:num_prefills])
             cu_p = metadata.query_start_loc_p.to(torch.int32)
-            slots.append(slots_p)
-            cus.append(cu_p[:-1] + num_decode_tokens)
-            has_initial.append(metadata.has_initial_states_p)
-        cu_all = torch.cat(cus + [torch.tensor([num_tokens], dtype=torch.int32, device=device)])
+        if num_prefills == 0:
+            slots, cu, has_initial = slots_d, cu_d, None  # None: every row continues
+        elif num_decodes == 0:
+            slots, cu, has_initial = slots_p, cu_p, metadata.has_initial_states_p
+        else:
+            slots = torch.cat([slots_d, slots_p])
+            cu = torch.cat([cu_d[:-1], cu_p + num_decode_tokens])
+            has_initial = torch.cat([
+                torch.ones(num_decodes, dtype=torch.bool, device=device), metadata.has_initial_states_p
+            ])
         conv_out = ops.causal_conv1d(
-            x, self._conv_weight_for_ops(), self.conv1d.bias, conv_state, torch.cat(slots), cu_all,
-            has_initial_state=torch.cat(has_initial), silu=CONV_ACTIVATIONS[self.activation],
+            x, self._conv_weight_for_ops(), self.conv1d.bias, conv_state, slots, cu,
+            has_initial_state=has_initial, silu=CONV_ACTIVATIONS[self.activation],
         )
 
         # vLLM's x_proj / norms / dt_proj (channel-major view of a token-major dt: undone here).
