@@ -35,7 +35,10 @@ GDN_ATTN = MambaAttentionBackendEnum.GDN_ATTN
 
 @pytest.fixture
 def pristine_registries(monkeypatch):
+    from vllm import ModelRegistry
+
     saved_layers, saved_backends = dict(op_registry_oot), dict(_MAMBA_ATTN_OVERRIDES)
+    saved_models = dict(ModelRegistry.models)
     op_registry_oot.pop(plugin.REPLACED_LAYER, None)
     op_registry_oot.pop(plugin.REPLACED_OLMO_LAYER, None)
     op_registry_oot.pop(plugin.REPLACED_MAMBA2_LAYER, None)
@@ -50,6 +53,8 @@ def pristine_registries(monkeypatch):
     ):
         registry.clear()
         registry.update(saved)
+    ModelRegistry.models.clear()
+    ModelRegistry.models.update(saved_models)
 
 
 def registry_state() -> tuple:
@@ -98,6 +103,10 @@ def assert_active() -> None:
     assert type(KimiGatedDeltaNetAttention.__new__(KimiGatedDeltaNetAttention)) is (
         GDNCPUKimiGatedDeltaNetAttention
     )
+    from vllm import ModelRegistry
+
+    kimi = ModelRegistry.models["KimiLinearForCausalLM"]  # MLA layers on vLLM's CPU MLA layer
+    assert (kimi.module_name, kimi.class_name) == ("vllm_gdn_cpu.layers.kimi_linear", "CPUKimiLinearForCausalLM")
     from vllm.model_executor.layers.mamba.mamba_mixer import MambaMixer
 
     from vllm_gdn_cpu.layers.mamba1 import GDNCPUMambaMixer

@@ -69,6 +69,7 @@ def register() -> None:
     _check_platform()
     _register_layer()  # first: the step that can refuse (another plugin's layer), before any change
     _register_backend()
+    _register_models()
     _keep_requested_state_dtype()
     _activated = True
 
@@ -89,6 +90,26 @@ def _register_backend() -> None:
     from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum, register_backend
 
     register_backend(MambaAttentionBackendEnum.GDN_ATTN, BACKEND_CLASS_PATH, is_mamba=True)
+
+
+# Kimi-Linear's MLA layers and its GEMM-RS/AR setup are GPU-only in vLLM 0.32: the architecture is
+# served by vLLM's own model class built with CPU pieces (vllm_gdn_cpu.layers.kimi_linear).
+REPLACED_MODELS = {
+    "KimiLinearForCausalLM": "vllm_gdn_cpu.layers.kimi_linear:CPUKimiLinearForCausalLM",
+}
+
+
+def _register_models() -> None:
+    """``ModelRegistry.register_model`` (vLLM's extension point for out-of-tree model classes), lazily
+    by module path; skipped where already ours (register() may run several times)."""
+    from vllm import ModelRegistry
+
+    for arch, path in REPLACED_MODELS.items():
+        module, _, cls = path.partition(":")
+        registered = ModelRegistry.models.get(arch)
+        if getattr(registered, "module_name", None) == module and getattr(registered, "class_name", None) == cls:
+            continue
+        ModelRegistry.register_model(arch, path)
 
 
 def _register_layer() -> None:
