@@ -95,9 +95,10 @@ def reference_sequence(mixer, x, gate, conv_state, ssm_state, has_init):
     return y, conv[0], ssm[0]
 
 
+@pytest.mark.parametrize("step", ["mixed", "decode_only", "prefill_only"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("dim_first", [False, True], ids=["SD", "DS"])
-def test_forward_core_decode_and_prefill(monkeypatch, dim_first, dtype):
+def test_forward_core_decode_and_prefill(monkeypatch, dim_first, dtype, step):
     monkeypatch.setattr(layer_module, "is_conv_state_dim_first", lambda: dim_first)
     generator = torch.Generator().manual_seed(0)
     mixer = FakeMixer(generator, dim_first, dtype)
@@ -108,6 +109,10 @@ def test_forward_core_decode_and_prefill(monkeypatch, dim_first, dtype):
         (2, 5, True),  # continuation shorter than the conv history (W-1 = 3)
         (5, 6, False),  # short fresh prompt
     ]
+    if step == "decode_only":
+        prefills = []
+    elif step == "prefill_only":
+        decode_slots = []
     lengths = [1] * len(decode_slots) + [p[0] for p in prefills]
     real = sum(lengths)
     total = real + 3  # + rows past the real tokens
@@ -116,14 +121,15 @@ def test_forward_core_decode_and_prefill(monkeypatch, dim_first, dtype):
     conv_before = conv_view(mixer).clone()
     ssm_before = mixer.kv_cache[1].clone()
 
-    cu_p = torch.tensor([0] + torch.tensor([p[0] for p in prefills]).cumsum(0).tolist(), dtype=torch.int32)
+    cu_p = torch.tensor([0] + [sum(p[0] for p in prefills[: i + 1]) for i in range(len(prefills))], dtype=torch.int32)
+    # vLLM's metadata: the tensors of an absent row kind are None
     metadata = SimpleNamespace(
         num_decodes=len(decode_slots), num_decode_tokens=len(decode_slots),
         num_prefills=len(prefills), num_prefill_tokens=int(cu_p[-1]),
-        state_indices_tensor_d=torch.tensor(decode_slots, dtype=torch.int32)[:, None],
-        state_indices_tensor_p=torch.tensor([p[1] for p in prefills], dtype=torch.int32),
-        query_start_loc_p=cu_p,
-        has_initial_states_p=torch.tensor([p[2] for p in prefills]),
+        state_indices_tensor_d=torch.tensor(decode_slots, dtype=torch.int32)[:, None] if decode_slots else None,
+        state_indices_tensor_p=torch.tensor([p[1] for p in prefills], dtype=torch.int32) if prefills else None,
+        query_start_loc_p=cu_p if prefills else None,
+        has_initial_states_p=torch.tensor([p[2] for p in prefills]) if prefills else None,
     )
     mixer.forward_core(projected, output, metadata)
 
