@@ -87,6 +87,9 @@ void fused_recurrent_kda(const at::Tensor& q, const at::Tensor& k, const at::Ten
 // How many chunk_gated_delta_rule calls ran each schedule: [sequential, chunk_parallel]
 // (kernels/gdn/prefill_schedule.cpp).
 std::vector<int64_t> prefill_schedule_counts();
+// The chunk-parallel schedule's per-phase timers summed over the calls timed while
+// VLLM_GDN_CPU_PREFILL_PHASES=1 (layout: PrefillPhase in kernels/gdn/prefill_schedule.h).
+std::vector<double> prefill_phase_times(bool reset);
 
 // x *= factor in place (fp32, contiguous): the benchmarks' memory-bandwidth probe.
 void stream_scale(at::Tensor& x, double factor);

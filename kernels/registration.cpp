@@ -50,6 +50,7 @@ TORCH_LIBRARY(vllm_gdn_cpu, m) {
   m.def("gemm_probe(bool bf16, float seconds) -> Tensor");
   m.def("runtime_info() -> str");
   m.def("prefill_schedule_counts() -> int[]");
+  m.def("prefill_phase_times(bool reset) -> float[]");
   m.def("kda_gate(Tensor A_log, Tensor f, Tensor b, Tensor dt_bias, float? lower_bound) -> (Tensor, Tensor)");
   m.def(
       "chunk_kda(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor(a!) state, Tensor state_indices, "
@@ -82,6 +83,7 @@ TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CPU, m) {
 TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CompositeExplicitAutograd, m) {
   m.impl("runtime_info", &gdn::runtime_info);
   m.impl("prefill_schedule_counts", &gdn::prefill_schedule_counts);
+  m.impl("prefill_phase_times", &gdn::prefill_phase_times);
   m.impl("gemm_probe", &gdn::gemm_probe);  // takes no tensor: nothing to dispatch on
   m.impl("linear_path_counts", &gdn::linear_path_counts);
   m.impl("reset_linear_path_counts", &gdn::reset_linear_path_counts);

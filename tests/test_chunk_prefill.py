@@ -329,3 +329,32 @@ def test_unknown_schedule_is_a_clear_error():
             run_prefill(p, g, beta)
     finally:
         os.environ.pop(ops.PREFILL_SCHEDULE_ENV, None)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_chunk_parallel_phase_timers(threads):
+    """VLLM_GDN_CPU_PREFILL_PHASES=1 (bench prefill --phases) counts every preparation task (chunk,
+    key head) and state-pass step (chunk, value head, column block) of a call once, leaves the
+    results unchanged, and off (the default) records nothing."""
+    seqlens, Hk, Hv, K, V = [1, 64, 0, 5, 300, 130, 37], 2, 4, 64, 128
+    p, has_init = schedule_problem((seqlens, Hk, Hv, K, V), torch.float32, torch.float32, seed=17)
+    g, beta = p.gates()
+    chunks = sum((n + 63) // 64 for i, n in enumerate(seqlens) if i != 1)  # sequence 1 is padding
+    names = ["calls", "wall", "prepare", "pass", "wait", "start", "end", "busiest_pass", "prepare_tasks",
+             "pass_steps", "threads", "regions"]
+    torch.ops.vllm_gdn_cpu.prefill_phase_times(True)
+    with torch_threads(threads), forced_schedule("chunk_parallel"):
+        plain = run_prefill(p, g, beta, has_init)
+        assert torch.ops.vllm_gdn_cpu.prefill_phase_times(True) == [0.0] * len(names)
+        os.environ["VLLM_GDN_CPU_PREFILL_PHASES"] = "1"
+        try:
+            timed = run_prefill(p, g, beta, has_init)
+        finally:
+            os.environ.pop("VLLM_GDN_CPU_PREFILL_PHASES")
+    ph = dict(zip(names, torch.ops.vllm_gdn_cpu.prefill_phase_times(True)))
+    assert torch.equal(plain[0], timed[0]) and torch.equal(plain[1], timed[1])
+    assert ph["calls"] == 1 and ph["regions"] == 1 and 1 <= ph["threads"] <= threads
+    assert ph["prepare_tasks"] == chunks * Hk
+    assert ph["pass_steps"] > 0 and ph["pass_steps"] % (chunks * Hv) == 0  # every column block passes every chunk
+    assert ph["prepare"] > 0 and ph["pass"] > 0 and 0 < ph["busiest_pass"] <= ph["pass"]
+    assert ph["wall"] > 0

@@ -87,6 +87,38 @@ inline void prefetch_head_rows(const Mat3& m, int64_t t, int64_t n, int64_t head
   prefetch_rows<3>(m.row<const T>(t, head), m.token_stride, n, D * static_cast<int64_t>(sizeof(T)));
 }
 
+// sum x^2 over x[0, n) in vector lanes, two accumulators, the lanes summed as a tree. vec.h's
+// dot() vectorises its loop, but GCC sums the lanes of its reduction one by one through memory (a
+// chain of 16 dependent adds on AVX-512), which made the l2 norm of a 128-wide row ~100 cycles.
+inline float sum_squares(const float* x, int64_t n) {
+  vfloat a0{}, a1{};
+  int64_t i = 0;
+  for (; i + 2 * kVecWidth <= n; i += 2 * kVecWidth) {
+    const vfloat x0 = vload(x + i), x1 = vload(x + i + kVecWidth);
+    a0 += x0 * x0, a1 += x1 * x1;
+  }
+  if (i + kVecWidth <= n) {
+    const vfloat x0 = vload(x + i);
+    a0 += x0 * x0, i += kVecWidth;
+  }
+  vfloat a = a0 + a1;
+#if defined(__AVX512F__)
+  float s = _mm512_reduce_add_ps(reinterpret_cast<const __m512&>(a));
+#else
+  for (int w = kVecWidth / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) a[l] += a[l + w];
+  float s = a[0];
+#endif
+  for (; i < n; ++i) s += x[i] * x[i];
+  return s;
+}
+
+// x <- x * mul / sqrt(sum(x^2) + eps), as vec.h's l2normalize (with the sum above).
+inline void l2normalize_row(float* x, int64_t n, float mul) {
+  const float r = mul / std::sqrt(sum_squares(x, n) + kL2NormEps);
+  for (int64_t i = 0; i < n; ++i) x[i] *= r;
+}
+
 // Rows [bos, bos+n) of head `head` of a [T, H, D] tensor -> fp32 [n, D] (l2-normalised and scaled
 // if asked).
 template <class T>
@@ -97,7 +129,7 @@ inline void gather_rows(const Mat3& m, int64_t bos, int64_t n, int64_t head, int
     if (i + kRowsAhead < n) prefetch_head_rows<T>(m, bos + i + kRowsAhead, 1, head, D);
     load_row(m.row<const T>(bos + i, head), row, D);
     if (l2norm) {
-      l2normalize(row, D, mul);
+      l2normalize_row(row, D, mul);
     } else if (mul != 1.f) {
       for (int64_t d = 0; d < D; ++d) row[d] *= mul;
     }
@@ -291,11 +323,19 @@ float chunk_prepare(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t
 // columns [v0, v0 + vb) of the chunk's rows. v_new and o live in d.vo's rows (in place) or, with
 // `work` ([2C, vb]), in work, u's columns copied there: the chunk-parallel schedule then only reads
 // the slot, which another thread wrote. Uses s's pack buffers only (and, in fp32, Mm's).
+//
+// `next` (chunk-parallel schedule): the slot this block reads at its next step, if already prepared
+// (by another thread, so its lines sit in that core's cache): requested into this core's L2 a part
+// before each product, so the transfer overlaps this step's arithmetic.
 template <class TIn>
 void chunk_state_step(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64_t h, int64_t c0, int64_t n,
                       const ChunkSlot& d, float* S, int64_t ldS, int64_t v0, int64_t vb, bool bf16_gemm,
-                      float* work = nullptr) {
+                      float* work = nullptr, const ChunkSlot* next = nullptr) {
   const int64_t K = p.K, C = kChunk;
+  const int64_t esize = bf16_gemm ? 2 : 4;  // the state pass's left operands, bf16 or fp32
+  auto prefetch_l2 = [](const void* src, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(src) + b, 0, 2);
+  };
   const int64_t V = work ? vb : p.V;  // row stride of v_new and o
   float* vnew = work ? work : d.vo + v0;
   float* o = vnew + n * V;
@@ -304,6 +344,7 @@ void chunk_state_step(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64
   }
   // [v_new; o] = [u; 0] + [w; exp(gc) q] S   (one product: both rows share S)
   for (int64_t i = 0; i < n; ++i) std::fill_n(o + i * V, vb, 0.f);
+  if (next) prefetch_l2(bf16_gemm ? static_cast<const void*>(next->wq_bf16) : next->wq, 2 * C * even(K) * esize);
   const Mm::B S_op = mm.operand(S, K, vb, ldS, s.pack_S);
   if (bf16_gemm) {
     run_bf16(p.gemm, 2 * n, vb, K, d.wq_bf16, even(K), S_op, vnew, V, true);
@@ -312,6 +353,10 @@ void chunk_state_step(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64
   }
 
   // o += P v_new
+  if (next) {
+    prefetch_l2(bf16_gemm ? static_cast<const void*>(next->P_bf16) : next->P, C * C * esize);
+    for (int64_t i = 0; i < C; ++i) prefetch_l2(next->vo + i * p.V + v0, vb * 4);
+  }
   const Mm::B vnew_op = mm.operand(vnew, n, vb, V, s.pack_vnew);
   if (bf16_gemm) {
     run_bf16_lower_a(p.gemm, n, vb, d.P_bf16, C, vnew_op, o, V, true);
@@ -321,6 +366,7 @@ void chunk_state_step(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64
   for (int64_t i = 0; i < n; ++i) store_row_streaming(o + i * V, p.out.row<TIn>(c0 + i, h) + v0, vb);
 
   // S = exp(g_last) S + (exp(g_last - gc) k)^T v_new
+  if (next) prefetch_l2(bf16_gemm ? static_cast<const void*>(next->kTd_bf16) : next->kTd, K * C * esize);
   for (int64_t r = 0; r < K; ++r) {
     float* row = S + r * ldS;
     for (int64_t j = 0; j < vb; ++j) row[j] *= d.e_last;

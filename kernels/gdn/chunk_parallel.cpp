@@ -1,53 +1,93 @@
 // chunk_gated_delta_rule's chunk-parallel schedule (as flash-linear-attention runs it on GPUs), for
-// prompts with fewer (sequence, head) tasks than threads. The chunks of all sequences (sequence
-// after sequence) are taken in windows of a few chunks, each in two steps:
-//   1. prepare, in parallel over (chunk, key head): chunk_load_qk + chunk_prepare of its value
-//      heads, the work that does not read the carried state, into one slot per (chunk, value head);
-//   2. state pass, in parallel over (sequence, value head, state column block), each in chunk
-//      order: chunk_state_step (v_new, the output rows, the state update) on its own copy of u's
-//      columns, so that it only reads the slot another thread wrote. Columns of the state are
-//      independent, so a head's pass may split over column blocks (multiples of 16 columns).
-// One parallel region runs the state pass of window w - 1 beside the preparation of window w (both
-// need only earlier regions): threads the state pass leaves idle prepare the next window, and a
-// call forks and joins (windows + 1) times. A region's tasks are dealt out by estimated cost, and
-// its state pass takes the fewest column blocks whose largest task fits one thread's share: narrow
-// blocks cost more than their share of the products (on 2 cores, one sequence, AMX: 2 blocks of 64
-// columns 1.16x one thread, 1 block beside preparation 1.46x).
+// prompts with fewer (sequence, head) tasks than threads. Two kinds of work:
+//   - preparation of one (chunk, key head): chunk_load_qk + chunk_prepare of its value heads, the
+//     work that does not read the carried state, into one slot per (chunk, value head);
+//   - the state pass of one chain (sequence, value head, state column block): chunk_state_step
+//     (v_new, the output rows, the state update) chunk after chunk, on its own copy of u's columns,
+//     so that it only reads the slot another thread wrote. Columns of the state are independent,
+//     so a head's pass may split over column blocks (multiples of 16 columns).
+// One parallel region (one fork/join per call): each thread owns whole chains and runs their next
+// steps as soon as the chunk is prepared; when none is ready it claims the next preparation task
+// (chunk order, a shared counter), and it waits (spins) only when neither is possible. Slots live in
+// a ring of chunks: the preparation of chunk c reuses chunk c - R's slots once every column block
+// has passed it. While a block runs a step it requests the next chunk's slot, when prepared, into
+// its core's L2. The pass takes the fewest column blocks whose longest chain fits one thread's share
+// of the call's work: each block re-reads the chunk's left operands and packs its own, so narrow
+// blocks cost more than their share of the products (16-core AMX host, one sequence T = 8192, 16
+// threads: a step of 128 / 64 / 32 / 16 columns took ~34 / 23 / 16 / 12 us).
+// Measured there (bench prefill --phases) the regions form this replaced (the state pass of a
+// window of chunks beside the preparation of the next, a fork/join per window) lost to its joins:
+// 4 heads, 16 threads 2.46M -> 3.42M tokens/s; 8 heads 1.51M -> 1.81M; 1 head equal.
 // The output rows are written in the state pass: fusing o = qg S + P v_new there saves storing one
-// state per chunk and a third parallel step; the pass then holds ~3/4 of a chunk's multiply-adds
+// state per chunk and a third kind of work; the pass then holds ~3/4 of a chunk's multiply-adds
 // but, measured on one thread at K = V = 128, only 42% (AMX) / 60% (AVX-512) of its time.
 //
-// Scratch memory, per call, kept by the calling thread for its next call: two windows of slots,
+// Scratch memory, per call, kept by the calling thread for its next call: the ring of slots,
 // (2C V + 2C K + C^2 + K C) floats per (chunk, value head) (C = 64: 176 KiB at K = V = 128; on bf16
-// GEMM paths vo is C V floats and the rest bf16: 88 KiB), a window ~1 MiB per thread and at most
-// 1/8 of the chunks (at least one chunk: Hv slots), plus two fp32 states per value head carried
-// between windows (2 Hv K V floats): about 2 MiB per thread + 2 Hv (C + K) V floats. Per thread:
-// the sequential schedule's scratch.
+// GEMM paths vo is C V floats and the rest bf16: 88 KiB), ~2 MiB per thread and at least 2 chunks,
+// plus each chain's fp32 state block (about Hv K V floats per sequence). Per thread: the sequential
+// schedule's scratch.
 // Same operations on the same operands as the sequential schedule (chunk_math.h).
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <new>
+#include <thread>
 #include <vector>
 
 #include "gdn/chunk_math.h"
+#include "gdn/prefill_schedule.h"
 
 namespace gdn {
 namespace GDN_ISA {
 namespace chunk {
 namespace {
 
-// A window's slots: ~1 MiB per thread (two windows are live at once: about what the L2 caches hold),
-// and at most 1/8 of the chunks, so that most of the state pass runs beside preparation.
-constexpr size_t kWindowBytesPerThread = size_t{1} << 20;
-constexpr int64_t kMinWindows = 8;
-// Task costs are multiply-adds, the preparation's weighted: with its vector work (gathers, exp, the
-// inverse's dependency chain, bf16 rounding) it took 2x (fp32 products, AVX-512) and 4x (bf16
-// products, AMX) the time of its multiply-adds relative to the state pass (measured at K = V = 128,
-// one thread: preparation 40% / 58% of the time on those paths).
+// The ring of slots: ~2 MiB per thread (about what an L2 cache holds).
+constexpr size_t kRingBytesPerThread = size_t{2} << 20;
+// Costs (to choose the column blocks) are multiply-adds, the preparation's weighted: with its vector
+// work (gathers, exp, the inverse's dependency chain, bf16 rounding) it took 2x (fp32 products,
+// AVX-512) and 4x (bf16 products, AMX) the time of its multiply-adds relative to the state pass
+// (measured at K = V = 128, one thread: preparation 40% / 58% of the time on those paths).
 constexpr int64_t kPrepareWeight[2] = {2, 4};
 constexpr int64_t kColumnBlock = 16;  // state column blocks start at multiples of this
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// Per-phase timers (prefill_phases_enabled()): each thread adds to its own line, the calling
+// thread sums them after the join.
+using Clock = std::chrono::steady_clock;
+inline double seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+struct alignas(64) ThreadTimes {
+  double prepare = 0, pass = 0, wait = 0, start = 0, end = 0;
+  int64_t prepare_tasks = 0, pass_steps = 0;
+  bool used = false;
+  Clock::time_point finished;
+};
+void report_phases(std::vector<ThreadTimes>& t, Clock::time_point call_start, int64_t regions) {
+  double v[kPhaseCount] = {};
+  v[kPhaseCalls] = 1;
+  v[kPhaseWall] = seconds(call_start, Clock::now());
+  v[kPhaseRegions] = static_cast<double>(regions);
+  for (const ThreadTimes& x : t) {
+    if (!x.used) continue;
+    v[kPhasePrepare] += x.prepare, v[kPhasePass] += x.pass, v[kPhaseWait] += x.wait;
+    v[kPhaseStart] += x.start, v[kPhaseEnd] += x.end;
+    v[kPhaseBusiestPass] = std::max(v[kPhaseBusiestPass], x.pass);
+    v[kPhasePrepareTasks] += static_cast<double>(x.prepare_tasks);
+    v[kPhasePassSteps] += static_cast<double>(x.pass_steps);
+    v[kPhaseThreads] += 1;
+  }
+  add_prefill_phase_times(v);
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) && (defined(__AVX2__) || defined(__AVX512F__))
+  _mm_pause();
+#endif
+}
 
 // Per-call scratch of the calling thread (not thread_scratch: the calling thread also runs a share
 // of the parallel loops, which use theirs), grown on demand and kept for the next call.
@@ -70,39 +110,10 @@ float* call_scratch(size_t num_floats) {
 struct ChunkRef {
   int64_t seq, c0, n;
 };
-// Consecutive chunks [first, first + count) of a window that belong to one sequence; starts /
-// ends: the sequence's first / last chunk is among them.
-struct Segment {
-  int64_t seq, first, count, tokens;
-  bool starts, ends;
-};
-
-// One unit of a region's work: the state-independent work of one (chunk, key head), or the state
-// pass of one (segment, value head, column block [v0, v0 + vb)); cost in multiply-adds.
-struct Task {
-  enum Kind { kPrepare, kStatePass } kind;
-  int64_t a, b, v0, vb, cost;
-};
-
-// Deals the tasks out to `threads` lists, largest first, each to the least-loaded list (LPT).
-void balance(std::vector<Task>& tasks, int64_t threads, std::vector<std::vector<Task>>& plan) {
-  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
-  const int64_t lists = std::min<int64_t>(threads, static_cast<int64_t>(tasks.size()));
-  plan.assign(lists, {});
-  std::vector<int64_t> load(lists, 0);
-  for (const Task& t : tasks) {
-    const int64_t i = std::min_element(load.begin(), load.end()) - load.begin();
-    plan[i].push_back(t);
-    load[i] += t.cost;
-  }
-}
-
+// Padding: zero outputs. Empty sequences: a fresh state is zero (as the sequential walk leaves it).
 template <class TIn, class TState>
-void chunk_parallel_kernel(const ChunkParams& p, bool bf16_gemm) {
-  const int64_t K = p.K, V = p.V, Hv = p.Hv, Hk = p.Hk, ratio = Hv / Hk, C = kChunk;
-  const int64_t threads = num_threads();
-
-  // Padding: zero outputs. Empty sequences: a fresh state is zero (as the sequential walk leaves it).
+void zero_padding_and_empty(const ChunkParams& p) {
+  const int64_t K = p.K, V = p.V, Hv = p.Hv;
   bool any_special = false;
   for (int64_t seq = 0; seq < p.N; ++seq) {
     const bool empty = p.cu_seqlens[seq + 1] == p.cu_seqlens[seq];
@@ -124,138 +135,207 @@ void chunk_parallel_kernel(const ChunkParams& p, bool bf16_gemm) {
     });
   }
 
+}
+
+// The chunks of the sequences that have a state slot, in order.
+std::vector<ChunkRef> list_chunks(const ChunkParams& p) {
   std::vector<ChunkRef> chunks;
   for (int64_t seq = 0; seq < p.N; ++seq) {
     if (p.state_indices[seq] < 0) continue;
-    for (int64_t c0 = p.cu_seqlens[seq]; c0 < p.cu_seqlens[seq + 1]; c0 += C)
-      chunks.push_back({seq, c0, std::min(C, p.cu_seqlens[seq + 1] - c0)});
+    for (int64_t c0 = p.cu_seqlens[seq]; c0 < p.cu_seqlens[seq + 1]; c0 += kChunk)
+      chunks.push_back({seq, c0, std::min(kChunk, p.cu_seqlens[seq + 1] - c0)});
   }
+  return chunks;
+}
+
+struct Chain {
+  int64_t seq, h, v0, vb, first, last, cost;
+};
+
+template <class TIn, class TState>
+void chunk_parallel_kernel(const ChunkParams& p, bool bf16_gemm) {
+  const int64_t K = p.K, V = p.V, Hv = p.Hv, Hk = p.Hk, ratio = Hv / Hk, C = kChunk;
+  const int64_t threads = num_threads();
+  const bool timed = prefill_phases_enabled();
+  const Clock::time_point call_start = timed ? Clock::now() : Clock::time_point{};
+  zero_padding_and_empty<TIn, TState>(p);
+  const std::vector<ChunkRef> chunks = list_chunks(p);
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
   if (num_chunks == 0) return;
 
-  // A slot: vo, then wq, P, kTd in fp32 or (bf16 GEMM path) their bf16 copies (ChunkSlot). The state
-  // pass keeps v_new and o in its own scratch; chunk_prepare needs vo's o rows only in fp32.
   const int64_t vo_f = round16((bf16_gemm ? 1 : 2) * C * V);
   const int64_t wq_f = bf16_gemm ? round16(C * even(K)) : round16(2 * C * K);
   const int64_t P_f = bf16_gemm ? C * C / 2 : C * C, kTd_f = bf16_gemm ? round16(K * C / 2) : round16(K * C);
   const int64_t slot_floats = vo_f + wq_f + P_f + kTd_f;
-  const int64_t window = std::clamp<int64_t>(
-      std::min(static_cast<int64_t>(kWindowBytesPerThread * threads / sizeof(float)) / (Hv * slot_floats),
-               (num_chunks + kMinWindows - 1) / kMinWindows),
-      1, num_chunks);
-  const int64_t num_windows = (num_chunks + window - 1) / window;
-  const int64_t window_floats = window * Hv * slot_floats, carry_floats = Hv * K * V;
-  float* scratch = call_scratch(2 * window_floats + 2 * carry_floats);
-  float* const carry[2] = {scratch + 2 * window_floats, scratch + 2 * window_floats + carry_floats};
-  std::vector<float> e_last(2 * window * Hv);
-  // Slot of chunk ci (index within window w) and value head h.
-  auto slot_of = [&](int64_t w, int64_t ci, int64_t h) {
-    float* base = scratch + (w % 2) * window_floats + (ci * Hv + h) * slot_floats;
+  const int64_t ring = std::clamp<int64_t>(
+      static_cast<int64_t>(kRingBytesPerThread * threads / sizeof(float)) / (Hv * slot_floats), 2, num_chunks);
+
+  // Column blocks: the fewest whose longest chain fits one thread's share of the whole call.
+  const int64_t per_column = 3 * K + C / 2;
+  int64_t pass_cost = 0, prepare_cost = 0, longest = 0;
+  for (const ChunkRef& c : chunks) {
+    pass_cost += Hv * c.n * V * per_column;
+    prepare_cost += Hk * kPrepareWeight[bf16_gemm] * c.n * (c.n * K + ratio * (c.n * (K + V) / 2 + c.n * c.n / 6));
+  }
+  for (int64_t seq = 0; seq < p.N; ++seq)
+    if (p.state_indices[seq] >= 0) longest = std::max<int64_t>(longest, p.cu_seqlens[seq + 1] - p.cu_seqlens[seq]);
+  const double share = static_cast<double>(pass_cost + prepare_cost) / threads;
+  const char* pf = std::getenv("VLLM_GDN_CPU_CP_PREFETCH");
+  const bool prefetch_next = !(pf && pf[0] == '0');
+  int64_t Vb = V, blocks = 1;
+  for (;; ++blocks) {
+    Vb = blocks == 1 ? V : ((V + blocks - 1) / blocks + kColumnBlock - 1) / kColumnBlock * kColumnBlock;
+    if (Vb <= kColumnBlock || static_cast<double>(longest) * Vb * per_column <= share) break;
+  }
+  blocks = (V + Vb - 1) / Vb;
+
+  // Chains, dealt out to the threads largest first (LPT), each to the least-loaded thread.
+  std::vector<Chain> chains;
+  for (int64_t ci = 0; ci < num_chunks;) {
+    const int64_t seq = chunks[ci].seq;
+    int64_t last = ci;
+    while (last + 1 < num_chunks && chunks[last + 1].seq == seq) ++last;
+    const int64_t tokens = chunks[last].c0 + chunks[last].n - chunks[ci].c0;
+    for (int64_t h = 0; h < Hv; ++h)
+      for (int64_t v0 = 0; v0 < V; v0 += Vb) chains.push_back({seq, h, v0, std::min(Vb, V - v0), ci, last, tokens * std::min(Vb, V - v0)});
+    ci = last + 1;
+  }
+  std::stable_sort(chains.begin(), chains.end(), [](const Chain& x, const Chain& y) { return x.cost > y.cost; });
+  std::vector<std::vector<int64_t>> owned(threads);
+  {
+    std::vector<int64_t> load(threads, 0);
+    for (int64_t j = 0; j < static_cast<int64_t>(chains.size()); ++j) {
+      const int64_t i = std::min_element(load.begin(), load.end()) - load.begin();
+      owned[i].push_back(j);
+      load[i] += chains[j].cost;
+    }
+  }
+
+  // Scratch: the ring of slots, then each chain's fp32 state block [K, vb] (row stride vb).
+  const int64_t ring_floats = ring * Hv * slot_floats, S_stride = round16(K * Vb);
+  float* scratch = call_scratch(ring_floats + static_cast<int64_t>(chains.size()) * S_stride);
+  float* const chain_S = scratch + ring_floats;
+  std::vector<float> e_last(ring * Hv);
+  auto slot_of = [&](int64_t ci, int64_t h) {
+    const int64_t r = ci % ring;
+    float* base = scratch + (r * Hv + h) * slot_floats;
     float *wq = base + vo_f, *P = wq + wq_f, *kTd = P + P_f;
     auto u16 = [](float* x) { return reinterpret_cast<uint16_t*>(x); };
-    return ChunkSlot{base, wq, P, kTd, u16(wq), u16(P), u16(kTd), e_last[((w % 2) * window + ci) * Hv + h]};
+    return ChunkSlot{base, wq, P, kTd, u16(wq), u16(P), u16(kTd), e_last[r * Hv + h]};
   };
+  // prepared[ci * Hk + hk]: chunk ci's preparation for key head hk is done; passed[ci * Hv + h]:
+  // how many column blocks of value head h have passed chunk ci.
+  std::unique_ptr<std::atomic<int32_t>[]> prepared(new std::atomic<int32_t>[num_chunks * Hk]);
+  std::unique_ptr<std::atomic<int32_t>[]> passed(new std::atomic<int32_t>[num_chunks * Hv]);
+  for (int64_t i = 0; i < num_chunks * Hk; ++i) prepared[i].store(0, std::memory_order_relaxed);
+  for (int64_t i = 0; i < num_chunks * Hv; ++i) passed[i].store(0, std::memory_order_relaxed);
+  std::atomic<int64_t> next_prepare{0};
+  const int64_t prepare_tasks = num_chunks * Hk;
   const size_t scratch_floats = ChunkScratch().carve(nullptr, K, V, 1);
+  std::vector<ThreadTimes> times(timed ? threads : 0);
+  const Clock::time_point fork = timed ? Clock::now() : Clock::time_point{};
 
-  std::vector<Segment> segments;
-  std::vector<Task> tasks;
-  std::vector<std::vector<Task>> plan;
-  for (int64_t region = 0; region <= num_windows; ++region) {
-    // This region: the state pass of window region - 1 and the state-independent work of window
-    // region (both depend only on earlier regions). Costs in multiply-adds, see kPrepareWeight.
-    tasks.clear();
-    int64_t prepare_cost = 0;
-    if (region < num_windows) {
-      const int64_t w0 = region * window, wc = std::min(window, num_chunks - w0);
-      for (int64_t ci = 0; ci < wc; ++ci) {
-        const int64_t n = chunks[w0 + ci].n;
-        for (int64_t hk = 0; hk < Hk; ++hk) {  // k k^T, q k^T; per value head Tm v, Tm kg, the inverse
-          tasks.push_back({Task::kPrepare, ci, hk, 0, 0,
-                           kPrepareWeight[bf16_gemm] * n * (n * K + ratio * (n * (K + V) / 2 + n * n / 6))});
-          prepare_cost += tasks.back().cost;
+  parallel_for(threads, 1, [&](int64_t begin, int64_t end) {
+    ChunkScratch s;
+    s.carve(thread_scratch(scratch_floats), K, V, 1);
+    const Mm mm(p.gemm, bf16_gemm, s.a_bf16);
+    ThreadTimes* tt = timed ? &times[begin] : nullptr;
+    Clock::time_point t0;
+    if (tt) t0 = Clock::now(), tt->start = seconds(fork, t0), tt->used = true;
+    auto lap = [&](double& into) {
+      const Clock::time_point t1 = Clock::now();
+      into += seconds(t0, t1);
+      t0 = t1;
+    };
+    // This invocation's chains (several when the team is smaller than `threads`), each at its next chunk.
+    std::vector<int64_t> mine, at;
+    for (int64_t i = begin; i < end; ++i)
+      for (int64_t j : owned[i]) mine.push_back(j), at.push_back(chains[j].first);
+    int64_t chains_left = static_cast<int64_t>(mine.size());
+
+    // Claims the next preparation task if its slots are free (chunk ci - ring passed by all blocks).
+    auto claim = [&](int64_t& task) {
+      task = next_prepare.load(std::memory_order_relaxed);
+      while (task < prepare_tasks) {
+        const int64_t ci = task / Hk, hk = task % Hk;
+        if (ci >= ring) {
+          for (int64_t h = hk * ratio; h < (hk + 1) * ratio; ++h)
+            if (passed[(ci - ring) * Hv + h].load(std::memory_order_acquire) < blocks) return false;
         }
+        if (next_prepare.compare_exchange_weak(task, task + 1, std::memory_order_relaxed)) return true;
       }
-    }
-    int64_t Vb = V;
-    if (region > 0) {
-      const int64_t w0 = (region - 1) * window, wc = std::min(window, num_chunks - w0);
-      segments.clear();
-      for (int64_t ci = 0; ci < wc; ++ci) {
-        const ChunkRef& c = chunks[w0 + ci];
-        if (segments.empty() || segments.back().seq != c.seq)
-          segments.push_back({c.seq, ci, 0, 0, c.c0 == p.cu_seqlens[c.seq], false});
-        segments.back().count += 1;
-        segments.back().tokens += c.n;
-        segments.back().ends = c.c0 + c.n == p.cu_seqlens[c.seq + 1];
-      }
-      // products per token and state column: [w; qg] S, P v_new, k^T v_new
-      const int64_t per_column = 3 * K + C / 2;
-      int64_t pass_cost = 0, longest = 0;
-      for (const Segment& sg : segments) pass_cost += Hv * sg.tokens * V * per_column, longest = std::max(longest, sg.tokens);
-      // The fewest column blocks whose largest task fits one thread's share of the region: narrow
-      // blocks cost more than their share of the products (each re-reads the chunk's left
-      // operands and packs its own operands), and the preparation fills the other threads.
-      const double share = static_cast<double>(pass_cost + prepare_cost) / threads;
-      for (int64_t blocks = 1;; ++blocks) {
-        Vb = blocks == 1 ? V : ((V + blocks - 1) / blocks + kColumnBlock - 1) / kColumnBlock * kColumnBlock;
-        if (Vb <= kColumnBlock || static_cast<double>(longest) * Vb * per_column <= share) break;
-      }
-      for (int64_t sg = 0; sg < static_cast<int64_t>(segments.size()); ++sg)
-        for (int64_t h = 0; h < Hv; ++h)
-          for (int64_t v0 = 0; v0 < V; v0 += Vb) {
-            const int64_t vb = std::min(Vb, V - v0);
-            tasks.push_back({Task::kStatePass, sg, h, v0, vb, segments[sg].tokens * vb * per_column});
-          }
-    }
-    balance(tasks, threads, plan);
-
-    const int64_t pass_w = region - 1, prep_w = region;
-    const float* carry_in = carry[(pass_w + 1) % 2];
-    float* carry_out = carry[(pass_w + 2) % 2];
-    parallel_for(static_cast<int64_t>(plan.size()), 1, [&](int64_t begin, int64_t end) {
-      ChunkScratch s;
-      s.carve(thread_scratch(scratch_floats), K, V, 1);
-      const Mm mm(p.gemm, bf16_gemm, s.a_bf16);
-      for (int64_t thread = begin; thread < end; ++thread) {
-        for (const Task& t : plan[thread]) {
-          if (t.kind == Task::kPrepare) {
-            const int64_t ci = t.a, hk = t.b;
-            const ChunkRef& c = chunks[prep_w * window + ci];
-            chunk_load_qk<TIn>(p, mm, s, hk, c.c0, c.n);
-            for (int64_t h = hk * ratio; h < (hk + 1) * ratio; ++h) {
-              ChunkSlot d = slot_of(prep_w, ci, h);
-              if (bf16_gemm) d.wq = s.wq, d.P = s.P, d.kTd = s.kT_decayed;  // the slot keeps bf16 copies
-              e_last[((prep_w % 2) * window + ci) * Hv + h] = chunk_prepare<TIn>(p, mm, s, h, c.c0, c.n, bf16_gemm, d);
+      return false;
+    };
+    int64_t idle = 0;
+    while (true) {
+      bool progressed = false;
+      for (int64_t m = 0; m < static_cast<int64_t>(mine.size()); ++m) {
+        const Chain& ch = chains[mine[m]];
+        // Steps of this chain while their chunks are prepared.
+        while (at[m] <= ch.last && prepared[at[m] * Hk + ch.h / ratio].load(std::memory_order_acquire)) {
+          const int64_t ci = at[m];
+          const ChunkRef& c = chunks[ci];
+          float* S = chain_S + mine[m] * S_stride;
+          TState* state = static_cast<TState*>(p.state.data) + p.state_indices[ch.seq] * p.state.slot_stride +
+                          ch.h * K * V + ch.v0;
+          if (ci == ch.first) {
+            if (p.has_initial_state == nullptr || p.has_initial_state[ch.seq]) {
+              for (int64_t r = 0; r < K; ++r) load_row(state + r * V, S + r * ch.vb, ch.vb);
+            } else {
+              std::fill_n(S, K * ch.vb, 0.f);
             }
-            continue;
           }
-          const Segment& seg = segments[t.a];
-          const int64_t h = t.b, v0 = t.v0, vb = t.vb;
-          float* S = s.S;  // [K, vb]
-          TState* state = static_cast<TState*>(p.state.data) + p.state_indices[seg.seq] * p.state.slot_stride +
-                          h * K * V + v0;
-          const bool has_init = p.has_initial_state == nullptr || p.has_initial_state[seg.seq];
-          if (!seg.starts) {
-            for (int64_t r = 0; r < K; ++r) std::copy_n(carry_in + h * K * V + r * V + v0, vb, S + r * vb);
-          } else if (has_init) {
-            for (int64_t r = 0; r < K; ++r) load_row(state + r * V, S + r * vb, vb);
-          } else {
-            std::fill_n(S, K * vb, 0.f);
+          if (tt) lap(tt->wait);
+          ChunkSlot next_slot;
+          const bool next_ready = prefetch_next && ci < ch.last &&
+                                  prepared[(ci + 1) * Hk + ch.h / ratio].load(std::memory_order_acquire);
+          if (next_ready) next_slot = slot_of(ci + 1, ch.h);
+          chunk_state_step<TIn>(p, mm, s, ch.h, c.c0, c.n, slot_of(ci, ch.h), S, ch.vb, ch.v0, ch.vb, bf16_gemm, s.vo,
+                                next_ready ? &next_slot : nullptr);
+          passed[ci * Hv + ch.h].fetch_add(1, std::memory_order_release);
+          if (ci == ch.last) {
+            for (int64_t r = 0; r < K; ++r) store_row(S + r * ch.vb, state + r * V, ch.vb);
+            --chains_left;
           }
-          for (int64_t ci = seg.first; ci < seg.first + seg.count; ++ci) {
-            const ChunkRef& c = chunks[pass_w * window + ci];
-            chunk_state_step<TIn>(p, mm, s, h, c.c0, c.n, slot_of(pass_w, ci, h), S, vb, v0, vb, bf16_gemm, s.vo);
-          }
-          if (seg.ends) {
-            for (int64_t r = 0; r < K; ++r) store_row(S + r * vb, state + r * V, vb);
-          } else {
-            for (int64_t r = 0; r < K; ++r) std::copy_n(S + r * vb, vb, carry_out + h * K * V + r * V + v0);
-          }
+          if (tt) lap(tt->pass), tt->pass_steps += 1;
+          at[m] = ci + 1;
+          progressed = true;
         }
       }
-      streaming_stores_done();
-      if (p.gemm.release) p.gemm.release();
-    });
+      if (progressed) continue;  // the chains first: they are the critical path
+      int64_t task;
+      if (claim(task)) {
+        const int64_t ci = task / Hk, hk = task % Hk;
+        const ChunkRef& c = chunks[ci];
+        if (tt) lap(tt->wait);
+        chunk_load_qk<TIn>(p, mm, s, hk, c.c0, c.n);
+        for (int64_t h = hk * ratio; h < (hk + 1) * ratio; ++h) {
+          ChunkSlot d = slot_of(ci, h);
+          if (bf16_gemm) d.wq = s.wq, d.P = s.P, d.kTd = s.kT_decayed;  // the slot keeps bf16 copies
+          e_last[(ci % ring) * Hv + h] = chunk_prepare<TIn>(p, mm, s, h, c.c0, c.n, bf16_gemm, d);
+        }
+        prepared[task].store(1, std::memory_order_release);
+        if (tt) lap(tt->prepare), tt->prepare_tasks += 1;
+        idle = 0;
+        continue;
+      }
+      if (chains_left == 0 && next_prepare.load(std::memory_order_relaxed) >= prepare_tasks) break;
+      // Nothing ready: wait (yielding after a while, for a machine with more threads than cores).
+      if (++idle < 4096) {
+        cpu_relax();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+    if (tt) lap(tt->wait), tt->finished = t0;
+    streaming_stores_done();
+    if (p.gemm.release) p.gemm.release();
+  });
+  if (timed) {
+    const Clock::time_point join = Clock::now();
+    for (ThreadTimes& x : times)
+      if (x.used) x.end = seconds(x.finished, join);
+    report_phases(times, call_start, 1);
   }
 }
 

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <mutex>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -14,6 +15,8 @@ namespace gdn {
 namespace {
 
 std::atomic<int64_t> g_counts[2];
+std::mutex g_phase_mutex;
+double g_phases[kPhaseCount];
 
 // The sequential walk's share of its busiest thread over a fair share (>= 1): at::parallel_for
 // splits its task range [0, N * Hv / G) into contiguous pieces of ceil(tasks / threads), and a
@@ -56,6 +59,27 @@ PrefillSchedule choose_prefill_schedule(const ChunkParams& p, int64_t G, int64_t
 
 std::vector<int64_t> prefill_schedule_counts() {
   return {g_counts[0].load(std::memory_order_relaxed), g_counts[1].load(std::memory_order_relaxed)};
+}
+
+}  // namespace gdn
+
+namespace gdn {
+
+bool prefill_phases_enabled() {
+  const char* v = std::getenv(kPrefillPhasesEnv);
+  return v != nullptr && v[0] == '1';
+}
+
+void add_prefill_phase_times(const double* values) {
+  std::lock_guard<std::mutex> lock(g_phase_mutex);
+  for (int i = 0; i < kPhaseCount; ++i) g_phases[i] += values[i];
+}
+
+std::vector<double> prefill_phase_times(bool reset) {
+  std::lock_guard<std::mutex> lock(g_phase_mutex);
+  std::vector<double> r(g_phases, g_phases + kPhaseCount);
+  if (reset) std::fill(g_phases, g_phases + kPhaseCount, 0.0);
+  return r;
 }
 
 }  // namespace gdn

@@ -20,4 +20,26 @@ enum class PrefillSchedule : int { kSequential = 0, kChunkParallel = 1 };
 // prefill_schedule_counts(). Raises ValueError naming the variable on an unknown value.
 PrefillSchedule choose_prefill_schedule(const ChunkParams& p, int64_t G, int64_t threads);
 
+// Per-phase timers of the chunk-parallel schedule, for the bench (`bench prefill --phases`): on
+// while VLLM_GDN_CPU_PREFILL_PHASES=1 (read once per call; off, a call reads no clock).
+constexpr const char* kPrefillPhasesEnv = "VLLM_GDN_CPU_PREFILL_PHASES";
+bool prefill_phases_enabled();
+// What one call adds, in the order of prefill_phase_times() (kernels/ops.h): seconds, then counts.
+enum PrefillPhase : int {
+  kPhaseCalls,      // calls timed
+  kPhaseWall,       // the calling thread's time in the schedule (fork to join)
+  kPhasePrepare,    // summed over threads: chunk_load_qk + chunk_prepare
+  kPhasePass,       // summed over threads: state pass steps (and the state's loads and stores)
+  kPhaseWait,       // summed over threads: waiting for a dependency (spin) or at a join barrier
+  kPhaseStart,      // summed over threads: from the fork to the thread's first instruction of work
+  kPhaseEnd,        // summed over threads: from the thread's last task to the join
+  kPhaseBusiestPass,// the busiest thread's state-pass time (the critical path when chains bound it)
+  kPhasePrepareTasks,
+  kPhasePassSteps,  // (chunk, value head, column block) steps
+  kPhaseThreads,    // threads that took part
+  kPhaseRegions,    // parallel regions (fork/joins)
+  kPhaseCount
+};
+void add_prefill_phase_times(const double* values);
+
 }  // namespace gdn

@@ -309,6 +309,59 @@ def prefill_shapes(args) -> list[tuple[str, HeadShape]]:
     return [(model, MODELS[model]) for model in args.models.split(",")]
 
 
+def schedule_entry(entry: Optional[str]) -> tuple[Optional[str], dict]:
+    """A --schedules entry: a VLLM_GDN_CPU_PREFILL_SCHEDULE value, optionally followed by
+    +NAME=VALUE environment settings for that configuration (e.g. chunk_parallel+VLLM_GDN_CPU_CP_BLOCKS=2)."""
+    if not entry:
+        return entry, {}
+    sched, *extra = entry.split("+")
+    return sched or None, dict(item.split("=", 1) for item in extra)
+
+
+PHASES_ENV = "VLLM_GDN_CPU_PREFILL_PHASES"  # kernels/gdn/prefill_schedule.h: per-phase timers, bench only
+PHASE_NAMES = ["calls", "wall", "prepare", "pass", "wait", "start", "end", "busiest_pass", "prepare_tasks",
+               "pass_steps", "threads", "regions"]
+
+
+def print_prefill_phases(row: dict, fn: Callable[[], object], configs: dict, calls: int = 8) -> None:
+    """Where the chunk-parallel schedule's time goes, per configuration (label -> (env, threads)) that
+    runs it: `calls` calls timed with the per-phase timers on (VLLM_GDN_CPU_PREFILL_PHASES=1). Shares
+    are of the threads' summed time (wall x threads): preparation, state pass, waiting for a
+    dependency or a join, the fork (to a thread's first work) and the tail (its last work to the join)."""
+    saved_threads = torch.get_num_threads()
+    for label, (env, threads) in configs.items():
+        saved = {name: os.environ.get(name) for name in (*env, PHASES_ENV)}
+        os.environ.update({**env, PHASES_ENV: "1"})
+        torch._C.set_num_threads(threads)
+        try:
+            for _ in range(2):  # warm-up (a changed thread count may start threads)
+                fn()
+            torch.ops.vllm_gdn_cpu.prefill_phase_times(True)
+            for _ in range(calls):
+                fn()
+            ph = dict(zip(PHASE_NAMES, torch.ops.vllm_gdn_cpu.prefill_phase_times(True)))
+        finally:
+            torch._C.set_num_threads(saved_threads)
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        n = ph["calls"]
+        if n == 0:
+            continue  # this configuration ran the sequential walk
+        wall = ph["wall"] / n
+        total = ph["wall"] * ph["threads"] or 1.0  # the threads' summed time over the calls
+        pct = {k: 100 * ph[k] / total * n for k in ("prepare", "pass", "wait", "start", "end")}
+        print(f"# phases {row['model']} {row['workload']} {label} ({threads} threads): {wall * 1e6:.0f} us per call, "
+              f"{ph['regions'] / n:.0f} parallel regions, {ph['threads'] / n:.0f} threads took part; of their time "
+              + ", ".join(f"{k} {v:.1f}%" for k, v in pct.items())
+              + f"; busiest thread's state pass {100 * ph['busiest_pass'] / n / wall:.0f}% of the wall; "
+              f"per preparation task {1e6 * ph['prepare'] / max(ph['prepare_tasks'], 1):.1f} us, "
+              f"per state-pass step {1e6 * ph['pass'] / max(ph['pass_steps'], 1):.2f} us "
+              f"({ph['pass_steps'] / n:.0f} steps)", flush=True)
+
+
 def bench_prefill(args) -> list[dict]:
     """Ours on each shape and workload. With --gemms / --schedules, ours on each GEMM path x schedule,
     interleaved (the first combination is "ours", with its speed-up over each other); with
@@ -324,9 +377,11 @@ def bench_prefill(args) -> list[dict]:
     schedules = args.schedules.split(",") if args.schedules else [None]
     configs = {}
     for path in paths:
-        for sched in schedules:
-            env = {**({ops.GEMM_ENV: path} if path else {}), **({ops.PREFILL_SCHEDULE_ENV: sched} if sched else {})}
-            label = "/".join(x for x in (path, sched) if x) or "ours"
+        for entry in schedules:
+            sched, extra = schedule_entry(entry)
+            env = {**({ops.GEMM_ENV: path} if path else {}), **({ops.PREFILL_SCHEDULE_ENV: sched} if sched else {}),
+                   **extra}
+            label = "/".join(x for x in (path, entry) if x) or "ours"
             configs[label] = (env, threads)
             if args.scaling:
                 configs[f"{label}@1t"] = (env, 1)
@@ -375,6 +430,8 @@ def bench_prefill(args) -> list[dict]:
                         row[f"pct_of_ceiling_{label}"] = 100 * row[f"scaling_{label}"] / ceiling
             else:
                 t = best_time(ours, args.repeat)
+            if args.phases:
+                print_prefill_phases(row, ours, configs)
             row["ours_tok_s"] = T / t
             flops = prefill_flops_per_token(h, seqlens) * T
             row["ours_gflops"] = flops / t / 1e9
@@ -598,7 +655,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "shard) instead of --models, e.g. --heads 1,4,8 --workloads T8192")
     p.add_argument("--schedules", default="",
                    help="comma-separated VLLM_GDN_CPU_PREFILL_SCHEDULE values (auto, sequential, chunk_parallel) to "
-                        "time ours under, interleaved (with --gemms: every path x schedule); the first is ours")
+                        "time ours under, interleaved (with --gemms: every path x schedule); the first is ours; each "
+                        "may add +NAME=VALUE environment settings, e.g. chunk_parallel+VLLM_GDN_CPU_CP_BLOCKS=2")
+    p.add_argument("--phases", action="store_true",
+                   help="also print where the chunk-parallel schedule's time goes in each configuration that runs it "
+                        "(per-phase timers, VLLM_GDN_CPU_PREFILL_PHASES=1, in separate calls after the timed ones)")
     p.add_argument("--scaling", action="store_true",
                    help="also time each configuration on one thread, interleaved: all-threads / one-thread speed-up "
                         "and its %% of the scaling ceiling measured in the same run (bench roofline's core_scaling)")
