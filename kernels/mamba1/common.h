@@ -37,31 +37,32 @@ inline void store_part(T* dst, vfloat v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = from_float<T>(t[i]);
 }
 
-// exp(x) for the decays exp(dt A) (x <= 0 expected; any x is safe). With AVX-512: x log2(e) rounded
-// to n, r = x - n ln2 in two parts (as vexp), a degree-6 relative-minimax polynomial on
-// [-ln2/2, ln2/2] (max relative error 1.9e-9 in exact arithmetic, 1.1e-7 measured in fp32 over
-// [-87, 0]), and vscalefps for the 2^n: no clamps and no integer exponent arithmetic (12 vector
-// ops, vexp's 19); below -87.3 the result is exactly 0 (vexp: ~1e-38). Elsewhere vexp.
+// 2^t for the decays exp(dt A) = 2^(dt log2(e) A) (t <= 0 expected; any t is safe): the kernels
+// fold log2(e) into dt, one rounding like the product dt A itself (whose rounding already costs a
+// relative error of |dt A| 2^-24 in any exp of it, so vexp's two-part reduction buys nothing here).
+// With AVX-512: n = round(t), f = t - n (exact), a degree-6 relative-minimax polynomial for 2^f on
+// [-1/2, 1/2] (1.9e-9 in exact arithmetic, 9.8e-8 measured in fp32 over [-125, 0]) and vscalefps
+// for the 2^n: 10 vector ops where vexp takes 19, no clamps; below -126 exactly 0 (vexp: ~1e-38).
+// Elsewhere vexp(t ln 2).
+constexpr float kLog2e = 1.44269504088896341f;
 #if defined(__AVX512F__)
-inline vfloat vexp_decay(vfloat x) {
-  const __m512 v = reinterpret_cast<const __m512&>(x);
-  const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(0.0013836845755577087f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.008374815806746483f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.04166822507977486f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.16666419804096222f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.49999991059303284f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+inline vfloat vexp2_decay(vfloat t) {
+  const __m512 v = reinterpret_cast<const __m512&>(t);
+  const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
+  const __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(v, n);
+  __m512 p = _mm512_set1_ps(0.0001534581242594868f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0013399930903688073f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009618489071726799f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550328642129898f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022646248340607f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471824645996f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
   const __m512 e = _mm512_maskz_scalef_ps(keep, p, n);
   return reinterpret_cast<const vfloat&>(e);
 }
 #else
-inline vfloat vexp_decay(vfloat x) { return vexp(x); }
+inline vfloat vexp2_decay(vfloat t) { return vexp(t * 0.693147180559945309f); }
 #endif
 
 // Step sizes of channels [d0, d0 + n) (n <= kVecWidth) of one raw dt row: softplus(dt + bias)

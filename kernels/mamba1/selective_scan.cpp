@@ -24,7 +24,7 @@ constexpr int64_t kChunk = 64;      // tokens per chunk
 constexpr int64_t kMaxBlocks = 16;  // channel blocks per task
 constexpr int64_t kRowsAhead = 8;   // token rows prefetched this far ahead
 
-// The recurrence of one block over n tokens. dl / ux: [n, W] step sizes and dt x (y overwrites
+// The recurrence of one block over n tokens. dl / ux: [n, W] step sizes times log2(e) and dt x (y overwrites
 // ux), Bf / Cf [n, Ns], h and At [Ns, W]. kN > 0: Ns known at compile time (the state in registers).
 template <int kN>
 inline void scan_block(int64_t n, int64_t Ns_rt, const float* dl, float* ux, const float* Bf, const float* Cf,
@@ -33,21 +33,24 @@ inline void scan_block(int64_t n, int64_t Ns_rt, const float* dl, float* ux, con
   const int64_t Ns = kN > 0 ? kN : Ns_rt;
   if constexpr (kN > 0) {
     vfloat hv[kN];
+#pragma GCC unroll 16
     for (int k = 0; k < kN; ++k) hv[k] = vload(h + k * W);
     for (int64_t i = 0; i < n; ++i) {
       const vfloat d = vload(dl + i * W), u = vload(ux + i * W);
       const float *b = Bf + i * kN, *c = Cf + i * kN;
       vfloat acc0{}, acc1{};
+#pragma GCC unroll 16
       for (int k = 0; k < kN; k += 2) {
-        hv[k] = mamba1::vexp_decay(d * vload(At + k * W)) * hv[k] + u * b[k];
+        hv[k] = mamba1::vexp2_decay(d * vload(At + k * W)) * hv[k] + u * b[k];
         acc0 += hv[k] * c[k];
         if (k + 1 < kN) {
-          hv[k + 1] = mamba1::vexp_decay(d * vload(At + (k + 1) * W)) * hv[k + 1] + u * b[k + 1];
+          hv[k + 1] = mamba1::vexp2_decay(d * vload(At + (k + 1) * W)) * hv[k + 1] + u * b[k + 1];
           acc1 += hv[k + 1] * c[k + 1];
         }
       }
       vstore(ux + i * W, acc0 + acc1);
     }
+#pragma GCC unroll 16
     for (int k = 0; k < kN; ++k) vstore(h + k * W, hv[k]);
   } else {
     for (int64_t i = 0; i < n; ++i) {
@@ -56,15 +59,15 @@ inline void scan_block(int64_t n, int64_t Ns_rt, const float* dl, float* ux, con
       vfloat acc0{}, acc1{};
       int64_t k = 0;
       for (; k + 2 <= Ns; k += 2) {
-        const vfloat h0 = mamba1::vexp_decay(d * vload(At + k * W)) * vload(h + k * W) + u * b[k];
-        const vfloat h1 = mamba1::vexp_decay(d * vload(At + (k + 1) * W)) * vload(h + (k + 1) * W) + u * b[k + 1];
+        const vfloat h0 = mamba1::vexp2_decay(d * vload(At + k * W)) * vload(h + k * W) + u * b[k];
+        const vfloat h1 = mamba1::vexp2_decay(d * vload(At + (k + 1) * W)) * vload(h + (k + 1) * W) + u * b[k + 1];
         vstore(h + k * W, h0);
         vstore(h + (k + 1) * W, h1);
         acc0 += h0 * c[k];
         acc1 += h1 * c[k + 1];
       }
       if (k < Ns) {
-        const vfloat h0 = mamba1::vexp_decay(d * vload(At + k * W)) * vload(h + k * W) + u * b[k];
+        const vfloat h0 = mamba1::vexp2_decay(d * vload(At + k * W)) * vload(h + k * W) + u * b[k];
         vstore(h + k * W, h0);
         acc0 += h0 * c[k];
       }
@@ -147,7 +150,7 @@ void scan_kernel(const Mamba1Params& p) {
           for (int64_t b = 0; b < nb; ++b) {
             const int64_t d0 = c0 + b * W, nd = std::min(W, c1 - d0), o = (b * kChunk + i) * W;
             const vfloat d = mamba1::step_sizes(p, dtr, d0, nd), xv = mamba1::load_part(x + d0, nd);
-            vstore(dl + o, d);
+            vstore(dl + o, d * mamba1::kLog2e);  // the recurrence takes 2^(dt log2(e) A)
             vstore(ux + o, d * xv);
             vstore(xb + o, xv);
           }

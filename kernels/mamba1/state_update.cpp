@@ -25,13 +25,13 @@ inline vfloat update_row(TS* row, const float* A, const float* B, const float* C
   vfloat acc{};
   int64_t i = 0;
   for (; i + kVecWidth <= Ns; i += kVecWidth) {
-    const vfloat h = mamba1::vexp_decay(dv * vload(A + i)) * vload_float(row + i) + xv * vload(B + i);
+    const vfloat h = mamba1::vexp2_decay(dv * vload(A + i)) * vload_float(row + i) + xv * vload(B + i);
     vstore_float(row + i, h);
     acc += h * vload(C + i);
   }
   if (i < Ns) {
     const int64_t n = Ns - i;
-    const vfloat h = mamba1::vexp_decay(dv * mamba1::load_part(A + i, n)) * mamba1::load_part(row + i, n) + xv * vload(B + i);
+    const vfloat h = mamba1::vexp2_decay(dv * mamba1::load_part(A + i, n)) * mamba1::load_part(row + i, n) + xv * vload(B + i);
     mamba1::store_part(row + i, h, n);
     acc += h * vload(C + i);
   }
@@ -94,7 +94,7 @@ void update_kernel(const Mamba1Params& p) {
       for (int64_t c = d0; c < d1; c += W) {
         const int64_t nd = std::min(W, d1 - c);
         const vfloat d = mamba1::step_sizes(p, dtr, c, nd), xv = mamba1::load_part(x + c, nd);
-        vstore(dl + (c - d0), d);
+        vstore(dl + (c - d0), d * mamba1::kLog2e);  // the rows take 2^(dt log2(e) A)
         vstore(ux + (c - d0), d * xv);
         vstore(xf + (c - d0), xv);
       }
