@@ -100,9 +100,21 @@ void update_kernel(const Mamba1Params& p) {
       }
       TS* S = static_cast<TS*>(p.state.data) + slot * p.state.slot_stride + d0 * Ns;
       const char* pf = reinterpret_cast<const char*>(S) + kPrefetchBytes;
-      for (int64_t r = 0; r < n; ++r) {
-        for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(pf + r * row_bytes + b, 1, 2);
-        vstore(yv + r * W, update_row(S + r * Ns, p.A + (d0 + r) * Ns, Bf, Cf, Ns, dl[r], ux[r]));
+      if (Ns == W) {  // a row is one vector (N = 16 with AVX-512): no inner loop, one prefetch per row
+        const vfloat Bv = vload(Bf), Cv = vload(Cf);
+        const float* A = p.A + d0 * Ns;
+#pragma GCC unroll 4
+        for (int64_t r = 0; r < n; ++r) {
+          __builtin_prefetch(pf + r * row_bytes, 1, 2);
+          const vfloat h = mamba1::vexp2_decay(dl[r] * vload(A + r * W)) * vload_float(S + r * W) + ux[r] * Bv;
+          vstore_float(S + r * W, h);
+          vstore(yv + r * W, h * Cv);
+        }
+      } else {
+        for (int64_t r = 0; r < n; ++r) {
+          for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(pf + r * row_bytes + b, 1, 2);
+          vstore(yv + r * W, update_row(S + r * Ns, p.A + (d0 + r) * Ns, Bf, Cf, Ns, dl[r], ux[r]));
+        }
       }
       row_sums(yv, n, y);
       const TIn* z = p.z.data ? mamba1::row<const TIn>(p.z, seq) : nullptr;
