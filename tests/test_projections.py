@@ -82,6 +82,25 @@ def test_permuted_rows_on_vllms_gemm(dtype):
     assert ops.linear_path_counts() == before
 
 
+@pytest.mark.parametrize("engine", ["vllm", "ours"])
+def test_column_slice_inputs_with_odd_row_stride(engine):
+    """A column slice of a merged projection's output (KDA's f_a, Mamba-1's dt input) as the input:
+    vLLM 0.32's small-weight bf16 GEMM (sgl-kernel weight_packed_linear) gives wrong rows for 2-4
+    tokens when the row stride is odd, so the "vllm" engine hands it a contiguous copy."""
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(128, 32, generator=generator).to(torch.bfloat16)
+    module = linear_module(weight)
+    method = projections.SmallBatchLinearMethod(None, engine=engine)
+    module.quant_method = method
+    method.process_weights_after_loading(module)
+    for tokens in (1, 2, 3, 5, 8):
+        wide = torch.randn(tokens, 33, generator=generator).to(torch.bfloat16)
+        x = wide[:, 1:]  # row stride 33
+        want = x.double() @ weight.double().t()
+        got = method.apply(module, x)
+        torch.testing.assert_close(got.double(), want, atol=2e-2 * want.abs().max().item(), rtol=0)
+
+
 def test_engine_choice(monkeypatch):
     amx = "amx" in ops.runtime_info()["available_gemms"]
     monkeypatch.delenv(projections.PROJECTIONS_ENV, raising=False)

@@ -107,9 +107,9 @@ class GDNCPUKimiGatedDeltaNetAttention(CPUConvWeights, KimiGatedDeltaNetAttentio
         else:
             mixed_qkv, beta, f_a = projected.split([3 * p, self.local_num_heads, self.head_dim], dim=-1)
             g_proj = self.g_b_proj(self.g_a_proj(hidden_states)[0])[0]
-        # f_a goes into f_b_proj: contiguous, because vLLM 0.32's CPU GEMMs for bf16 weights
-        # (``dispatch_cpu_unquantized_gemm``: sgl-kernel's weight_packed_linear and oneDNN's
-        # onednn_mm) ignore the row stride of their input and read rows 1.. at the wrong place.
+        # f_a goes into f_b_proj contiguous: vLLM 0.32's small-weight bf16 GEMM (sgl-kernel's
+        # weight_packed_linear, kept when VLLM_GDN_CPU_PROJECTIONS=vllm) reads rows 1.. at the wrong
+        # place for an odd row stride and 2-4 tokens (README, Kimi-Linear limits).
         return mixed_qkv, g_proj, f_a.contiguous(), beta
 
     def _output_projection(self, core_attn_out: torch.Tensor, g_proj: torch.Tensor) -> torch.Tensor:

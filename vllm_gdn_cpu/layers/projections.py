@@ -80,6 +80,11 @@ class SmallBatchLinearMethod(UnquantizedLinearMethod):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.engine == "vllm":
+            if not x.is_contiguous():
+                # vLLM 0.32's small-weight bf16 GEMM (sgl-kernel weight_packed_linear) reads rows
+                # 1.. at the wrong place when the row stride is odd and M is 2-4 (a column slice
+                # of a merged projection); a copy of M x K inputs is cheap beside the GEMM.
+                x = x.contiguous()
             return super().apply(layer, x, bias)
         if x.dim() == 2:
             return ops.linear(x, layer.weight, bias)
