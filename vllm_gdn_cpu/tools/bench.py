@@ -696,6 +696,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     from vllm_gdn_cpu.tools import bench_gemv
 
     bench_gemv.add_parser(sub, common)
+    from vllm_gdn_cpu.tools import bench_mtp
+
+    bench_mtp.add_parser(sub, common)
 
     args = parser.parse_args(argv)
     if args.threads:
@@ -719,6 +722,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows = bench_mamba1.run(args)
     elif args.mode == "gemv":
         rows = bench_gemv.bench_gemv(args)
+    elif args.mode == "mtp":
+        rows = bench_mtp.bench_mtp(args)
     else:
         threads = torch.get_num_threads()
         rows = [{**gemm_peaks(), "stream_gbps": stream_gbps(), "threads": threads, **core_scaling(threads)}]
