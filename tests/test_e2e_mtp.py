@@ -110,11 +110,14 @@ def test_mtp_speculation_gives_the_same_greedy_output(
 ):
     # What our GDN layers saw in speculative steps: the accepted counts they resumed after.
     resumed_after = Counter()
+    mixed_steps = []  # layer calls with spec rows and a prompt chunk in one batch
     forward_core_spec = gdn_spec_decode.forward_core_spec
 
     def recording(layer, mixed_qkv, b, a, core_attn_out, metadata):
         if metadata.num_accepted_tokens is not None and metadata.num_spec_decodes > 0:
             resumed_after.update(metadata.num_accepted_tokens[: metadata.num_spec_decodes].tolist())
+            if metadata.num_prefills > 0:
+                mixed_steps.append(metadata.num_prefills)
         return forward_core_spec(layer, mixed_qkv, b, a, core_attn_out, metadata)
 
     monkeypatch.setattr(gdn_spec_decode, "forward_core_spec", recording)
@@ -139,5 +142,7 @@ def test_mtp_speculation_gives_the_same_greedy_output(
     assert accepted >= len(prompts) * memorised_drafts_accepted(num_spec_tokens), (
         "memorised drafts were rejected: vLLM's drafter does not compute the fitted head")
     assert accepted < drafted, "every draft accepted: the rollback of rejected drafts never ran"
-    # The GDN layers resumed after a partly rejected step and after a fully accepted one.
+    # The GDN layers resumed after a step whose drafts were all rejected (or the prefill) and after
+    # one whose drafts were all accepted; the long prompt's chunks ran beside speculative rows.
     assert resumed_after[1] > 0 and resumed_after[num_spec_tokens + 1] > 0, resumed_after
+    assert mixed_steps, "no step mixed speculative rows with a prompt chunk"
