@@ -311,7 +311,7 @@ def prefill_shapes(args) -> list[tuple[str, HeadShape]]:
 
 def schedule_entry(entry: Optional[str]) -> tuple[Optional[str], dict]:
     """A --schedules entry: a VLLM_GDN_CPU_PREFILL_SCHEDULE value, optionally followed by
-    +NAME=VALUE environment settings for that configuration (e.g. chunk_parallel+VLLM_GDN_CPU_CP_BLOCKS=2)."""
+    +NAME=VALUE environment settings for that configuration (e.g. chunk_parallel+VLLM_GDN_CPU_ISA=avx512)."""
     if not entry:
         return entry, {}
     sched, *extra = entry.split("+")
@@ -656,7 +656,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--schedules", default="",
                    help="comma-separated VLLM_GDN_CPU_PREFILL_SCHEDULE values (auto, sequential, chunk_parallel) to "
                         "time ours under, interleaved (with --gemms: every path x schedule); the first is ours; each "
-                        "may add +NAME=VALUE environment settings, e.g. chunk_parallel+VLLM_GDN_CPU_CP_BLOCKS=2")
+                        "may add +NAME=VALUE environment settings, e.g. chunk_parallel+VLLM_GDN_CPU_ISA=avx512")
     p.add_argument("--phases", action="store_true",
                    help="also print where the chunk-parallel schedule's time goes in each configuration that runs it "
                         "(per-phase timers, VLLM_GDN_CPU_PREFILL_PHASES=1, in separate calls after the timed ones)")
