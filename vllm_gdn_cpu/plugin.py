@@ -69,6 +69,7 @@ def register() -> None:
     _check_platform()
     _register_layer()  # first: the step that can refuse (another plugin's layer), before any change
     _register_backend()
+    _register_align_spec_kernels()
     _register_models()
     _keep_requested_state_dtype()
     _activated = True
@@ -90,6 +91,23 @@ def _register_backend() -> None:
     from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum, register_backend
 
     register_backend(MambaAttentionBackendEnum.GDN_ATTN, BACKEND_CLASS_PATH, is_mamba=True)
+
+
+def _register_align_spec_kernels() -> None:
+    """Prefix caching + speculative decoding: CPU stand-ins for the two Triton kernels that move
+    states between block columns in vLLM's "align" mamba cache mode (gdn_spec_decode), through
+    vLLM's kernel override registry. Once per process (the registry rescans every module)."""
+    import vllm.v1.worker.mamba_utils as mamba_utils
+    from vllm.triton_utils.dispatcher import register_kernels
+
+    from vllm_gdn_cpu.layers.gdn_spec_decode import ALIGN_KERNEL_OVERRIDES
+
+    missing = {
+        name: impl for name, impl in ALIGN_KERNEL_OVERRIDES.items()
+        if getattr(getattr(mamba_utils, name.rsplit(".", 1)[1]), "func", None) is not impl
+    }
+    if missing:
+        register_kernels(missing)
 
 
 # Kimi-Linear's MLA layers and its GEMM-RS/AR setup are GPU-only in vLLM 0.32: the architecture is

@@ -47,7 +47,7 @@ from vllm_gdn_cpu.tools.tiny_models import build_tiny_qwen3_next
 
 SEED = 4321
 NUM_MTP_LAYERS = 1
-FIT_PROMPT_LENGTHS = (5, 17, 60, 230)
+FIT_PROMPT_LENGTHS = (5, 17, 120, 250)  # 120 and 250: memorised drafts cross a 128-token block
 MEMORISED_TOKENS = 12  # drafts of generated tokens 1..12 are fitted, later ones are not
 FIT_STEPS = 150  # the fit's loss is ~1e-4 after 50 steps
 LEARNING_RATE = 2e-3
