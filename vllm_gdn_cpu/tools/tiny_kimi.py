@@ -27,9 +27,6 @@ import torch
 from vllm_gdn_cpu.tools.tiny_models import INIT_GAIN, SEED, _is_saved, random_model
 
 LAYER_TYPES = ["linear_attention", "linear_attention", "full_attention", "linear_attention"]
-# Without the MLA layer: what vLLM 0.32 can serve on CPU in float32 (its CPU MLA backends cannot: see
-# vllm_gdn_cpu.layers.kimi_linear).
-KDA_ONLY_LAYER_TYPES = ["linear_attention"] * 3
 KDA_HEADS, KDA_HEAD_DIM, CONV_WIDTH = 2, 64, 4
 
 
@@ -44,7 +41,8 @@ def tiny_kimi_linear_config(vocab_size: int, eos_token_id: int, pad_token_id: in
         num_hidden_layers=len(layer_types),
         num_attention_heads=2,
         num_key_value_heads=2,
-        # vLLM's AMX MLA kernels take only kv_lora_rank + qk_rope_head_dim = 576 (Kimi-Linear's 512 + 64)
+        # vLLM's AMX MLA kernels (our "latent" MLA form) take only kv_lora_rank + qk_rope_head_dim = 576
+        # (Kimi-Linear's 512 + 64); the "decompressed" form's head: 32 + 64 = 96, a CPU_ATTN size
         kv_lora_rank=512,
         q_lora_rank=None,
         qk_nope_head_dim=32,
@@ -113,7 +111,7 @@ def _vllm_config_fields(config) -> dict:
 def build_tiny_kimi_linear(directory: Union[str, Path], dtype: torch.dtype = torch.float32, *,
                            layer_types: list[str] = LAYER_TYPES) -> Path:
     """Builds a tiny random Kimi-Linear checkpoint plus tokenizer into ``directory`` (idempotent);
-    ``layer_types``: LAYER_TYPES (KDA + MLA) or KDA_ONLY_LAYER_TYPES."""
+    ``layer_types``: one of "linear_attention" (KDA) / "full_attention" (MLA) per layer."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig, KimiLinearForCausalLM
 
@@ -133,4 +131,4 @@ def build_tiny_kimi_linear(directory: Union[str, Path], dtype: torch.dtype = tor
     return directory
 
 
-__all__ = ["KDA_ONLY_LAYER_TYPES", "LAYER_TYPES", "build_tiny_kimi_linear", "tiny_kimi_linear_config"]
+__all__ = ["LAYER_TYPES", "build_tiny_kimi_linear", "tiny_kimi_linear_config"]
