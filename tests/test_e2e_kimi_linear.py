@@ -129,3 +129,35 @@ def test_half_precision_close_to_hf_float32(tiny_kimi_dir, hf_model, dtype, form
           f"{teacher_forced:.3f}, cached tokens of the shared-prefix request {cached}")
     assert cached > 0, "the shared-prefix request was not served from the prefix cache"
     assert teacher_forced >= MIN_HALF_AGREEMENT
+
+
+def test_mla_form_choice_and_head_size(monkeypatch):
+    """The config-time choice (no engine): auto = latent only for bf16 with AMX and latent head 576;
+    forcing works; a bad value is refused naming the variable; the decompressed head size is
+    max(qk, v) rounded up to a CPU_ATTN size, refused beyond the largest."""
+    from types import SimpleNamespace
+
+    from vllm_gdn_cpu.plugin import KIMI_MLA_ENV, decompressed_head_size, kimi_mla_form
+
+    def model(dtype, kv_lora_rank=512):
+        hf = SimpleNamespace(kv_lora_rank=kv_lora_rank, qk_rope_head_dim=64)
+        return SimpleNamespace(dtype=dtype, hf_text_config=hf)
+
+    amx = torch.cpu._is_amx_tile_supported()
+    monkeypatch.delenv(KIMI_MLA_ENV, raising=False)
+    assert kimi_mla_form(model(torch.float32)) == "decompressed"
+    assert kimi_mla_form(model(torch.float16)) == "decompressed"
+    assert kimi_mla_form(model(torch.bfloat16, kv_lora_rank=256)) == "decompressed"
+    assert kimi_mla_form(model(torch.bfloat16)) == ("latent" if amx else "decompressed")
+    monkeypatch.setenv(KIMI_MLA_ENV, "decompressed")
+    assert kimi_mla_form(model(torch.bfloat16)) == "decompressed"
+    monkeypatch.setenv(KIMI_MLA_ENV, "Latent")
+    assert kimi_mla_form(model(torch.float32)) == "latent"
+    monkeypatch.setenv(KIMI_MLA_ENV, "absorbed")
+    with pytest.raises(ValueError, match=KIMI_MLA_ENV):
+        kimi_mla_form(model(torch.bfloat16))
+    assert decompressed_head_size(96, 32) == 96  # the tiny checkpoint
+    assert decompressed_head_size(192, 128) == 192  # Kimi-Linear-48B
+    assert decompressed_head_size(40, 60) == 64
+    with pytest.raises(NotImplementedError, match="head size 600"):
+        decompressed_head_size(600, 128)
