@@ -30,6 +30,10 @@ Two hooks, both supported out-of-tree extension points of vLLM 0.32:
 One wrapper of a vLLM internal (no extension point exists for it): ``_keep_requested_state_dtype``
 wraps ``CpuPlatform.check_and_update_config`` so that an explicit ``--mamba-ssm-cache-dtype
 bfloat16``/``float16`` holds for the models whose state layers are all ours (see its docstring).
+
+Kimi-Linear: ``ModelRegistry.register_model`` serves the architecture with
+``vllm_gdn_cpu.layers.kimi_linear``, and a ``MODELS_CONFIG_MAP`` entry (vLLM's per-architecture
+config hook, ``KimiLinearMLAForm``) picks its MLA layers' form before vLLM sizes the KV cache.
 """
 
 from __future__ import annotations
