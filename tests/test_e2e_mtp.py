@@ -167,3 +167,77 @@ def test_mtp_speculation_gives_the_same_greedy_output(
         assert copies[(True, 1)] and copies[(False, 1)] and copies[(True, 2)] and copies[(False, 2)]
     else:
         assert not copies
+
+
+def _align_layout(dim_first: bool, dtype, blocks=15, width=5, dim=6, reqs=3, cols=4):
+    """Conv and SSM state caches, block table and the flattened metadata vLLM's align-mode copy
+    kernels take (as ``MambaSpecDecodeGPUContext`` fills it), with random contents."""
+    gen = torch.Generator().manual_seed(3)
+    conv = torch.randn(blocks, dim, width, generator=gen).to(dtype)  # DS: [block, dim, width]
+    if not dim_first:  # SD: [block, width, dim], dim contiguous
+        conv = torch.randn(blocks, width, dim, generator=gen).to(dtype)
+    ssm = torch.randn(blocks, 2, 3, 4, generator=gen).to(dtype)
+    table = torch.randperm(blocks - 1, generator=gen)[: reqs * cols].reshape(reqs, cols).int() + 1
+    elem = conv.element_size()
+    meta = dict(
+        block_table_ptrs_ptr=torch.tensor([table.data_ptr()], dtype=torch.int64),
+        block_table_stride_req=table.stride(0),
+        state_base_addrs_ptr=torch.tensor([conv.data_ptr(), ssm.data_ptr()], dtype=torch.int64),
+        state_block_strides_ptr=torch.tensor([conv.stride(0) * elem, ssm.stride(0) * elem]),
+        state_elem_sizes_ptr=torch.tensor([elem, elem]),
+        state_inner_sizes_ptr=torch.tensor([1 if dim_first else conv.stride(1), ssm[0].numel()]),
+        state_conv_widths_ptr=torch.tensor([conv.size(2) if dim_first else conv.size(1), 0]),
+        state_group_indices_ptr=torch.tensor([0, 0]),
+        state_dim_row_count_ptr=torch.tensor([conv.size(1) if dim_first else 0, 0], dtype=torch.int32),
+        state_dim_row_stride_ptr=torch.tensor([conv.stride(1) * elem if dim_first else 0, 0]),
+    )
+    return conv, ssm, table, meta
+
+
+def _expected_copy(conv, ssm, table, row, src_col, dst_col, bias, dim_first):
+    """V1's copy specs (get_conv_copy_spec / get_temporal_copy_spec) in torch."""
+    conv, ssm = conv.clone(), ssm.clone()
+    src, dst = int(table[row, src_col]), int(table[row, dst_col])
+    if dim_first:
+        conv[dst, :, : conv.size(2) - bias] = conv[src, :, bias:].clone()
+    else:
+        conv[dst, : conv.size(1) - bias] = conv[src, bias:].clone()
+    ssm[dst] = ssm[int(table[row, src_col + bias])]
+    return conv, ssm
+
+
+@pytest.mark.parametrize("dim_first", [True, False], ids=["conv-dim-first", "conv-width-first"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_align_precopy_stand_in_copies_as_vllms_copy_specs(dim_first, dtype):
+    conv, ssm, table, meta = _align_layout(dim_first, dtype)
+    # Request 0: fresh (-1); 1: moves column 0 -> 2 with 2 accepted drafts (bias 2);
+    # 2: moves 1 -> 2 (bias 0). Request 1's expected result, then 2's on top.
+    dst_cols, src_cols, biases = torch.tensor([3, 2, 2]), torch.tensor([-1, 0, 1]), torch.tensor([0, 2, 0])
+    want_conv, want_ssm = _expected_copy(conv, ssm, table, 1, 0, 2, 2, dim_first)
+    want_conv, want_ssm = _expected_copy(want_conv, want_ssm, table, 2, 1, 2, 0, dim_first)
+    gdn_spec_decode.precopy_mamba_align_fused_cpu(
+        dst_cols, src_cols, biases, idx_mapping_ptr=None, num_reqs=3, CONV_STATE_DIM_FIRST=dim_first,
+        HAS_IDX_MAPPING=False, **meta)
+    assert torch.equal(conv, want_conv) and torch.equal(ssm, want_ssm)
+
+
+@pytest.mark.parametrize("dim_first", [True, False], ids=["conv-dim-first", "conv-width-first"])
+def test_align_postprocess_stand_in_decides_and_copies_as_vllm(dim_first):
+    conv, ssm, table, meta = _align_layout(dim_first, torch.float32)
+    block = 4
+    # Request 0: 7 computed + 3 scheduled (2 drafts), 2 accepted: running state holds 8 tokens,
+    # 9 computed after the step -> block boundary 8 reached at bias 0, copy column 2 -> 1.
+    # Request 1: 5 + 3 (2 drafts), 3 accepted: running 6, computed 8 -> bias 2, column 0 -> 1.
+    # Request 2: 1 + 3 (2 drafts), 3 accepted: running 2, computed 4 -> bias 2 into its own
+    # column 0 (src == dst: accepted count reset to 1, state shifted in place).
+    accepted = torch.tensor([2, 3, 3])
+    out = accepted.clone()
+    want_conv, want_ssm = _expected_copy(conv, ssm, table, 0, 2, 1, 0, dim_first)
+    want_conv, want_ssm = _expected_copy(want_conv, want_ssm, table, 1, 0, 1, 2, dim_first)
+    want_conv, want_ssm = _expected_copy(want_conv, want_ssm, table, 2, 0, 0, 2, dim_first)
+    gdn_spec_decode.postprocess_mamba_fused_cpu(
+        accepted, torch.tensor([2, 0, 0]), torch.tensor([3, 3, 3]), torch.tensor([7, 5, 1]),
+        torch.tensor([2, 2, 2]), num_accepted_tokens_out_ptr=out, idx_mapping_ptr=None, num_reqs=3,
+        block_size=block, CONV_STATE_DIM_FIRST=dim_first, **meta)
+    assert torch.equal(conv, want_conv) and torch.equal(ssm, want_ssm)
+    assert out.tolist() == [2, 3, 1]
