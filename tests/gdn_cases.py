@@ -81,6 +81,17 @@ def _forced_env(name: str, value: str, took_effect):
             os.environ[name] = old
 
 
+def vllm_bf16_gemm_unusable() -> str | None:
+    """Why vLLM's own bf16 CPU GEMMs cannot run in this process (None: they can). ci/test.sh's
+    emulated AVX2 pass caps oneDNN and ATen (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY) while vLLM
+    picks its bf16 kernels (sgl-kernel AMX/AVX-512, oneDNN AMX) from the real CPU's flags: they abort
+    the process there. A real AVX2 CPU gives vLLM other kernels."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        return ("ONEDNN_MAX_CPU_ISA caps oneDNN (emulated AVX2 pass) while vLLM picks its bf16 GEMM "
+                "kernels from the real CPU's flags: they abort")
+    return None
+
+
 def bf16_products_in_use(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and not ops.runtime_info()["gemm"].endswith("-fp32")
 

