@@ -197,6 +197,17 @@ def forced_schedule(schedule: str):
     assert ran == {schedule}, f"{ops.PREFILL_SCHEDULE_ENV}={schedule}: calls ran {ran}"
 
 
+@contextmanager
+def output_tasks_off():
+    """VLLM_GDN_CPU_PREFILL_OUTPUT_TASKS=0: chunk_parallel computes the output rows in the state-pass
+    steps (the A/B alternative to its output tasks) within a with-block."""
+    os.environ["VLLM_GDN_CPU_PREFILL_OUTPUT_TASKS"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("VLLM_GDN_CPU_PREFILL_OUTPUT_TASKS")
+
+
 def run_prefill(p, g, beta, has_initial_state=None):
     state = p.state.clone()
     out = ops.chunk_gated_delta_rule(p.q, p.k, p.v, g, beta, state, p.state_indices, p.cu_seqlens,
@@ -248,8 +259,11 @@ def test_chunk_parallel_matches_sequential(threads, gemm, dtype, shape):
         with forced_schedule("sequential"):
             seq = run_prefill(p, g, beta, has_init)
         with forced_schedule("chunk_parallel"):
-            par = run_prefill(p, g, beta, has_init)
+            par = run_prefill(p, g, beta, has_init)  # the output rows as tasks off the chains (default)
+            with output_tasks_off():
+                fused = run_prefill(p, g, beta, has_init)  # the output rows inside the chains' steps
     assert_schedules_agree(seq, par, f"{gemm} {threads} threads")
+    assert_schedules_agree(seq, fused, f"{gemm} {threads} threads, output tasks off")
     if len(shape[0]) > 2:  # padding: zero output, its slot and every slot not named untouched
         cu = p.cu_seqlens.tolist()
         assert (par[0][cu[1] : cu[2]] == 0).all()
@@ -341,7 +355,7 @@ def test_chunk_parallel_phase_timers(threads):
     g, beta = p.gates()
     chunks = sum((n + 63) // 64 for i, n in enumerate(seqlens) if i != 1)  # sequence 1 is padding
     names = ["calls", "wall", "prepare", "pass", "wait", "start", "end", "busiest_pass", "prepare_tasks",
-             "pass_steps", "threads", "regions"]
+             "pass_steps", "threads", "regions", "output", "output_tasks"]
     torch.ops.vllm_gdn_cpu.prefill_phase_times(True)
     with torch_threads(threads), forced_schedule("chunk_parallel"):
         plain = run_prefill(p, g, beta, has_init)
@@ -358,3 +372,4 @@ def test_chunk_parallel_phase_timers(threads):
     assert ph["pass_steps"] > 0 and ph["pass_steps"] % (chunks * Hv) == 0  # every column block passes every chunk
     assert ph["prepare"] > 0 and ph["pass"] > 0 and 0 < ph["busiest_pass"] <= ph["pass"]
     assert ph["wall"] > 0
+    assert ph["output_tasks"] == chunks * Hv and ph["output"] > 0  # one per (chunk, value head)

@@ -378,6 +378,76 @@ void chunk_state_step(const ChunkParams& p, const Mm& mm, ChunkScratch& s, int64
   }
 }
 
+// The chunk-parallel schedule's split of chunk_state_step: the chain (the state's carrier) runs only
+// v_new = u + w S and the state update; the output rows o = exp(gc) q S + P v_new go to a separate
+// task (chunk_output), which any thread runs once every column block has passed the chunk. The step
+// leaves what that task needs in `keep` (per column block, in the chunk's slot): on a bf16 GEMM path
+// the packed operands it built anyway (S before the update, [even(K)/2, vb] words, and v_new,
+// [C/2, vb] words); in fp32 a copy of S ([K, vb]) and v_new itself ([n, vb], computed there).
+// Same operations in the same order as chunk_state_step: o starts at zero, gets exp(gc) q S, then
+// P v_new; only the product's row count differs (n instead of 2n rows of [w; exp(gc) q]).
+struct KeptOperands {
+  float* S;     // bf16: packed words (reinterpreted); fp32: [K, vb] floats
+  float* vnew;  // bf16: packed words; fp32: [n, vb] floats
+};
+
+template <class TIn>
+void chunk_state_step_chain(const ChunkParams& p, const Mm& mm, const ChunkSlot& d, int64_t n, float* S,
+                            int64_t ldS, int64_t v0, int64_t vb, bool bf16_gemm, float* work, const KeptOperands& keep,
+                            const ChunkSlot* next = nullptr) {
+  const int64_t K = p.K, C = kChunk;
+  const int64_t esize = bf16_gemm ? 2 : 4;
+  auto prefetch_l2 = [](const void* src, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(src) + b, 0, 2);
+  };
+  auto words = [](float* x) { return reinterpret_cast<uint32_t*>(x); };
+  float* vnew = bf16_gemm ? work : keep.vnew;  // [n, vb]
+  for (int64_t i = 0; i < n; ++i) std::copy_n(d.vo + i * p.V + v0, vb, vnew + i * vb);
+  if (next) prefetch_l2(bf16_gemm ? static_cast<const void*>(next->wq_bf16) : next->wq, C * even(K) * esize);
+  // v_new = u + w S
+  if (bf16_gemm) {
+    const Mm::B S_op = mm.operand(S, K, vb, ldS, words(keep.S));
+    run_bf16(p.gemm, n, vb, K, d.wq_bf16, even(K), S_op, vnew, vb, true);
+  } else {
+    for (int64_t r = 0; r < K; ++r) std::copy_n(S + r * ldS, vb, keep.S + r * vb);
+    mm.run(n, vb, K, d.wq, K, Mm::B{S, ldS, nullptr, 0}, vnew, vb, true);
+  }
+  if (next) {
+    prefetch_l2(bf16_gemm ? static_cast<const void*>(next->kTd_bf16) : next->kTd, K * C * esize);
+    for (int64_t i = 0; i < C; ++i) prefetch_l2(next->vo + i * p.V + v0, vb * 4);
+  }
+  // S = exp(g_last) S + (exp(g_last - gc) k)^T v_new
+  const Mm::B vnew_op = bf16_gemm ? mm.operand(vnew, n, vb, vb, words(keep.vnew)) : Mm::B{vnew, vb, nullptr, 0};
+  for (int64_t r = 0; r < K; ++r) {
+    float* row = S + r * ldS;
+    for (int64_t j = 0; j < vb; ++j) row[j] *= d.e_last;
+  }
+  if (bf16_gemm) {
+    run_bf16(p.gemm, K, vb, n, d.kTd_bf16, C, vnew_op, S, ldS, true);
+  } else {
+    mm.run(K, vb, n, d.kTd, C, vnew_op, S, ldS, true);
+  }
+}
+
+// The output columns [v0, v0 + vb) of one chunk of value head h from the operands its chain step
+// kept; `o` is [n, vb] work space.
+template <class TIn>
+void chunk_output(const ChunkParams& p, const Mm& mm, int64_t h, int64_t c0, int64_t n, const ChunkSlot& d,
+                  int64_t v0, int64_t vb, bool bf16_gemm, const KeptOperands& keep, float* o) {
+  const int64_t K = p.K, C = kChunk;
+  std::fill_n(o, n * vb, 0.f);
+  if (bf16_gemm) {
+    const Mm::B S_op{nullptr, 0, reinterpret_cast<const uint32_t*>(keep.S), vb};
+    const Mm::B v_op{nullptr, 0, reinterpret_cast<const uint32_t*>(keep.vnew), vb};
+    run_bf16(p.gemm, n, vb, K, d.wq_bf16 + n * even(K), even(K), S_op, o, vb, true);
+    run_bf16_lower_a(p.gemm, n, vb, d.P_bf16, C, v_op, o, vb, true);
+  } else {
+    mm.run(n, vb, K, d.wq + n * K, K, Mm::B{keep.S, vb, nullptr, 0}, o, vb, true);
+    mm.run_lower_a(n, vb, d.P, C, Mm::B{keep.vnew, vb, nullptr, 0}, o, vb, true);
+  }
+  for (int64_t i = 0; i < n; ++i) store_row_streaming(o + i * vb, p.out.row<TIn>(c0 + i, h) + v0, vb);
+}
+
 // The chunk-parallel schedule (chunk_parallel.cpp).
 void chunk_parallel(const ChunkParams& p, bool bf16_gemm);
 

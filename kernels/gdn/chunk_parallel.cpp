@@ -1,11 +1,17 @@
 // chunk_gated_delta_rule's chunk-parallel schedule (as flash-linear-attention runs it on GPUs), for
-// prompts with fewer (sequence, head) tasks than threads. Two kinds of work:
+// prompts with fewer (sequence, head) tasks than threads. Three kinds of work:
 //   - preparation of one (chunk, key head): chunk_load_qk + chunk_prepare of its value heads, the
 //     work that does not read the carried state, into one slot per (chunk, value head);
-//   - the state pass of one chain (sequence, value head, state column block): chunk_state_step
-//     (v_new, the output rows, the state update) chunk after chunk, on its own copy of u's columns,
-//     so that it only reads the slot another thread wrote. Columns of the state are independent,
-//     so a head's pass may split over column blocks (multiples of 16 columns).
+//   - the state pass of one chain (sequence, value head, state column block):
+//     chunk_state_step_chain (v_new and the state update) chunk after chunk, on its own copy of u's
+//     columns, so that it only reads the slot another thread wrote; it leaves the packed S (before
+//     the update) and v_new in the slot. Columns of the state are independent, so a head's pass may
+//     split over column blocks (multiples of 16 columns);
+//   - the output of one (chunk, value head) once every block has passed the chunk: chunk_output
+//     (o = exp(gc) q S + P v_new, ~38% of a fused step's multiply-adds) from what the steps kept,
+//     off the chains (VLLM_GDN_CPU_PREFILL_OUTPUT_TASKS=0: inside the steps, chunk_state_step, as
+//     before). One thread, CPU time, 4 heads T8192 bf16 (2-core development VM): a chain step 12.6
+//     -> 7.6 us plus a 5.7 us output task, the call's total work ~2% more.
 // One parallel region (one fork/join per call): each thread owns whole chains and runs their next
 // steps as soon as the chunk is prepared; when none is ready it claims the next preparation task
 // (chunk order, a shared counter), and it waits (spins) only when neither is possible. Slots live in
@@ -18,13 +24,15 @@
 // Measured there (bench prefill --phases) the regions form this replaced (the state pass of a
 // window of chunks beside the preparation of the next, a fork/join per window) lost to its joins:
 // 4 heads, 16 threads 2.46M -> 3.42M tokens/s; 8 heads 1.51M -> 1.81M; 1 head equal.
-// The output rows are written in the state pass: fusing o = qg S + P v_new there saves storing one
-// state per chunk and a third kind of work; the pass then holds ~3/4 of a chunk's multiply-adds
-// but, measured on one thread at K = V = 128, only 42% (AMX) / 60% (AVX-512) of its time.
+// With the output rows fused into the state pass (output tasks off) the pass holds ~3/4 of a
+// chunk's multiply-adds (measured on one thread at K = V = 128: 42% (AMX) / 60% (AVX-512) of its
+// time) and bounds the call at 4 heads on 16 threads; the output tasks take that share off the
+// chains at the cost of keeping S and v_new (packed bf16: 48 KiB at K = V = 128) per slot.
 //
 // Scratch memory, per call, kept by the calling thread for its next call: the ring of slots,
 // (2C V + 2C K + C^2 + K C) floats per (chunk, value head) (C = 64: 176 KiB at K = V = 128; on bf16
-// GEMM paths vo is C V floats and the rest bf16: 88 KiB), ~2 MiB per thread and at least 2 chunks,
+// GEMM paths vo is C V floats and the rest bf16: 88 KiB), with output tasks K V + C V more (96 KiB,
+// bf16: 48 KiB), ~2 MiB per thread and at least 2 chunks,
 // plus each chain's fp32 state block (about Hv K V floats per sequence). Per thread: the sequential
 // schedule's scratch.
 // Same operations on the same operands as the sequential schedule (chunk_math.h).
@@ -60,8 +68,8 @@ inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 using Clock = std::chrono::steady_clock;
 inline double seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 struct alignas(64) ThreadTimes {
-  double prepare = 0, pass = 0, wait = 0, start = 0, end = 0;
-  int64_t prepare_tasks = 0, pass_steps = 0;
+  double prepare = 0, pass = 0, wait = 0, start = 0, end = 0, output = 0;
+  int64_t prepare_tasks = 0, pass_steps = 0, output_tasks = 0;
   bool used = false;
   Clock::time_point finished;
 };
@@ -77,6 +85,8 @@ void report_phases(std::vector<ThreadTimes>& t, Clock::time_point call_start, in
     v[kPhaseBusiestPass] = std::max(v[kPhaseBusiestPass], x.pass);
     v[kPhasePrepareTasks] += static_cast<double>(x.prepare_tasks);
     v[kPhasePassSteps] += static_cast<double>(x.pass_steps);
+    v[kPhaseOutput] += x.output;
+    v[kPhaseOutputTasks] += static_cast<double>(x.output_tasks);
     v[kPhaseThreads] += 1;
   }
   add_prefill_phase_times(v);
@@ -165,7 +175,11 @@ void chunk_parallel_kernel(const ChunkParams& p, bool bf16_gemm) {
   const int64_t vo_f = round16((bf16_gemm ? 1 : 2) * C * V);
   const int64_t wq_f = bf16_gemm ? round16(C * even(K)) : round16(2 * C * K);
   const int64_t P_f = bf16_gemm ? C * C / 2 : C * C, kTd_f = bf16_gemm ? round16(K * C / 2) : round16(K * C);
-  const int64_t slot_floats = vo_f + wq_f + P_f + kTd_f;
+  // Output tasks (prefill_output_tasks_enabled()): the operands each chain step keeps for them.
+  const bool output_tasks = prefill_output_tasks_enabled();
+  const int64_t keepS_f = !output_tasks ? 0 : bf16_gemm ? round16(even(K) / 2 * V) : round16(K * V);
+  const int64_t keepV_f = !output_tasks ? 0 : bf16_gemm ? round16(C / 2 * V) : round16(C * V);
+  const int64_t slot_floats = vo_f + wq_f + P_f + kTd_f + keepS_f + keepV_f;
   const int64_t ring = std::clamp<int64_t>(
       static_cast<int64_t>(kRingBytesPerThread * threads / sizeof(float)) / (Hv * slot_floats), 2, num_chunks);
 
@@ -179,10 +193,11 @@ void chunk_parallel_kernel(const ChunkParams& p, bool bf16_gemm) {
   for (int64_t seq = 0; seq < p.N; ++seq)
     if (p.state_indices[seq] >= 0) longest = std::max<int64_t>(longest, p.cu_seqlens[seq + 1] - p.cu_seqlens[seq]);
   const double share = static_cast<double>(pass_cost + prepare_cost) / threads;
+  const int64_t chain_per_column = output_tasks ? 2 * K : per_column;  // the output's K + C/2 off the chain
   int64_t Vb = V, blocks = 1;
   for (;; ++blocks) {
     Vb = blocks == 1 ? V : ((V + blocks - 1) / blocks + kColumnBlock - 1) / kColumnBlock * kColumnBlock;
-    if (Vb <= kColumnBlock || static_cast<double>(longest) * Vb * per_column <= share) break;
+    if (Vb <= kColumnBlock || static_cast<double>(longest) * Vb * chain_per_column <= share) break;
   }
   blocks = (V + Vb - 1) / Vb;
 
@@ -213,6 +228,10 @@ void chunk_parallel_kernel(const ChunkParams& p, bool bf16_gemm) {
   float* scratch = call_scratch(ring_floats + static_cast<int64_t>(chains.size()) * S_stride);
   float* const chain_S = scratch + ring_floats;
   std::vector<float> e_last(ring * Hv);
+  auto kept_of = [&](int64_t ci, int64_t h, int64_t v0) {
+    float* base = scratch + ((ci % ring) * Hv + h) * slot_floats + vo_f + wq_f + P_f + kTd_f;
+    return KeptOperands{base + (bf16_gemm ? even(K) / 2 : K) * v0, base + keepS_f + (bf16_gemm ? C / 2 : C) * v0};
+  };
   auto slot_of = [&](int64_t ci, int64_t h) {
     const int64_t r = ci % ring;
     float* base = scratch + (r * Hv + h) * slot_floats;
@@ -221,13 +240,21 @@ void chunk_parallel_kernel(const ChunkParams& p, bool bf16_gemm) {
     return ChunkSlot{base, wq, P, kTd, u16(wq), u16(P), u16(kTd), e_last[r * Hv + h]};
   };
   // prepared[ci * Hk + hk]: chunk ci's preparation for key head hk is done; passed[ci * Hv + h]:
-  // how many column blocks of value head h have passed chunk ci.
+  // how many column blocks of value head h have passed chunk ci; done[ci * Hv + h] (output tasks):
+  // chunk ci's output rows of head h are written (its slot is then free).
   std::unique_ptr<std::atomic<int32_t>[]> prepared(new std::atomic<int32_t>[num_chunks * Hk]);
   std::unique_ptr<std::atomic<int32_t>[]> passed(new std::atomic<int32_t>[num_chunks * Hv]);
   for (int64_t i = 0; i < num_chunks * Hk; ++i) prepared[i].store(0, std::memory_order_relaxed);
-  for (int64_t i = 0; i < num_chunks * Hv; ++i) passed[i].store(0, std::memory_order_relaxed);
-  std::atomic<int64_t> next_prepare{0};
-  const int64_t prepare_tasks = num_chunks * Hk;
+  std::unique_ptr<std::atomic<int32_t>[]> done(new std::atomic<int32_t>[num_chunks * Hv]);
+  for (int64_t i = 0; i < num_chunks * Hv; ++i) {
+    passed[i].store(0, std::memory_order_relaxed);
+    done[i].store(0, std::memory_order_relaxed);
+  }
+  std::atomic<int64_t> next_prepare{0}, next_output{0};
+  const int64_t prepare_tasks = num_chunks * Hk, all_output_tasks = output_tasks ? num_chunks * Hv : 0;
+  // A slot is free once its chunk's outputs are written (output tasks) or every block passed it.
+  std::atomic<int32_t>* const freed = output_tasks ? done.get() : passed.get();
+  const int32_t freed_at = output_tasks ? 1 : static_cast<int32_t>(blocks);
   const size_t scratch_floats = ChunkScratch().carve(nullptr, K, V, 1);
   std::vector<ThreadTimes> times(timed ? threads : 0);
   const Clock::time_point fork = timed ? Clock::now() : Clock::time_point{};
@@ -257,7 +284,7 @@ void chunk_parallel_kernel(const ChunkParams& p, bool bf16_gemm) {
         const int64_t ci = task / Hk, hk = task % Hk;
         if (ci >= ring) {
           for (int64_t h = hk * ratio; h < (hk + 1) * ratio; ++h)
-            if (passed[(ci - ring) * Hv + h].load(std::memory_order_acquire) < blocks) return false;
+            if (freed[(ci - ring) * Hv + h].load(std::memory_order_acquire) < freed_at) return false;
         }
         if (next_prepare.compare_exchange_weak(task, task + 1, std::memory_order_relaxed)) return true;
       }
@@ -287,8 +314,13 @@ void chunk_parallel_kernel(const ChunkParams& p, bool bf16_gemm) {
           const bool next_ready = ci < ch.last &&
                                   prepared[(ci + 1) * Hk + ch.h / ratio].load(std::memory_order_acquire);
           if (next_ready) next_slot = slot_of(ci + 1, ch.h);
-          chunk_state_step<TIn>(p, mm, s, ch.h, c.c0, c.n, slot_of(ci, ch.h), S, ch.vb, ch.v0, ch.vb, bf16_gemm, s.vo,
-                                next_ready ? &next_slot : nullptr);
+          if (output_tasks) {
+            chunk_state_step_chain<TIn>(p, mm, slot_of(ci, ch.h), c.n, S, ch.vb, ch.v0, ch.vb, bf16_gemm, s.vo,
+                                        kept_of(ci, ch.h, ch.v0), next_ready ? &next_slot : nullptr);
+          } else {
+            chunk_state_step<TIn>(p, mm, s, ch.h, c.c0, c.n, slot_of(ci, ch.h), S, ch.vb, ch.v0, ch.vb, bf16_gemm,
+                                  s.vo, next_ready ? &next_slot : nullptr);
+          }
           passed[ci * Hv + ch.h].fetch_add(1, std::memory_order_release);
           if (ci == ch.last) {
             for (int64_t r = 0; r < K; ++r) store_row(S + r * ch.vb, state + r * V, ch.vb);
@@ -316,7 +348,24 @@ void chunk_parallel_kernel(const ChunkParams& p, bool bf16_gemm) {
         idle = 0;
         continue;
       }
-      if (chains_left == 0 && next_prepare.load(std::memory_order_relaxed) >= prepare_tasks) break;
+      // Claims the next output task (chunk order) once every column block has passed its chunk.
+      int64_t out_task = next_output.load(std::memory_order_relaxed);
+      if (out_task < all_output_tasks && passed[out_task].load(std::memory_order_acquire) == blocks &&
+          next_output.compare_exchange_strong(out_task, out_task + 1, std::memory_order_relaxed)) {
+        const int64_t ci = out_task / Hv, h = out_task % Hv;
+        const ChunkRef& c = chunks[ci];
+        if (tt) lap(tt->wait);
+        const ChunkSlot d = slot_of(ci, h);
+        for (int64_t v0 = 0; v0 < V; v0 += Vb)
+          chunk_output<TIn>(p, mm, h, c.c0, c.n, d, v0, std::min(Vb, V - v0), bf16_gemm, kept_of(ci, h, v0), s.vo);
+        done[out_task].store(1, std::memory_order_release);
+        if (tt) lap(tt->output), tt->output_tasks += 1;
+        idle = 0;
+        continue;
+      }
+      if (chains_left == 0 && next_prepare.load(std::memory_order_relaxed) >= prepare_tasks &&
+          next_output.load(std::memory_order_relaxed) >= all_output_tasks)
+        break;
       // Nothing ready: wait (yielding after a while, for a machine with more threads than cores).
       if (++idle < 4096) {
         cpu_relax();

@@ -70,6 +70,11 @@ bool prefill_phases_enabled() {
   return v != nullptr && v[0] == '1';
 }
 
+bool prefill_output_tasks_enabled() {
+  const char* v = std::getenv(kPrefillOutputTasksEnv);
+  return v == nullptr || v[0] != '0';
+}
+
 void add_prefill_phase_times(const double* values) {
   std::lock_guard<std::mutex> lock(g_phase_mutex);
   for (int i = 0; i < kPhaseCount; ++i) g_phases[i] += values[i];

@@ -38,8 +38,16 @@ enum PrefillPhase : int {
   kPhasePassSteps,  // (chunk, value head, column block) steps
   kPhaseThreads,    // threads that took part
   kPhaseRegions,    // parallel regions (fork/joins)
+  kPhaseOutput,     // summed over threads: output tasks (o = exp(gc) q S + P v_new off the chains)
+  kPhaseOutputTasks,
   kPhaseCount
 };
 void add_prefill_phase_times(const double* values);
+
+// Whether the chunk-parallel schedule runs the output rows as separate tasks off the state-pass
+// chains (default) or inside the chain's steps: VLLM_GDN_CPU_PREFILL_OUTPUT_TASKS=0 for the latter
+// (an A/B switch for the bench; read once per call).
+constexpr const char* kPrefillOutputTasksEnv = "VLLM_GDN_CPU_PREFILL_OUTPUT_TASKS";
+bool prefill_output_tasks_enabled();
 
 }  // namespace gdn

@@ -320,7 +320,7 @@ def schedule_entry(entry: Optional[str]) -> tuple[Optional[str], dict]:
 
 PHASES_ENV = "VLLM_GDN_CPU_PREFILL_PHASES"  # kernels/gdn/prefill_schedule.h: per-phase timers, bench only
 PHASE_NAMES = ["calls", "wall", "prepare", "pass", "wait", "start", "end", "busiest_pass", "prepare_tasks",
-               "pass_steps", "threads", "regions"]
+               "pass_steps", "threads", "regions", "output", "output_tasks"]
 
 
 def print_prefill_phases(row: dict, fn: Callable[[], object], configs: dict, calls: int = 8) -> None:
@@ -352,14 +352,15 @@ def print_prefill_phases(row: dict, fn: Callable[[], object], configs: dict, cal
             continue  # this configuration ran the sequential walk
         wall = ph["wall"] / n
         total = ph["wall"] * ph["threads"] or 1.0  # the threads' summed time over the calls
-        pct = {k: 100 * ph[k] / total * n for k in ("prepare", "pass", "wait", "start", "end")}
+        pct = {k: 100 * ph[k] / total * n for k in ("prepare", "pass", "output", "wait", "start", "end")}
         print(f"# phases {row['model']} {row['workload']} {label} ({threads} threads): {wall * 1e6:.0f} us per call, "
               f"{ph['regions'] / n:.0f} parallel regions, {ph['threads'] / n:.0f} threads took part; of their time "
               + ", ".join(f"{k} {v:.1f}%" for k, v in pct.items())
               + f"; busiest thread's state pass {100 * ph['busiest_pass'] / n / wall:.0f}% of the wall; "
               f"per preparation task {1e6 * ph['prepare'] / max(ph['prepare_tasks'], 1):.1f} us, "
               f"per state-pass step {1e6 * ph['pass'] / max(ph['pass_steps'], 1):.2f} us "
-              f"({ph['pass_steps'] / n:.0f} steps)", flush=True)
+              f"({ph['pass_steps'] / n:.0f} steps), per output task "
+              f"{1e6 * ph['output'] / max(ph['output_tasks'], 1):.1f} us ({ph['output_tasks'] / n:.0f})", flush=True)
 
 
 def bench_prefill(args) -> list[dict]:
