@@ -137,7 +137,7 @@ def test_mla_form_choice_and_head_size(monkeypatch):
     max(qk, v) rounded up to a CPU_ATTN size, refused beyond the largest."""
     from types import SimpleNamespace
 
-    from vllm_gdn_cpu.plugin import KIMI_MLA_ENV, decompressed_head_size, kimi_mla_form
+    from vllm_gdn_cpu.layers.kimi_mla_form import KIMI_MLA_ENV, decompressed_head_size, kimi_mla_form
 
     def model(dtype, kv_lora_rank=512):
         hf = SimpleNamespace(kv_lora_rank=kv_lora_rank, qk_rope_head_dim=64)

@@ -8,6 +8,13 @@ ENV_VAR = "VLLM_ATTENTION_BACKEND"
 BACKEND_NAME = "GDN_CPU"
 
 
+def is_requested() -> bool:
+    """Whether this process asked for our backend (``VLLM_ATTENTION_BACKEND=GDN_CPU``)."""
+    import os
+
+    return os.environ.get(ENV_VAR, "").strip() == BACKEND_NAME
+
+
 def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group (see ``vllm_gdn_cpu.plugin``)."""
     from vllm_gdn_cpu.plugin import register as _register

@@ -19,7 +19,7 @@ KDA and MLP layers, state shapes) registered for the architecture name through `
 ``CPUKimiMLA``, i.e. the same projections (same parameter names: ``q_proj``,
 ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``) with no rotary embedding:
 Kimi-Linear's MLA is NoPE (HF transformers' ``KimiLinearAttention`` applies no position encoding to
-either part of the keys). Two forms, chosen at config time by ``vllm_gdn_cpu.plugin.kimi_mla_form``
+either part of the keys). Two forms, chosen at config time by ``vllm_gdn_cpu.layers.kimi_mla_form``
 (its ``KimiLinearMLAForm`` hook makes ``model_config.use_mla`` say which):
 
 * decompressed (``use_mla`` False; any dtype, any CPU): keys and values expanded per head and run
@@ -47,7 +47,7 @@ from vllm.model_executor.layers.mla import MLAModules, MultiHeadLatentAttentionW
 from vllm.models.kimi_k3.nvidia import model as kimi_model
 
 from vllm_gdn_cpu.layers.common import logger
-from vllm_gdn_cpu.plugin import decompressed_head_size
+from vllm_gdn_cpu.layers.kimi_mla_form import decompressed_head_size
 
 ARCHITECTURE = "KimiLinearForCausalLM"
 
