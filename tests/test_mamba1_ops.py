@@ -215,6 +215,18 @@ def test_decode_all_isas(isa, batch, Dm, N):
         decode_and_compare(p, label=isa)
 
 
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("batch,Dm,N", [(1, 300, 16), (3, 5, 16), (2, 131, 32), (1, 72, 17)])
+def test_decode_channel_groups(isa, state_dtype, batch, Dm, N):
+    """The decode's 16-channel groups (N = 16 with AVX-512: y of 16 rows summed in registers):
+    blocks of several groups ending in a part group (300 channels in 48-channel blocks at batch 1,
+    two threads and more), fewer channels than a group (5), and the row loop beside it (N 32, 17)."""
+    p = make_m1([1] * batch, Dm, N, torch.bfloat16, state_dtype, seed=21, strided=True)
+    with forced_isa(isa), torch_threads(2):
+        decode_and_compare(p, label=isa)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("state_dtype", DTYPES, ids=DTYPE_IDS.get)
 def test_decode_dtypes(dtype, state_dtype):

@@ -14,7 +14,8 @@ namespace gdn {
 namespace GDN_ISA {
 namespace {
 
-// Requested ahead of the row being streamed, for writing, into L2 (as the Mamba2 / GDN decode).
+// State requested ahead of the row being streamed, for writing, into L2 (as the Mamba2 / GDN
+// decode); the A rows as many rows ahead, for reading.
 constexpr int64_t kPrefetchBytes = 8192;
 
 // One state row of Ns values (whole vectors, then a part vector: the missing lanes of A, B, C are
@@ -58,6 +59,24 @@ inline void row_sums(const float* yv, int64_t n, float* y) {
   }
 }
 
+#if defined(__AVX512F__)
+// The 16 horizontal sums of v[0..15] as one vector (lane j = sum of v[j]): a tree of 30 shuffles
+// and 15 adds in registers (pairs of rows, then quads, then 128-bit lanes), no memory round trip.
+inline vfloat row_sums16(const __m512* v) {
+  __m512 t[8], u[4], w[2];
+  for (int k = 0; k < 8; ++k)  // [a0+a2, b0+b2, a1+a3, b1+b3] per 128-bit lane, rows 2k, 2k+1
+    t[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  for (int k = 0; k < 4; ++k) {  // rows 4k..4k+3, one partial sum each per 128-bit lane
+    const __m512d c = _mm512_castps_pd(t[2 * k]), d = _mm512_castps_pd(t[2 * k + 1]);
+    u[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)), _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
+  }
+  for (int k = 0; k < 2; ++k)  // lanes 0-1: rows 8k..8k+3, lanes 2-3: rows 8k+4..8k+7
+    w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], 0x88), _mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], 0xdd));
+  const __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xdd));
+  return reinterpret_cast<const vfloat&>(s);
+}
+#endif
+
 template <class TIn, class TS>
 void update_kernel(const Mamba1Params& p) {
   constexpr int64_t W = kVecWidth;
@@ -68,6 +87,7 @@ void update_kernel(const Mamba1Params& p) {
   while (p.N * ((Dm + cb - 1) / cb) < want && cb > 4 * W) cb = ((cb + 1) / 2 + W - 1) / W * W;
   const int64_t blocks = (Dm + cb - 1) / cb, cpad = (cb + W - 1) / W * W;
   const int64_t row_bytes = Ns * static_cast<int64_t>(sizeof(TS));
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / row_bytes);  // rows prefetched ahead
 
   parallel_for(p.N * blocks, 1, [&](int64_t begin, int64_t end) {
     float* buf = thread_scratch(2 * Npad + 4 * cpad + cpad * W + 64);
@@ -99,25 +119,42 @@ void update_kernel(const Mamba1Params& p) {
         vstore(xf + (c - d0), xv);
       }
       TS* S = static_cast<TS*>(p.state.data) + slot * p.state.slot_stride + d0 * Ns;
-      const char* pf = reinterpret_cast<const char*>(S) + kPrefetchBytes;
-      if (Ns == W) {  // a row is one vector (N = 16 with AVX-512): no inner loop, one prefetch per row
+      const float* A = p.A + d0 * Ns;
+      const TIn* z = p.z.data ? mamba1::row<const TIn>(p.z, seq) : nullptr;
+#if defined(__AVX512F__)
+      if (Ns == W) {  // N = 16: a row is one vector; 16 rows (channels) at a time, y in registers
         const vfloat Bv = vload(Bf), Cv = vload(Cf);
-        const float* A = p.A + d0 * Ns;
-#pragma GCC unroll 4
-        for (int64_t r = 0; r < n; ++r) {
-          __builtin_prefetch(pf + r * row_bytes, 1, 2);
+        // One row: the state row and the A row `ahead` rows on are prefetched (A is as large as a
+        // fp32 state and as cold in a model at batch 1; past the block they are the next task's).
+        const auto update = [&](int64_t r) {
+          __builtin_prefetch(S + (r + ahead) * W, 1, 2);
+          __builtin_prefetch(A + (r + ahead) * W, 0, 2);
           const vfloat h = mamba1::vexp2_decay(dl[r] * vload(A + r * W)) * vload_float(S + r * W) + ux[r] * Bv;
           vstore_float(S + r * W, h);
-          vstore(yv + r * W, h * Cv);
+          const vfloat hc = h * Cv;
+          return reinterpret_cast<const __m512&>(hc);
+        };
+        for (int64_t r0 = 0; r0 < n; r0 += W) {
+          const int64_t m = std::min(W, n - r0);
+          __m512 v[16];
+          if (m == W) {
+#pragma GCC unroll 16
+            for (int64_t j = 0; j < W; ++j) v[j] = update(r0 + j);
+          } else {
+            for (int64_t j = 0; j < W; ++j) v[j] = j < m ? update(r0 + j) : _mm512_setzero_ps();
+          }
+          const vfloat yr = row_sums16(v);
+          mamba1::store_part(out + d0 + r0, mamba1::finish(yr, vload(xf + r0), p, z, d0 + r0, m), m);
         }
-      } else {
-        for (int64_t r = 0; r < n; ++r) {
-          for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(pf + r * row_bytes + b, 1, 2);
-          vstore(yv + r * W, update_row(S + r * Ns, p.A + (d0 + r) * Ns, Bf, Cf, Ns, dl[r], ux[r]));
-        }
+        continue;
+      }
+#endif
+      for (int64_t r = 0; r < n; ++r) {
+        for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(S + (r + ahead) * Ns) + b, 1, 2);
+        for (int64_t b = 0; b < Ns * 4; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(A + (r + ahead) * Ns) + b, 0, 2);
+        vstore(yv + r * W, update_row(S + r * Ns, A + r * Ns, Bf, Cf, Ns, dl[r], ux[r]));
       }
       row_sums(yv, n, y);
-      const TIn* z = p.z.data ? mamba1::row<const TIn>(p.z, seq) : nullptr;
       for (int64_t c = d0; c < d1; c += W) {
         const int64_t nd = std::min(W, d1 - c);
         mamba1::store_part(out + c, mamba1::finish(vload(y + (c - d0)), vload(xf + (c - d0)), p, z, c, nd), nd);

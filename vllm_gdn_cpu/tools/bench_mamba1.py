@@ -9,10 +9,10 @@ no vLLM column: the comparison is the plain-torch token loop of ``vllm_gdn_cpu.r
 (fp32).
 Prefill: tokens/s per layer, and "updates" = tokens x Dm x N state updates per second (each one
 exp(dt A), two FMAs and a product with C: the scan is bound by its exps, not by memory or GEMMs).
-Decode: ``layers`` state pools stepped in turn (cold states, as in a model); GB/s counts the state
-read and written once per step, % of the in-place stream (bench.stream_gbps). A [Dm, N] fp32 is also
-read per call (as large as one fp32 state: at batch 1 it adds half the state's traffic, from cache
-when the layer's A stays there; not counted).
+Decode: ``layers`` state pools stepped in turn (cold states, as in a model), each layer with its own
+A (a [Dm, N] fp32, as large as one fp32 state, read once per call: cold too in a model); GB/s counts
+the state read and written once per step, % of the in-place stream (bench.stream_gbps); the
+``*_with_A`` figures add A's bytes (read once per call; at batch 1 half the fp32 state's traffic).
 With ``--cpu-time`` each row also gets one-thread figures by CPU time (prefill: ours and the
 reference; decode: ours against stream_scale_ over as many bytes), which a machine shared with other
 work distorts far less than wall time on all threads.
@@ -131,14 +131,18 @@ def bench_mamba1_decode(args) -> list[dict]:
                 sdt = getattr(torch, sdt_name)
                 pools, moved = cold_state_pools(batch, (s.Dm, s.N), sdt, args.layers)
                 layers = len(pools)
+                As = [A.clone() for _ in pools]  # one per layer: cold as the states
+                a_bytes = A.numel() * A.element_size()
 
                 def ours():
-                    for pool in pools:
-                        ops.selective_state_update(x, dt, A, B, C, D, z, dt_bias, pool, idx, out=out)
+                    for pool, A_l in zip(pools, As):
+                        ops.selective_state_update(x, dt, A_l, B, C, D, z, dt_bias, pool, idx, out=out)
 
                 row = {"model": model, "batch": batch, "dtype": args.dtype, "state_dtype": sdt_name,
                        "layers": layers, "threads": torch.get_num_threads(), "stream_gbps": bw}
                 t = time_cold_decode(row, ours, layers, moved, bw, args.repeat)
+                row["ours_gbps_with_A"] = (moved + a_bytes) / t / 1e9
+                row["ours_pct_of_stream_with_A"] = 100 * row["ours_gbps_with_A"] / bw
                 if not args.no_ref:
                     def torch_ref():
                         for pool in pools[:2]:
@@ -148,7 +152,9 @@ def bench_mamba1_decode(args) -> list[dict]:
                     row["torch_ref_us_per_layer"] = tr * 1e6
                     row["speedup_vs_torch_ref"] = tr / t
                 if args.cpu_time:  # one thread, CPU time, vs stream_scale_ over as many bytes
-                    cpu_time_cold_decode(row, ours, layers, moved, args.repeat)
+                    t1 = cpu_time_cold_decode(row, ours, layers, moved, args.repeat)
+                    row["ours_1t_cpu_gbps_with_A"] = (moved + a_bytes) / t1 / 1e9
+                    row["ours_1t_pct_of_stream_with_A"] = 100 * row["ours_1t_cpu_gbps_with_A"] / row["stream_1t_cpu_gbps"]
                 rows.append(row)
                 print_row(row, args)
     return rows
