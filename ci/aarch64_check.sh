@@ -207,12 +207,12 @@ cp "$SO" "$CACHE/pkg/vllm_gdn_cpu/_C.$SOABI.so"
 # 6. Kernel tests under emulation: once per CPU model, both models side by side (most of an
 # emulated test is single-threaded interpreter work, so two runs share the 2 cores well).
 # Selected: the torch-only kernel test files (vLLM-marked tests deselected; the vLLM cross-checks
-# in test_mamba2_ops.py skip with their reason), minus SKIP_K below (see its comment).
+# in the family test files skip with their reason), minus SKIP_K below (see its comment).
 FILES=(test_gating.py test_fused_recurrent.py test_chunk_prefill.py test_causal_conv1d.py test_decode_step.py
        test_op_errors.py test_opcheck.py test_stream_scale.py test_gemm_probe.py test_reference.py
-       test_without_vllm.py)
-# Mamba2 kernel tests: each tests/test_mamba2_*.py that does not need vLLM as a whole.
-for f in "$ROOT"/tests/test_mamba2_*.py; do
+       test_without_vllm.py test_linear.py test_gated_rms_norm.py)
+# The other families' kernel tests: each tests/test_{mamba*,kda}_*.py that does not need vLLM as a whole.
+for f in "$ROOT"/tests/test_mamba*_*.py "$ROOT"/tests/test_kda_*.py; do
   [ -f "$f" ] && ! grep -q '^pytest.importorskip("vllm"' "$f" && FILES+=("${f##*/}")
 done
 # Under emulation a test costs ~20-100x its native time, almost all of it in the float64 reference

@@ -95,3 +95,32 @@ def test_bench_gemv_json_side_by_side():
         assert row["ours_1t_cpu_gbps"] > 0 and row["stream_1t_cpu_gbps"] > 0
         if "vllm_us" in row:
             assert row["speedup_vs_vllm"] == pytest.approx(row["vllm_us"] / row["ours_us"])
+
+
+def _bench_rows(*args):
+    return run_cli("vllm_gdn_cpu.tools.bench", *args, "--json", "--repeat", "1")["rows"]
+
+
+def test_bench_kda_json():
+    """bench kda-prefill / kda-decode: ours, the plain-torch reference and the roofline figures."""
+    (row,) = _bench_rows("kda-prefill", "--models", "kimi-linear-tp4", "--workloads", "16x128", "--cpu-time")
+    assert row["ours_tok_s"] > 0 and row["speedup_vs_torch_ref"] > 0 and row["pct_of_path_gemm_peak"] > 0
+    assert row["ours_1t_pct_of_matmul"] > 0
+    rows = _bench_rows("kda-decode", "--models", "kimi-linear-tp4", "--batches", "2", "--layers", "2",
+                       "--state-dtypes", "float32,bfloat16")
+    assert [r["state_dtype"] for r in rows] == ["float32", "bfloat16"]
+    for r in rows:
+        assert r["ours_gbps"] > 0 and r["ours_pct_of_stream"] > 0 and r["torch_ref_us_per_layer"] > 0
+
+
+def test_bench_mamba_json():
+    """bench mamba1-* (no vLLM CPU op exists: ours vs the torch reference) and mamba2-* (also vLLM's)."""
+    (row,) = _bench_rows("mamba1-prefill", "--models", "mamba-130m", "--workloads", "16x128")
+    assert row["ours_tok_s"] > 0 and row["speedup_vs_torch_ref"] > 0 and "vllm_tok_s" not in row
+    rows = _bench_rows("mamba1-decode", "--models", "mamba-130m", "--batches", "2", "--layers", "2",
+                       "--state-dtypes", "float32,bfloat16")
+    assert [r["state_dtype"] for r in rows] == ["float32", "bfloat16"]
+    for r in rows:
+        assert r["ours_gbps"] > 0 and 0 < r["ours_pct_of_stream"] <= r["ours_pct_of_stream_with_A"]
+    rows = _bench_rows("mamba2-prefill", "--models", "mamba2-2.7b", "--workloads", "16x128")
+    assert rows and all(r["ours_tok_s"] > 0 and r["pct_of_path_gemm_peak"] > 0 for r in rows)
