@@ -349,6 +349,7 @@ CHUNK_ERRORS = [
 ]
 
 
+@pytest.mark.error_path
 @pytest.mark.parametrize("case", CHUNK_ERRORS, ids=lambda c: c[0])
 def test_chunk_errors(ep, case):
     _, over, exc, msg = case
@@ -370,6 +371,7 @@ DECODE_ERRORS = [
 ]
 
 
+@pytest.mark.error_path
 @pytest.mark.parametrize("case", DECODE_ERRORS, ids=lambda c: c[0])
 def test_decode_errors(ep, case):
     _, over, exc, msg = case
@@ -380,6 +382,7 @@ def test_decode_errors(ep, case):
     assert torch.equal(ep.state, before)
 
 
+@pytest.mark.error_path
 def test_gate_errors(ep):
     with pytest.raises(ValueError, match=re.escape("kda_gate: argument 'b' must have shape [8, 2]")):
         ops.kda_gate(ep.A_log, ep.f, ep.b[:, :1], ep.dt_bias)
