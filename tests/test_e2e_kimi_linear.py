@@ -55,6 +55,27 @@ MODEL_LINE = {
 SHARED_PREFIX = 290  # of the 300-token prompt (blocks are shorter): a second request continues from its cached blocks
 
 
+@pytest.fixture(scope="module", autouse=True)
+def numba_hidden_from_this_process():
+    """The front end imports vLLM's Kimi model module in this (pytest) process, and it imports numba
+    when installed (transformers_utils/processors/kimi_k25_vision_fused.py, only for Kimi-K2.5's
+    vision inputs). With llvmlite loaded, every later in-process engine of the suite fails at
+    worker start (the crash described above). While these tests run, numba reads as not installed
+    here (vLLM then takes its plain path for that processor); the engine processes are unaffected."""
+    import sys
+
+    if sys.modules.get("numba") is not None:
+        yield  # already loaded by something else: nothing to protect
+        return
+    had = "numba" in sys.modules
+    sys.modules["numba"] = None  # import numba -> ImportError
+    try:
+        yield
+    finally:
+        if not had:
+            sys.modules.pop("numba", None)
+
+
 @pytest.fixture(scope="module")
 def tiny_kimi_dir(tmp_path_factory):
     pytest.importorskip("transformers", reason="building the tiny checkpoint needs transformers")
