@@ -56,24 +56,36 @@ SHARED_PREFIX = 290  # of the 300-token prompt (blocks are shorter): a second re
 
 
 @pytest.fixture(scope="module", autouse=True)
-def numba_hidden_from_this_process():
-    """The front end imports vLLM's Kimi model module in this (pytest) process, and it imports numba
-    when installed (transformers_utils/processors/kimi_k25_vision_fused.py, only for Kimi-K2.5's
-    vision inputs). With llvmlite loaded, every later in-process engine of the suite fails at
-    worker start (the crash described above). While these tests run, numba reads as not installed
-    here (vLLM then takes its plain path for that processor); the engine processes are unaffected."""
+def process_state_kept_for_later_tests():
+    """Two process-wide side effects of running Kimi-Linear in this (pytest) process, undone for the
+    tests that follow:
+    * the front end imports vLLM's Kimi model module, which imports numba when installed
+      (transformers_utils/processors/kimi_k25_vision_fused.py, only for Kimi-K2.5's vision inputs);
+      with llvmlite loaded, every later in-process engine fails at worker start (the crash above).
+      While these tests run numba reads as not installed here (vLLM takes its plain path for that
+      processor); the engine processes are unaffected;
+    * vLLM lists KimiLinearForCausalLM among its "breakable CUDA graph" architectures and sets
+      os.environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] = "1" for it (config/vllm.py,
+      _maybe_enable_breakable_cudagraph), which then forces compilation mode NONE on every later
+      engine of the process (seen: the pipeline-parallel test, which needs vLLM's compiled-mode
+      warm-up, failed after these tests). The variable is restored afterwards."""
+    import os
     import sys
 
-    if sys.modules.get("numba") is not None:
-        yield  # already loaded by something else: nothing to protect
-        return
-    had = "numba" in sys.modules
-    sys.modules["numba"] = None  # import numba -> ImportError
+    breakable = os.environ.get("VLLM_USE_BREAKABLE_CUDAGRAPH")
+    hide_numba = sys.modules.get("numba") is None
+    had_numba_entry = "numba" in sys.modules
+    if hide_numba:
+        sys.modules["numba"] = None  # import numba -> ImportError
     try:
         yield
     finally:
-        if not had:
+        if hide_numba and not had_numba_entry:
             sys.modules.pop("numba", None)
+        if breakable is None:
+            os.environ.pop("VLLM_USE_BREAKABLE_CUDAGRAPH", None)
+        else:
+            os.environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] = breakable
 
 
 @pytest.fixture(scope="module")
