@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
+from vllm.utils.torch_utils import _resolve_layer_name
 
 from vllm_gdn_cpu import ops
 
@@ -141,3 +143,21 @@ def spec_decode_states(ssm_state, spec_idx, accepted, cu, out, step) -> None:
         step_out = step(rows, torch.where(active, dst, -1).to(torch.int32))
         out[rows[active]] = step_out[active]
         src = torch.where(active, dst, src)
+
+
+def step_layer_and_metadata(layer_name):
+    """For a layer's core custom op: (the layer, its attention metadata in this step), or None when
+    there is nothing to do (profile / dummy runs bind no state and leave the output zero; a step
+    without metadata for this layer, as vLLM's own mamba layers skip it)."""
+    forward_context = get_forward_context()
+    layer = forward_context.no_compile_layers[_resolve_layer_name(layer_name)]
+    attn_metadata = forward_context.attn_metadata
+    if attn_metadata is None:
+        return None
+    if not isinstance(attn_metadata, dict):
+        raise TypeError(
+            f"vllm_gdn_cpu: expected per-layer attention metadata (a dict), got {type(attn_metadata)}"
+        )
+    metadata = attn_metadata.get(layer.prefix)
+    return None if metadata is None else (layer, metadata)
+

@@ -43,19 +43,17 @@ from __future__ import annotations
 
 import torch
 
-from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.mamba.gdn.kimi_gdn_linear_attn import KimiGatedDeltaNetAttention
 from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
 from vllm.utils.torch_utils import (
     LayerNameType,
     _encode_layer_name,
-    _resolve_layer_name,
     direct_register_custom_op,
 )
 from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
 
 from vllm_gdn_cpu import ops
-from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, CPUConvWeights, log_activation
+from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, CPUConvWeights, log_activation, step_layer_and_metadata
 from vllm_gdn_cpu.layers.projections import _projections_mode, install_all
 
 VLLM_CLASS = "KimiGatedDeltaNetAttention"
@@ -188,15 +186,9 @@ def kda_cpu_attention_core(
     core_attn_out: torch.Tensor,
     layer_name: LayerNameType,
 ) -> None:
-    forward_context = get_forward_context()
-    layer = forward_context.no_compile_layers[_resolve_layer_name(layer_name)]
-    attn_metadata = forward_context.attn_metadata
-    if attn_metadata is None:  # profiling / dummy run: no state is bound, output stays zero
-        return
-    metadata = attn_metadata.get(layer.prefix)
-    if metadata is None:  # profile / warm-up dummy runs skip mamba-family metadata
-        return
-    layer.forward_core(mixed_qkv, f, beta, core_attn_out, metadata)
+    if (found := step_layer_and_metadata(layer_name)) is not None:
+        layer, metadata = found
+        layer.forward_core(mixed_qkv, f, beta, core_attn_out, metadata)
 
 
 def _kda_cpu_attention_core_fake(

@@ -39,13 +39,11 @@ from __future__ import annotations
 
 import torch
 
-from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.mamba.mamba_mixer2 import MambaMixer2
 from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
 from vllm.utils.torch_utils import (
     LayerNameType,
     _encode_layer_name,
-    _resolve_layer_name,
     direct_register_custom_op,
 )
 from vllm.v1.attention.backends.mamba2_attn import Mamba2AttentionMetadata
@@ -53,7 +51,7 @@ from vllm.v1.attention.backends.mamba2_attn import Mamba2AttentionMetadata
 from vllm_gdn_cpu import ops
 from vllm_gdn_cpu.layers.projections import install_all
 from vllm_gdn_cpu.layers.common import (CONV_ACTIVATIONS, CPUConvWeights, log_activation, spec_decode_conv,
-                                        spec_decode_states)
+                                        spec_decode_states, step_layer_and_metadata)
 
 
 class GDNCPUMambaMixer2(CPUConvWeights, MambaMixer2):
@@ -231,19 +229,9 @@ def mamba2_cpu_core(
     output: torch.Tensor,
     layer_name: LayerNameType,
 ) -> None:
-    forward_context = get_forward_context()
-    layer = forward_context.no_compile_layers[_resolve_layer_name(layer_name)]
-    attn_metadata = forward_context.attn_metadata
-    if attn_metadata is None:  # profiling / dummy run: no state is bound, output stays zero
-        return
-    if not isinstance(attn_metadata, dict):
-        raise TypeError(
-            f"vllm_gdn_cpu: expected per-layer attention metadata (a dict), got {type(attn_metadata)}"
-        )
-    metadata = attn_metadata.get(layer.prefix)
-    if metadata is None:  # as vLLM's MambaMixer2: no metadata for this layer in this step
-        return
-    layer.forward_core(projected_states, output, metadata)
+    if (found := step_layer_and_metadata(layer_name)) is not None:
+        layer, metadata = found
+        layer.forward_core(projected_states, output, metadata)
 
 
 def _mamba2_cpu_core_fake(
