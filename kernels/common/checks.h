@@ -169,6 +169,36 @@ inline const bool* check_has_initial_state(const at::Tensor& h, int64_t N, const
   return h.data_ptr<bool>();
 }
 
+// The varlen batch of a prefill-style call (chunked scans, conv): N = len(state_indices) sequences
+// over T tokens, each naming a distinct slot of a pool of num_slots (or padding).
+inline void check_varlen_batch(VarlenBatch& b, const at::Tensor& state_indices, const at::Tensor& cu_seqlens,
+                               const std::optional<at::Tensor>& has_initial_state, int64_t num_slots, int64_t T,
+                               const char* op) {
+  b.state_indices = check_state_indices(state_indices, num_slots, op);
+  b.N = state_indices.size(0);
+  b.cu_seqlens = check_cu_seqlens(cu_seqlens, b.N, T, op);
+  if (has_initial_state.has_value()) b.has_initial_state = check_has_initial_state(*has_initial_state, b.N, op);
+}
+
+// The batch of a recurrent (decode-style) call: with cu_seqlens each sequence's own tokens, else one
+// token per sequence. Returns how many leading rows of the T tokens the sequences cover.
+inline int64_t check_recurrent_batch(VarlenBatch& b, const at::Tensor& state_indices,
+                                     const std::optional<at::Tensor>& cu_seqlens, int64_t num_slots, int64_t T,
+                                     const char* op) {
+  b.state_indices = check_state_indices(state_indices, num_slots, op);
+  b.N = state_indices.size(0);
+  return check_recurrent_sequences(cu_seqlens, b.N, T, op, &b.cu_seqlens);
+}
+
+// The batch of a one-token decode (Mamba2, Mamba-1): exactly one sequence per token row.
+inline void check_decode_batch(VarlenBatch& b, const at::Tensor& state_indices, int64_t num_slots, int64_t T,
+                               const char* op) {
+  b.state_indices = check_state_indices(state_indices, num_slots, op);
+  b.N = state_indices.size(0);
+  TORCH_CHECK_VALUE(b.N == T, op, ": argument 'state_indices' must have one entry per sequence (x has ", T,
+                    "), got ", b.N);
+}
+
 // Rows of out that belong to no sequence are zeroed, so the result never depends on garbage.
 inline void zero_trailing_rows(at::Tensor& out, int64_t covered) {
   if (covered < out.size(0)) out.narrow(0, covered, out.size(0) - covered).zero_();

@@ -14,7 +14,7 @@
 #include "common/gemm_backends.h"
 #include "common/parallel.h"
 #include "common/runtime.h"
-#include "ops.h"
+#include "common/op_registration.h"
 
 namespace gdn {
 namespace {
@@ -291,3 +291,13 @@ void gated_rms_norm(const at::Tensor& x, const at::Tensor& z, const at::Tensor& 
 }
 
 }  // namespace gdn
+
+TORCH_LIBRARY_FRAGMENT(vllm_gdn_cpu, m) {
+  gdn::def_cpu_op<&gdn::small_linear>(m,
+      "small_linear(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out) -> ()");
+  gdn::def_cpu_op<&gdn::linear>(m, "linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  gdn::def_plain_op<&gdn::linear_path_counts>(m, "linear_path_counts() -> int[]");
+  gdn::def_plain_op<&gdn::reset_linear_path_counts>(m, "reset_linear_path_counts() -> ()");
+  gdn::def_cpu_op<&gdn::gated_rms_norm>(m,
+      "gated_rms_norm(Tensor x, Tensor z, Tensor weight, float eps, bool sigmoid, Tensor(a!) out) -> ()");
+}

@@ -6,6 +6,7 @@
 
 #include "common/checks.h"
 #include "common/runtime.h"
+#include "common/op_registration.h"
 #include "ops.h"
 
 namespace gdn {
@@ -44,10 +45,7 @@ void causal_conv1d(const at::Tensor& x, const at::Tensor& weight, const std::opt
   p.state_dtype = to_dtype(conv_state, op, "conv_state");
   p.state_slot_stride = conv_state.stride(0), p.state_tap_stride = conv_state.stride(1);
   p.state_dim_stride = conv_state.stride(2);
-  p.state_indices = check_state_indices(state_indices, conv_state.size(0), op);
-  p.N = state_indices.size(0);
-  p.cu_seqlens = check_cu_seqlens(cu_seqlens, p.N, T, op);
-  if (has_initial_state.has_value()) p.has_initial_state = check_has_initial_state(*has_initial_state, p.N, op);
+  check_varlen_batch(p, state_indices, cu_seqlens, has_initial_state, conv_state.size(0), T, op);
   p.silu = silu;
   active_kernels().causal_conv1d(p);
   zero_trailing_rows(out, p.cu_seqlens[p.N]);
@@ -77,3 +75,12 @@ std::string runtime_info() {
 }
 
 }  // namespace gdn
+
+TORCH_LIBRARY_FRAGMENT(vllm_gdn_cpu, m) {
+  gdn::def_cpu_op<&gdn::causal_conv1d>(m,
+      "causal_conv1d(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) conv_state, Tensor state_indices, "
+      "Tensor cu_seqlens, Tensor? has_initial_state, bool silu, Tensor(b!) out) -> ()");
+  gdn::def_cpu_op<&gdn::stream_scale>(m, "stream_scale(Tensor(a!) x, float factor) -> ()");
+  gdn::def_plain_op<&gdn::gemm_probe>(m, "gemm_probe(bool bf16, float seconds) -> Tensor");
+  gdn::def_plain_op<&gdn::runtime_info>(m, "runtime_info() -> str");
+}

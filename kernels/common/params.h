@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 
+#include "kernel_list.h"
+
 namespace gdn {
 
 enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
@@ -66,52 +68,57 @@ struct GemmBackend {
   int64_t triangle_block;
 };
 
-struct RecurrentParams {
-  int64_t N, Hk, Hv, K, V;
+// The sequences of one call, the same for every family: sequence i's tokens are rows
+// [cu_seqlens[i], cu_seqlens[i+1]) and its recurrent state is slot state_indices[i]. Every
+// family's params derive from it (kernels read p.N, p.state_indices, ...); the host layer fills it
+// through one check (check_varlen_batch / check_decode_batch in common/checks.h).
+struct VarlenBatch {
+  int64_t N;                          // sequences
+  const int32_t* state_indices;       // [N], < 0: padding (skipped, output rows zeroed, no state touched)
+  const int32_t* cu_seqlens;          // [N+1]; decode ops: nullptr = sequence i is token i
+  const bool* has_initial_state;      // [N] or nullptr (all true); prefill ops
+  const int32_t* checkpoint_offsets;  // [N] or nullptr: o > 0 also writes the state after o tokens
+  const int32_t* checkpoint_slots;    //   into slot checkpoint_slots[i] (align-mode prefix caching)
+};
+
+struct RecurrentParams : VarlenBatch {
+  int64_t Hk, Hv, K, V;
   Mat3 q, k, v, out;
   GatingParams gate;        // a, b, A_log, dt_bias, softplus params (g/beta pointers unused)
   StatePool state;
-  const int32_t* state_indices;  // [N]
-  const int32_t* cu_seqlens;     // [N+1] or nullptr: sequence i is token i
   float scale;
   bool use_qk_l2norm;
 };
 
-struct ChunkParams {
-  int64_t N, Hk, Hv, K, V;
+struct ChunkParams : VarlenBatch {
+  int64_t Hk, Hv, K, V;
   Mat3 q, k, v, out;
   const float* g;     // [T, Hv], row stride g_stride
   const float* beta;  // [T, Hv], row stride beta_stride
   int64_t g_stride, beta_stride;
   StatePool state;
-  const int32_t* state_indices;      // [N]
-  const int32_t* cu_seqlens;         // [N+1]
-  const bool* has_initial_state;     // [N] or nullptr (all true)
   float scale;
   bool use_qk_l2norm;
   GemmBackend gemm;
 };
 
 // Depthwise causal conv1d over a varlen batch, continuing from and updating a per-slot history.
-struct ConvParams {
-  int64_t T, D, W, N;
+struct ConvParams : VarlenBatch {
+  int64_t T, D, W;
   Mat2 x;                         // [T, D]
   const float* weight;            // [W, D] fp32 contiguous (tap-major: each tap a vector over channels)
   const float* bias;              // [D] fp32 or nullptr
   void* state;                    // conv_state [slots, W-1, D] (strides below, in elements)
   DType state_dtype;
-  int64_t state_slot_stride, state_tap_stride, state_dim_stride;
-  const int32_t* state_indices;   // [N], < 0: padding (history zero, state untouched)
-  const int32_t* cu_seqlens;      // [N+1]
-  const bool* has_initial_state;  // [N] or nullptr (all true)
+  int64_t state_slot_stride, state_tap_stride, state_dim_stride;  // padding: history zero, state untouched
   bool silu;
   Mat2 out;                       // [T, D], same dtype as x
 };
 
 // Mamba2 (SSD) prefill (mamba2_chunk_scan) and decode (mamba2_state_update): H heads of dim P, G
 // groups of B/C with d_state Nst (head h reads group h / (H / G)), state [slots, H, P, Nst].
-struct Mamba2Params {
-  int64_t N, H, P, G, Nst;     // sequences, heads, head dim, groups, d_state
+struct Mamba2Params : VarlenBatch {
+  int64_t H, P, G, Nst;        // heads, head dim, groups, d_state
   Mat3 x, B, C, z, out;        // x/z/out [T, H, P], B/C [T, G, Nst]; z.data null if absent
   Mat2 dt;                     // [T, H] raw (before bias/softplus), any float dtype
   const float* A;              // [H] fp32, <= 0
@@ -120,11 +127,6 @@ struct Mamba2Params {
   bool dt_softplus;
   float dt_min, dt_max;        // dt = clamp(softplus(dt + dt_bias), dt_min, dt_max)
   StatePool state;
-  const int32_t* state_indices;       // [N], < 0: padding
-  const int32_t* cu_seqlens;          // [N+1] (prefill; decode: sequence i is token i)
-  const bool* has_initial_state;      // [N] or nullptr (all true)
-  const int32_t* checkpoint_offsets;  // [N] or nullptr: o > 0 also writes the state after o tokens
-  const int32_t* checkpoint_slots;    //   into slot checkpoint_slots[i]
   GemmBackend gemm;                   // prefill only
 };
 
@@ -178,16 +180,13 @@ struct KdaGateParams {
 };
 
 // chunk_kda (prefill) and fused_recurrent_kda (decode, gate computed inside from `gate`).
-struct KdaParams {
-  int64_t N, H, K, V;
+struct KdaParams : VarlenBatch {
+  int64_t H, K, V;
   Mat3 q, k, v, out;                // q, k [T, H, K], v / out [T, H, V]
   Mat3 g;                           // chunk: [T, H, K] fp32 log-decays
   Mat2 beta;                        // chunk: [T, H] fp32
   KdaGateParams gate;               // decode: f, b, A_log, dt_bias, lower bound
   StatePool state;                  // [slots, H, K, V]
-  const int32_t* state_indices;     // [N], < 0: padding
-  const int32_t* cu_seqlens;        // [N+1]; decode: nullptr = sequence i is token i
-  const bool* has_initial_state;    // [N] or nullptr (all true); chunk only
   float scale;
   bool use_qk_l2norm;
   GemmBackend gemm;                 // chunk only
@@ -195,41 +194,24 @@ struct KdaParams {
 
 // Mamba-1 selective scan (kernels/mamba1/): Dm channels with per-channel A [Dm, Nst], one B/C row
 // per token shared by every channel, state [slots, Dm, Nst].
-struct Mamba1Params {
-  int64_t N, Dm, Nst;                 // sequences, channels (d_inner), d_state
+struct Mamba1Params : VarlenBatch {
+  int64_t Dm, Nst;                    // channels (d_inner), d_state
   Mat2 x, dt, B, C, z, out;           // x/dt/z/out [T, Dm], B/C [T, Nst]; z.data null if absent
   const float* A;                     // [Dm, Nst] fp32 contiguous
   const float* D;                     // [Dm] fp32 or nullptr
   const float* dt_bias;               // [Dm] fp32 or nullptr
   bool dt_softplus;                   // dt = softplus(dt + dt_bias) (threshold 20)
   StatePool state;                    // [slots, Dm, Nst]
-  const int32_t* state_indices;       // [N], < 0: padding
-  const int32_t* cu_seqlens;          // [N+1] (prefill; decode: sequence i is token i)
-  const bool* has_initial_state;      // [N] or nullptr (all true)
-  const int32_t* checkpoint_offsets;  // [N] or nullptr: o > 0 also writes the state after o tokens
-  const int32_t* checkpoint_slots;    //   into slot checkpoint_slots[i]
 };
 
-// One entry per compiled ISA (kernels/common/runtime.cpp picks one at run time).
+// One entry per compiled ISA (kernels/common/runtime.cpp picks one at run time): a member per
+// kernel of GDN_KERNEL_LIST (kernels/kernel_list.h).
+#define GDN_KERNEL_MEMBER(name, ...) void (*name)(__VA_ARGS__);
 struct KernelTable {
   const char* isa;
   bool has_bf16_gemm;  // this ISA's kernels include the AVX512-BF16 (vdpbf16ps) GEMM
-  void (*gdn_gating)(const GatingParams&);
-  void (*fused_recurrent)(const RecurrentParams&);
-  void (*chunk_gated_delta_rule)(const ChunkParams&);
-  void (*causal_conv1d)(const ConvParams&);
-  void (*stream_scale)(float* x, int64_t n, float factor);  // benchmark probe, see stream_scale.cpp
-  void (*gemm_probe)(const GemmBackend& gemm, bool bf16, int64_t M, int64_t N, int64_t K, double seconds,
-                     double* gflops_per_thread);  // benchmark probe, see gemm_probe.cpp
-  void (*mamba2_chunk_scan)(const Mamba2Params&);
-  void (*mamba2_state_update)(const Mamba2Params&);
-  void (*linear)(const LinearParams&);
-  void (*gated_rms_norm)(const GatedRmsNormParams&);
-  void (*kda_gate)(const KdaGateParams&);
-  void (*chunk_kda)(const KdaParams&);
-  void (*fused_recurrent_kda)(const KdaParams&);
-  void (*mamba1_selective_scan)(const Mamba1Params&);
-  void (*mamba1_state_update)(const Mamba1Params&);
+  GDN_KERNEL_LIST(GDN_KERNEL_MEMBER)
 };
+#undef GDN_KERNEL_MEMBER
 
 }  // namespace gdn

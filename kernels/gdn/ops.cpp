@@ -7,6 +7,7 @@
 
 #include "common/checks.h"
 #include "common/runtime.h"
+#include "common/op_registration.h"
 #include "ops.h"
 
 namespace gdn {
@@ -99,10 +100,7 @@ void chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::
   ChunkParams p{};
   p.state = check_state(state, s, op);
   check_disjoint(out, "out", state, "state", op);
-  p.state_indices = check_state_indices(state_indices, p.state.num_slots, op);
-  p.N = state_indices.size(0);
-  p.cu_seqlens = check_cu_seqlens(cu_seqlens, p.N, s.T, op);
-  if (has_initial_state.has_value()) p.has_initial_state = check_has_initial_state(*has_initial_state, p.N, op);
+  check_varlen_batch(p, state_indices, cu_seqlens, has_initial_state, p.state.num_slots, s.T, op);
   p.Hk = s.Hk, p.Hv = s.Hv, p.K = s.K, p.V = s.V;
   p.q = mat3(q, op, "q"), p.k = mat3(k, op, "k"), p.v = mat3(v, op, "v"), p.out = mat3(out, op, "out");
   p.g = g.data_ptr<float>(), p.beta = beta.data_ptr<float>();
@@ -137,9 +135,7 @@ RecurrentParams recurrent_params(const at::Tensor& q, const at::Tensor& k, const
   p.state = check_state(state, s, op, state_name);
   check_disjoint(out, "out", state, state_name, op);
   check_finite(scale, op, "scale");
-  p.state_indices = check_state_indices(state_indices, p.state.num_slots, op);
-  p.N = state_indices.size(0);
-  *covered = check_recurrent_sequences(cu_seqlens, p.N, s.T, op, &p.cu_seqlens);
+  *covered = check_recurrent_batch(p, state_indices, cu_seqlens, p.state.num_slots, s.T, op);
   p.Hk = s.Hk, p.Hv = s.Hv, p.K = s.K, p.V = s.V;
   p.q = mat3(q, op, "q"), p.k = mat3(k, op, "k"), p.v = mat3(v, op, "v"), p.out = mat3(out, op, "out");
   p.scale = static_cast<float>(scale);
@@ -201,3 +197,22 @@ void gdn_decode_step(const at::Tensor& mixed_qkv, const at::Tensor& conv_weight,
 }
 
 }  // namespace gdn
+
+TORCH_LIBRARY_FRAGMENT(vllm_gdn_cpu, m) {
+  gdn::def_cpu_op<&gdn::gdn_gating>(m,
+      "gdn_gating(Tensor A_log, Tensor a, Tensor b, Tensor dt_bias, float softplus_beta, "
+      "float softplus_threshold, bool allow_neg_eigval) -> (Tensor, Tensor)");
+  gdn::def_cpu_op<&gdn::chunk_gated_delta_rule>(m,
+      "chunk_gated_delta_rule(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor(a!) state, "
+      "Tensor state_indices, Tensor cu_seqlens, Tensor? has_initial_state, float scale, bool use_qk_l2norm, "
+      "Tensor(b!) out) -> ()");
+  gdn::def_cpu_op<&gdn::fused_recurrent_gated_delta_rule>(m,
+      "fused_recurrent_gated_delta_rule(Tensor q, Tensor k, Tensor v, Tensor A_log, Tensor dt_bias, Tensor a, "
+      "Tensor b, Tensor(a!) state, Tensor state_indices, Tensor? cu_seqlens, float scale, bool use_qk_l2norm, "
+      "bool allow_neg_eigval, float softplus_beta, float softplus_threshold, Tensor(b!) out) -> ()");
+  gdn::def_cpu_op<&gdn::gdn_decode_step>(m,
+      "gdn_decode_step(Tensor mixed_qkv, Tensor conv_weight, Tensor? conv_bias, Tensor(a!) conv_state, "
+      "Tensor A_log, Tensor dt_bias, Tensor a, Tensor b, Tensor(b!) ssm_state, Tensor state_indices, "
+      "int num_k_heads, int head_k_dim, int head_v_dim, float scale, bool use_qk_l2norm, bool allow_neg_eigval, "
+      "float softplus_beta, float softplus_threshold, Tensor(c!) out) -> ()");
+}

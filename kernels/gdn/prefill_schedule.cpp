@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "ops.h"
+#include "common/op_registration.h"
 
 namespace gdn {
 namespace {
@@ -88,3 +88,8 @@ std::vector<double> prefill_phase_times(bool reset) {
 }
 
 }  // namespace gdn
+
+TORCH_LIBRARY_FRAGMENT(vllm_gdn_cpu, m) {
+  gdn::def_plain_op<&gdn::prefill_schedule_counts>(m, "prefill_schedule_counts() -> int[]");
+  gdn::def_plain_op<&gdn::prefill_phase_times>(m, "prefill_phase_times(bool reset) -> float[]");
+}

@@ -5,7 +5,7 @@
 
 #include "common/checks.h"
 #include "common/runtime.h"
-#include "ops.h"
+#include "common/op_registration.h"
 
 namespace gdn {
 namespace {
@@ -79,10 +79,7 @@ void chunk_kda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   KdaParams p{};
   p.state = check_state(state, s, op);
   check_disjoint(out, "out", state, "state", op);
-  p.state_indices = check_state_indices(state_indices, p.state.num_slots, op);
-  p.N = state_indices.size(0);
-  p.cu_seqlens = check_cu_seqlens(cu_seqlens, p.N, s.T, op);
-  if (has_initial_state.has_value()) p.has_initial_state = check_has_initial_state(*has_initial_state, p.N, op);
+  check_varlen_batch(p, state_indices, cu_seqlens, has_initial_state, p.state.num_slots, s.T, op);
   p.H = s.Hv, p.K = s.K, p.V = s.V;
   p.q = mat3(q, op, "q"), p.k = mat3(k, op, "k"), p.v = mat3(v, op, "v"), p.out = mat3(out, op, "out");
   p.g = mat3(g, op, "g");
@@ -108,9 +105,7 @@ void fused_recurrent_kda(const at::Tensor& q, const at::Tensor& k, const at::Ten
   p.gate = gate_params(A_log, f, b, dt_bias, lower_bound, s.T, s.Hv, s.K, A32, dt32, op);
   p.state = check_state(state, s, op);
   check_disjoint(out, "out", state, "state", op);
-  p.state_indices = check_state_indices(state_indices, p.state.num_slots, op);
-  p.N = state_indices.size(0);
-  const int64_t covered = check_recurrent_sequences(cu_seqlens, p.N, s.T, op, &p.cu_seqlens);
+  const int64_t covered = check_recurrent_batch(p, state_indices, cu_seqlens, p.state.num_slots, s.T, op);
   p.H = s.Hv, p.K = s.K, p.V = s.V;
   p.q = mat3(q, op, "q"), p.k = mat3(k, op, "k"), p.v = mat3(v, op, "v"), p.out = mat3(out, op, "out");
   p.scale = static_cast<float>(scale);
@@ -120,3 +115,15 @@ void fused_recurrent_kda(const at::Tensor& q, const at::Tensor& k, const at::Ten
 }
 
 }  // namespace gdn
+
+TORCH_LIBRARY_FRAGMENT(vllm_gdn_cpu, m) {
+  gdn::def_cpu_op<&gdn::kda_gate>(m,
+      "kda_gate(Tensor A_log, Tensor f, Tensor b, Tensor dt_bias, float? lower_bound) -> (Tensor, Tensor)");
+  gdn::def_cpu_op<&gdn::chunk_kda>(m,
+      "chunk_kda(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor(a!) state, Tensor state_indices, "
+      "Tensor cu_seqlens, Tensor? has_initial_state, float scale, bool use_qk_l2norm, Tensor(b!) out) -> ()");
+  gdn::def_cpu_op<&gdn::fused_recurrent_kda>(m,
+      "fused_recurrent_kda(Tensor q, Tensor k, Tensor v, Tensor A_log, Tensor dt_bias, Tensor f, Tensor b, "
+      "Tensor(a!) state, Tensor state_indices, Tensor? cu_seqlens, float scale, bool use_qk_l2norm, "
+      "float? lower_bound, Tensor(b!) out) -> ()");
+}

@@ -6,7 +6,7 @@
 #include "common/checkpoint_checks.h"
 #include "common/checks.h"
 #include "common/runtime.h"
-#include "ops.h"
+#include "common/op_registration.h"
 
 namespace gdn {
 namespace {
@@ -112,10 +112,7 @@ void mamba1_selective_scan(const at::Tensor& x, const at::Tensor& dt, const at::
   const at::Tensor A32 = A.to(at::kFloat).contiguous();
   const auto D32 = opt_per_channel(D, s.Dm, op, "D"), bias32 = opt_per_channel(dt_bias, s.Dm, op, "dt_bias");
   Mamba1Params p = common_params(x, dt, A32, B, C, D32, z, bias32, state, dt_softplus, out, s, op);
-  p.state_indices = check_state_indices(state_indices, p.state.num_slots, op);
-  p.N = state_indices.size(0);
-  p.cu_seqlens = check_cu_seqlens(cu_seqlens, p.N, s.T, op);
-  if (has_initial_state.has_value()) p.has_initial_state = check_has_initial_state(*has_initial_state, p.N, op);
+  check_varlen_batch(p, state_indices, cu_seqlens, has_initial_state, p.state.num_slots, s.T, op);
   check_checkpoints(checkpoint_offsets, checkpoint_slots, p, op);
   active_kernels().mamba1_selective_scan(p);
   zero_trailing_rows(out, p.cu_seqlens[p.N]);
@@ -130,11 +127,18 @@ void mamba1_state_update(const at::Tensor& x, const at::Tensor& dt, const at::Te
   const at::Tensor A32 = A.to(at::kFloat).contiguous();
   const auto D32 = opt_per_channel(D, s.Dm, op, "D"), bias32 = opt_per_channel(dt_bias, s.Dm, op, "dt_bias");
   Mamba1Params p = common_params(x, dt, A32, B, C, D32, z, bias32, state, dt_softplus, out, s, op);
-  p.state_indices = check_state_indices(state_indices, p.state.num_slots, op);
-  p.N = state_indices.size(0);
-  TORCH_CHECK_VALUE(p.N == s.T, op, ": argument 'state_indices' must have one entry per sequence (x has ", s.T,
-                    "), got ", p.N);
+  check_decode_batch(p, state_indices, p.state.num_slots, s.T, op);
   active_kernels().mamba1_state_update(p);
 }
 
 }  // namespace gdn
+
+TORCH_LIBRARY_FRAGMENT(vllm_gdn_cpu, m) {
+  gdn::def_cpu_op<&gdn::mamba1_selective_scan>(m,
+      "mamba1_selective_scan(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+      "Tensor? dt_bias, Tensor(a!) state, Tensor state_indices, Tensor cu_seqlens, Tensor? has_initial_state, "
+      "bool dt_softplus, Tensor? checkpoint_offsets, Tensor? checkpoint_slots, Tensor(b!) out) -> ()");
+  gdn::def_cpu_op<&gdn::mamba1_state_update>(m,
+      "mamba1_state_update(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+      "Tensor? dt_bias, Tensor(a!) state, Tensor state_indices, bool dt_softplus, Tensor(b!) out) -> ()");
+}

@@ -7,7 +7,7 @@
 #include "common/checkpoint_checks.h"
 #include "common/checks.h"
 #include "common/runtime.h"
-#include "ops.h"
+#include "common/op_registration.h"
 
 namespace gdn {
 namespace {
@@ -109,10 +109,7 @@ void mamba2_chunk_scan(const at::Tensor& x, const at::Tensor& dt, const at::Tens
   const at::Tensor A32 = per_head_f32(A, s.H, op, "A");
   const auto D32 = opt_per_head(D, s.H, op, "D"), bias32 = opt_per_head(dt_bias, s.H, op, "dt_bias");
   Mamba2Params p = common_params(x, dt, A32, B, C, D32, bias32, state, z, dt_softplus, dt_min, dt_max, out, s, op);
-  p.state_indices = check_state_indices(state_indices, p.state.num_slots, op);
-  p.N = state_indices.size(0);
-  p.cu_seqlens = check_cu_seqlens(cu_seqlens, p.N, s.T, op);
-  if (has_initial_state.has_value()) p.has_initial_state = check_has_initial_state(*has_initial_state, p.N, op);
+  check_varlen_batch(p, state_indices, cu_seqlens, has_initial_state, p.state.num_slots, s.T, op);
   check_checkpoints(checkpoint_offsets, checkpoint_slots, p, op);
   const GemmChoice gemm = active_gemm();
   p.gemm = gemm.backend;
@@ -130,11 +127,20 @@ void mamba2_state_update(const at::Tensor& x, const at::Tensor& dt, const at::Te
   const at::Tensor A32 = per_head_f32(A, s.H, op, "A");
   const auto D32 = opt_per_head(D, s.H, op, "D"), bias32 = opt_per_head(dt_bias, s.H, op, "dt_bias");
   Mamba2Params p = common_params(x, dt, A32, B, C, D32, bias32, state, z, dt_softplus, dt_min, dt_max, out, s, op);
-  p.state_indices = check_state_indices(state_indices, p.state.num_slots, op);
-  p.N = state_indices.size(0);
-  TORCH_CHECK_VALUE(p.N == s.T, op, ": argument 'state_indices' must have one entry per sequence (x has ", s.T,
-                    "), got ", p.N);
+  check_decode_batch(p, state_indices, p.state.num_slots, s.T, op);
   active_kernels().mamba2_state_update(p);
 }
 
 }  // namespace gdn
+
+TORCH_LIBRARY_FRAGMENT(vllm_gdn_cpu, m) {
+  gdn::def_cpu_op<&gdn::mamba2_chunk_scan>(m,
+      "mamba2_chunk_scan(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? dt_bias, "
+      "Tensor(a!) state, Tensor state_indices, Tensor cu_seqlens, Tensor? has_initial_state, Tensor? z, "
+      "bool dt_softplus, float dt_min, float dt_max, Tensor? checkpoint_offsets, Tensor? checkpoint_slots, "
+      "Tensor(b!) out) -> ()");
+  gdn::def_cpu_op<&gdn::mamba2_state_update>(m,
+      "mamba2_state_update(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? dt_bias, "
+      "Tensor(a!) state, Tensor state_indices, Tensor? z, bool dt_softplus, float dt_min, float dt_max, "
+      "Tensor(b!) out) -> ()");
+}
