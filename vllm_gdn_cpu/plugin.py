@@ -99,7 +99,7 @@ def _register_align_spec_kernels() -> None:
     import vllm.v1.worker.mamba_utils as mamba_utils
     from vllm.triton_utils.dispatcher import register_kernels
 
-    from vllm_gdn_cpu.layers.gdn_spec_decode import ALIGN_KERNEL_OVERRIDES
+    from vllm_gdn_cpu.layers.align_copies import ALIGN_KERNEL_OVERRIDES
 
     missing = {
         name: impl for name, impl in ALIGN_KERNEL_OVERRIDES.items()
