@@ -87,15 +87,17 @@ def run(layer, x, b, a, metadata):
 
 
 def reference_row(ref, row, x, b, a, accepted):
-    """Outputs of all of the row's tokens, then advance the reference state by the accepted ones."""
+    """Outputs of all of the row's tokens, then advance the reference state by the accepted ones.
+    The reference layer keeps row r in slot r + 1 (slot 0 is vLLM's null block: padding)."""
     conv, ssm = ref._state_views()
-    saved = conv[row].clone(), ssm[row].clone()
+    slot = row + 1
+    saved = conv[slot].clone(), ssm[slot].clone()
 
     def prefill(n):
-        return run(ref, x[:n], b[:n], a[:n], make_metadata([], [n], [row], [True], 0))
+        return run(ref, x[:n], b[:n], a[:n], make_metadata([], [n], [slot], [True], 0))
 
     out = prefill(x.shape[0])
-    conv[row], ssm[row] = saved
+    conv[slot], ssm[slot] = saved
     prefill(accepted)
     return out
 
@@ -105,7 +107,7 @@ def test_spec_steps_match_non_speculative_reference(monkeypatch, conv_dim_first)
     monkeypatch.setattr(layer_module, "is_conv_state_dim_first", lambda: conv_dim_first)
     generator = torch.Generator().manual_seed(11)
     spec = with_cache(bare_layer(torch.float32), WIDTH - 1 + S, NUM_SEQS * (S + 1) + 2, generator)
-    ref = with_cache(bare_layer(torch.float32), WIDTH - 1, NUM_SEQS, generator)
+    ref = with_cache(bare_layer(torch.float32), WIDTH - 1, NUM_SEQS + 1, generator)
     if conv_dim_first:
         for layer in (spec, ref):
             layer.kv_cache = (layer.kv_cache[0].transpose(1, 2).contiguous(), layer.kv_cache[1])
@@ -116,7 +118,7 @@ def test_spec_steps_match_non_speculative_reference(monkeypatch, conv_dim_first)
     lengths = [5, 70, 1]
     x, b, a = random_inputs(sum(lengths), generator)
     run(spec, x, b, a, make_metadata([], lengths, slots[:3, 0].tolist(), [False] * 3, 0))
-    run(ref, x, b, a, make_metadata([], lengths, [0, 1, 2], [False] * 3, 0))
+    run(ref, x, b, a, make_metadata([], lengths, [1, 2, 3], [False] * 3, 0))
 
     accepted_before = [1, 1, 1]
     for step, (row_lengths, accepted) in enumerate(STEPS):
@@ -129,7 +131,7 @@ def test_spec_steps_match_non_speculative_reference(monkeypatch, conv_dim_first)
         if prefill_len:
             want[:prefill_len] = run(
                 ref, x[:prefill_len], b[:prefill_len], a[:prefill_len],
-                make_metadata([], [prefill_len], [3], [False], 0),
+                make_metadata([], [prefill_len], [4], [False], 0),
             )
         start = prefill_len
         for row, (n, acc) in enumerate(zip(row_lengths, accepted)):

@@ -8,6 +8,7 @@ import torch
 from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
 from vllm.utils.torch_utils import _resolve_layer_name
+from vllm.v1.attention.backends.utils import NULL_BLOCK_ID
 
 from vllm_gdn_cpu import ops
 
@@ -19,6 +20,14 @@ logger = init_logger("vllm.plugins.vllm_gdn_cpu")
 CONV_ACTIVATIONS = {"silu": True, "swish": True, None: False}
 
 _logged_classes: set[str] = set()
+
+
+def op_slots(indices: torch.Tensor) -> torch.Tensor:
+    """vLLM's state indices (a metadata column) as every family's ops take them: int32, contiguous,
+    padding as -1. vLLM pads with NULL_BLOCK_ID (block 0, never a request's; its kernels skip it) or
+    PAD_SLOT_ID (-1); ours skip negative slots: zero output, no state read or written."""
+    indices = indices.to(torch.int32)
+    return torch.where(indices == NULL_BLOCK_ID, -1, indices).contiguous()
 
 
 def log_activation(vllm_class: str, **fields: str) -> None:

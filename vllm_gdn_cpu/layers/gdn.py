@@ -34,7 +34,7 @@ from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
 
 from vllm_gdn_cpu import ops
 from vllm_gdn_cpu.layers import gdn_spec_decode
-from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, CPUConvWeights, log_activation
+from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, CPUConvWeights, log_activation, op_slots
 from vllm_gdn_cpu.layers.projections import install_all, install_gated_norm, unsupported
 
 
@@ -147,7 +147,7 @@ class GDNCPUQwenGatedDeltaNetAttention(CPUConvWeights, QwenGatedDeltaNetAttentio
         if num_seqs == 0:
             return
         cu_seqlens = metadata.non_spec_query_start_loc[: num_seqs + 1]
-        state_indices = metadata.non_spec_state_indices_tensor[:num_seqs].contiguous()  # a block-table column under spec decode
+        state_indices = op_slots(metadata.non_spec_state_indices_tensor[:num_seqs])  # a block-table column under spec decode
         has_initial_state = (
             None if metadata.has_initial_state is None else metadata.has_initial_state[:num_seqs]
         )

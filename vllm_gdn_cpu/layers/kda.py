@@ -53,7 +53,7 @@ from vllm.utils.torch_utils import (
 from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
 
 from vllm_gdn_cpu import ops
-from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, CPUConvWeights, log_activation, step_layer_and_metadata
+from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, CPUConvWeights, log_activation, op_slots, step_layer_and_metadata
 from vllm_gdn_cpu.layers.projections import _projections_mode, install_all
 
 VLLM_CLASS = "KimiGatedDeltaNetAttention"
@@ -147,9 +147,7 @@ class GDNCPUKimiGatedDeltaNetAttention(CPUConvWeights, KimiGatedDeltaNetAttentio
         if num_seqs == 0:
             return
         cu_seqlens = metadata.non_spec_query_start_loc[: num_seqs + 1]
-        slots = metadata.non_spec_state_indices_tensor[:num_seqs]
-        # NULL_BLOCK_ID (0) is padding, as in vLLM's Triton KDA decode; ours skip negative slots.
-        state_indices = torch.where(slots > 0, slots, -1).to(torch.int32)
+        state_indices = op_slots(metadata.non_spec_state_indices_tensor[:num_seqs])
         has_initial_state = None if metadata.has_initial_state is None else metadata.has_initial_state[:num_seqs]
         conv_state, recurrent_state = self._state_views()
         weight = self._conv_weight_for_ops()

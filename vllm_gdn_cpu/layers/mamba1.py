@@ -50,10 +50,9 @@ from vllm.utils.torch_utils import (
     direct_register_custom_op,
 )
 from vllm.v1.attention.backends.mamba1_attn import Mamba1AttentionMetadata
-from vllm.v1.attention.backends.utils import NULL_BLOCK_ID
 
 from vllm_gdn_cpu import ops
-from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, CPUConvWeights, log_activation, step_layer_and_metadata
+from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, CPUConvWeights, log_activation, op_slots, step_layer_and_metadata
 from vllm_gdn_cpu.layers.projections import install_all
 
 
@@ -140,10 +139,10 @@ class GDNCPUMambaMixer(CPUConvWeights, MambaMixer):
         # prefill rows (continuing where has_initial_states_p); concatenated only in mixed steps.
         slots_d = slots_p = cu_p = None
         if num_decodes > 0:
-            slots_d = _slots(metadata.state_indices_tensor_d[:num_decodes, 0])
+            slots_d = op_slots(metadata.state_indices_tensor_d[:num_decodes, 0])
             cu_d = torch.arange(num_decodes + 1, dtype=torch.int32, device=device)
         if num_prefills > 0:
-            slots_p = _slots(metadata.state_indices_tensor_p[:num_prefills])
+            slots_p = op_slots(metadata.state_indices_tensor_p[:num_prefills])
             cu_p = metadata.query_start_loc_p.to(torch.int32)
         if num_prefills == 0:
             slots, cu, has_initial = slots_d, cu_d, None  # None: every row continues
@@ -177,13 +176,6 @@ class GDNCPUMambaMixer(CPUConvWeights, MambaMixer):
                 conv_out[p], dt[p], self.A, B[p], C[p], self.D, gate[p], dt_bias, ssm_state, slots_p, cu_p,
                 has_initial_state=metadata.has_initial_states_p, dt_softplus=True, out=output[p],
             )
-
-
-def _slots(indices: torch.Tensor) -> torch.Tensor:
-    """vLLM's state indices as our ops take them: int32, contiguous, NULL_BLOCK_ID (padding, which
-    vLLM's kernels skip) as -1."""
-    indices = indices.to(torch.int32)
-    return torch.where(indices == NULL_BLOCK_ID, -1, indices).contiguous()
 
 
 def mamba1_cpu_core(

@@ -30,7 +30,7 @@ them. Speculative decoding: ``_spec_decode_core`` (a loop over the at most S+1 d
 not over tokens). With prefix caching on as well ("align" mode), vLLM's model runner moves the
 running conv and SSM states between block columns at the accepted-token offset before each step
 and into the block at a block boundary after it; its Triton kernels for that have CPU stand-ins
-installed by the plugin (``gdn_spec_decode.ALIGN_KERNEL_OVERRIDES``), which handle this layer's
+installed by the plugin (``align_copies.ALIGN_KERNEL_OVERRIDES``), which handle this layer's
 states (conv ``[W-1+S, conv_dim]`` rows, SSM ``[H, P, N]``) like GDN's. Refused at layer build with
 a clear error: vLLM's ReplaySSM decode.
 """
@@ -50,7 +50,7 @@ from vllm.v1.attention.backends.mamba2_attn import Mamba2AttentionMetadata
 
 from vllm_gdn_cpu import ops
 from vllm_gdn_cpu.layers.projections import install_all
-from vllm_gdn_cpu.layers.common import (CONV_ACTIVATIONS, CPUConvWeights, log_activation, spec_decode_conv,
+from vllm_gdn_cpu.layers.common import (CONV_ACTIVATIONS, CPUConvWeights, log_activation, op_slots, spec_decode_conv,
                                         spec_decode_states, step_layer_and_metadata)
 
 
@@ -135,7 +135,7 @@ class GDNCPUMambaMixer2(CPUConvWeights, MambaMixer2):
                                    metadata, weight, bias, silu)
         elif num_decodes > 0:
             decode = slice(0, num_decode_tokens)
-            slots = metadata.state_indices_tensor_d[:num_decodes, 0].contiguous()
+            slots = op_slots(metadata.state_indices_tensor_d[:num_decodes, 0])
             cu = torch.arange(num_decodes + 1, dtype=torch.int32, device=xbc.device)
             conv_out = ops.causal_conv1d(xbc[decode], weight, bias, conv_state, slots, cu, silu=silu)
             x, B, C = self._split_heads(conv_out)
@@ -145,7 +145,7 @@ class GDNCPUMambaMixer2(CPUConvWeights, MambaMixer2):
 
         if metadata.num_prefills > 0:
             prefill = slice(num_decode_tokens, num_decode_tokens + num_prefill_tokens)
-            slots = metadata.state_indices_tensor_p.contiguous()
+            slots = op_slots(metadata.state_indices_tensor_p)
             cu = metadata.query_start_loc_p
             has_initial_state = metadata.has_initial_states_p
             checkpoint = metadata.checkpoint_meta
