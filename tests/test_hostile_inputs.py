@@ -264,3 +264,19 @@ def test_nan_in_kda_dt_bias_propagates():
     out = call.kwargs["out"]
     assert torch.isnan(out[:, 0]).all()
     assert torch.isfinite(out[:, 1]).all()
+
+
+@pytest.mark.skipif(not FLUSHING_TARGET, reason="flush-to-zero is set on x86-64 and aarch64 only")
+@pytest.mark.parametrize("caller", [False, True], ids=["caller-keeps", "caller-flushes"])
+def test_projection_and_norm_ops_flush_denormals(caller):
+    """The shared ops too: sum(x * 1) of denormals is a denormal in exact arithmetic, 0 from us;
+    the gated norm reads denormal inputs as 0."""
+    from vllm_gdn_cpu import ops
+
+    x = torch.full((3, 8), 1e-39)
+    with caller_flush(caller):
+        out = ops.small_linear(x, torch.ones(5, 8))
+        normed = ops.gated_rms_norm(x, torch.ones(3, 8), torch.ones(8), 1e-5)
+        assert caller_flushes() == caller
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(normed, torch.zeros_like(normed))
