@@ -81,7 +81,7 @@ def test_bench_gemv_json_side_by_side():
     """Small shapes, one round: ours, torch's F.linear (and vLLM's onednn_mm where vLLM imports) over a
     cold weight pool, each against the stream probe of the same run, plus the one-thread CPU-time
     figures."""
-    from vllm_gdn_cpu.tools.bench import COLD_STATE_BYTES
+    from vllm_gdn_cpu.tools.bench.harness import COLD_STATE_BYTES
 
     out = run_cli("vllm_gdn_cpu.tools.bench", "gemv", "--json", "--shapes", "512x1024", "--ms", "1,3",
                   "--weight-dtypes", "bfloat16", "--repeat", "1", "--cpu-time")

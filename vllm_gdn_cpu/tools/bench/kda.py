@@ -8,10 +8,10 @@ Prefill: kda_gate + chunk_kda per layer call is not what is timed: chunk_kda alo
 against the float64-capable token-by-token reference run in fp32. GFLOP/s counts the chunked
 algorithm's products (q k^T and k k^T with their decays, Tm v, Tm k, [w; q] S, Aqk v_new, the state
 update; triangles as half; the per-channel exps of the diagonal blocks are not counted) and each row's
-% is of the GEMM peak of the dtype its GEMM path multiplies in (bench.add_roofline).
+% is of the GEMM peak of the dtype its GEMM path multiplies in (harness.add_roofline).
 Decode: fused_recurrent_kda (gate, l2norm and recurrence in one call) over ``layers`` state pools
 stepped in turn (cold states); GB/s counts the state read and written once per step, % of the
-in-place stream (bench.stream_gbps).
+in-place stream (harness.stream_gbps).
 With ``--cpu-time`` each row also gets one-thread figures by CPU time (ours, and the limit measured
 the same way: torch's matmul in the path's product dtype / stream_scale_ over as many bytes), which a
 machine shared with other work distorts far less than wall time on all threads.
@@ -24,21 +24,19 @@ from dataclasses import dataclass
 import torch
 
 from vllm_gdn_cpu import ops, reference
-from vllm_gdn_cpu.tools.bench import (
+from vllm_gdn_cpu.tools.bench.harness import (
+    CPU_TIME_HELP,
     add_roofline,
+    best_cpu_time_1t,
     best_time,
+    cold_state_pools,
+    cpu_time_cold_decode,
     gemm_peaks,
+    matmul_peak_1t,
     path_uses_bf16_products,
     print_roofline,
     print_row,
     stream_gbps,
-)
-from vllm_gdn_cpu.tools.bench_mamba2 import (
-    CPU_TIME_HELP,
-    best_cpu_time_1t,
-    cold_state_pools,
-    cpu_time_cold_decode,
-    matmul_peak_1t,
     time_cold_decode,
 )
 
@@ -169,18 +167,16 @@ def bench_kda_decode(args) -> list[dict]:
 
 def add_parsers(sub, common) -> None:
     p = sub.add_parser("kda-prefill", parents=[common], help="KDA chunked prefill (chunk_kda), tokens/s per layer")
+    p.set_defaults(run=bench_kda_prefill)
     p.add_argument("--models", default="kimi-linear", help=f"of {', '.join(MODELS)}")
     p.add_argument("--workloads", default="T2048,8x256", help=f"of {', '.join(WORKLOADS)}")
     p.add_argument("--ref-max-tokens", type=int, default=2048, help="skip the slow torch reference above this")
     p.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
     d = sub.add_parser("kda-decode", parents=[common], help="KDA decode step (fused_recurrent_kda) over cold states")
+    d.set_defaults(run=bench_kda_decode)
     d.add_argument("--models", default="kimi-linear", help=f"of {', '.join(MODELS)}")
     d.add_argument("--batches", default="1,16")
     d.add_argument("--layers", type=int, default=0,
                    help="state pools stepped in turn (default: at least 8 and 512 MiB of state)")
     d.add_argument("--state-dtypes", default="float32,bfloat16")
     d.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
-
-
-def run(args) -> list[dict]:
-    return bench_kda_prefill(args) if args.mode == "kda-prefill" else bench_kda_decode(args)

@@ -11,7 +11,7 @@ Prefill: tokens/s per layer, and "updates" = tokens x Dm x N state updates per s
 exp(dt A), two FMAs and a product with C: the scan is bound by its exps, not by memory or GEMMs).
 Decode: ``layers`` state pools stepped in turn (cold states, as in a model), each layer with its own
 A (a [Dm, N] fp32, as large as one fp32 state, read once per call: cold too in a model); GB/s counts
-the state read and written once per step, % of the in-place stream (bench.stream_gbps); the
+the state read and written once per step, % of the in-place stream (harness.stream_gbps); the
 ``*_with_A`` figures add A's bytes (read once per call; at batch 1 half the fp32 state's traffic).
 With ``--cpu-time`` each row also gets one-thread figures by CPU time (prefill: ours and the
 reference; decode: ours against stream_scale_ over as many bytes), which a machine shared with other
@@ -25,12 +25,14 @@ from dataclasses import dataclass
 import torch
 
 from vllm_gdn_cpu import ops, reference
-from vllm_gdn_cpu.tools.bench import best_time, print_row, stream_gbps
-from vllm_gdn_cpu.tools.bench_mamba2 import (
+from vllm_gdn_cpu.tools.bench.harness import (
     CPU_TIME_HELP,
     best_cpu_time_1t,
+    best_time,
     cold_state_pools,
     cpu_time_cold_decode,
+    print_row,
+    stream_gbps,
     time_cold_decode,
 )
 
@@ -162,18 +164,16 @@ def bench_mamba1_decode(args) -> list[dict]:
 
 def add_parsers(sub, common) -> None:
     p = sub.add_parser("mamba1-prefill", parents=[common], help="Mamba-1 selective scan prefill, tokens/s per layer")
+    p.set_defaults(run=bench_mamba1_prefill)
     p.add_argument("--models", default="mamba-2.8b", help=f"of {', '.join(MODELS)}")
     p.add_argument("--workloads", default="T2048,8x256", help=f"of {', '.join(WORKLOADS)}")
     p.add_argument("--ref-max-tokens", type=int, default=2048, help="skip the slow torch reference above this")
     p.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
     d = sub.add_parser("mamba1-decode", parents=[common], help="Mamba-1 decode step over cold states")
+    d.set_defaults(run=bench_mamba1_decode)
     d.add_argument("--models", default="mamba-2.8b", help=f"of {', '.join(MODELS)}")
     d.add_argument("--batches", default="1,16,64")
     d.add_argument("--layers", type=int, default=0,
                    help="state pools stepped in turn (default: at least 8 and 512 MiB of state)")
     d.add_argument("--state-dtypes", default="float32,bfloat16")
     d.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
-
-
-def run(args) -> list[dict]:
-    return bench_mamba1_prefill(args) if args.mode == "mamba1-prefill" else bench_mamba1_decode(args)
