@@ -90,3 +90,13 @@ def test_no_circle_and_one_registry():
     sub = next(a for a in parser._actions if a.dest == "mode")
     for command, subparser in sub.choices.items():
         assert callable(subparser.get_default("run")), f"subcommand {command} names no function to run"
+
+
+def test_no_bench_changes_the_floating_point_environment():
+    """The benches measure what users get: none flushes denormals (torch.set_flush_denormal) or
+    otherwise sets the floating-point environment, in-process or in the engines it starts."""
+    for name in module_names():
+        source = (Path(bench_pkg.__file__).parent / f"{name}.py").read_text()
+        calls = {node.func.attr for node in ast.walk(ast.parse(source))
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+        assert "set_flush_denormal" not in calls, name

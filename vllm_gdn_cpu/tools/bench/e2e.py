@@ -13,7 +13,9 @@ also splits a step into the recurrent layers' projections, their core op, the re
 own projections and norm (``VLLM_GDN_CPU_PROJECTIONS=vllm``): what our small-batch projections gain.
 Both backends run eagerly (``enforce_eager``: no torch.compile, whose compile time on CPU would
 dwarf these runs), every measured shape warmed up first, prefix caching off (the same prompts
-repeat), and denormals flushed to zero (see ``worker``).
+repeat), the recurrent layers' decay parameters spread over the heads as in trained checkpoints
+(``models.realistic_decays``: dummy weights leave them near 0), and the floating-point environment
+as users have it (no denormal flush).
 
 ``--model granite_4h`` benchmarks a Granite-4.0-H-shaped Mamba2 hybrid instead (hidden 1024, Mamba2
 layers of 32 heads x 64 with d_state 128 and one group, an attention layer every 8th, dense MLPs):
@@ -33,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vllm_gdn_cpu.tools.bench.models import mamba2_decays, write_config, write_granite_4h_config
+from vllm_gdn_cpu.tools.bench.models import realistic_decays, write_config, write_granite_4h_config
 
 BACKENDS = {"ours": "GDN_CPU", "ours-vllm-proj": "GDN_CPU", "vllm": None}
 # ours-vllm-proj: our layers with vLLM's own projections and norm (VLLM_GDN_CPU_PROJECTIONS=vllm).
@@ -93,17 +95,11 @@ def worker(model_dir: str, backend: str, batches: list[int], prompt_len: int, de
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    # vLLM's dummy weights are tiny, and their activations reach the denormal range, where CPU
-    # arithmetic is many times slower; real checkpoints do not. Flushing them to zero (both backends)
-    # keeps the comparison about the kernels.
-    torch.set_flush_denormal(True)
-
     llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype=dtype,
               enforce_eager=True, max_model_len=prompt_len + decode_steps + 8, max_num_seqs=max(batches),
               max_num_batched_tokens=max(batches) * prompt_len, tensor_parallel_size=tp, seed=0,
               enable_prefix_caching=False)  # the same prompts run repeatedly: every run prefills
-    if model == "granite_4h":
-        assert all(llm.apply_model(mamba2_decays)), "no Mamba2 layer found"
+    assert all(llm.apply_model(realistic_decays)), "no recurrent layer found"
     if tp == 1:
         assert all(llm.apply_model(add_profile_ranges(model))), "no recurrent layer found"
 

@@ -12,6 +12,7 @@ path multiplies in (harness.add_roofline). Decode: ``fused_recurrent_gated_delta
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 from dataclasses import dataclass
@@ -22,14 +23,24 @@ import torch
 from vllm_gdn_cpu import ops, reference
 from vllm_gdn_cpu.tools.bench.harness import (
     COLD_STATE_BYTES,
+    CPU_TIME_HELP,
+    add_decay_ratios,
+    add_decays_argument,
     add_roofline,
+    best_cpu_time_1t,
     best_time,
     core_scaling,
+    cpu_time_cold_decode,
+    decay_columns,
+    decay_spread,
     gemm_peaks,
+    matmul_peak_1t,
     mean_call_us,
     path_uses_bf16_products,
+    print_decay_ratios,
     print_roofline,
     print_row,
+    random_states,
     stream_gbps,
 )
 
@@ -90,15 +101,27 @@ def prefill_flops_per_token(h: HeadShape, seqlens: list[int]) -> float:
     return total * h.Hv / sum(seqlens)
 
 
-def prefill_inputs(h: HeadShape, seqlens: list[int], dtype: torch.dtype):
+def gate_params(Hv: int, decays: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_log and dt_bias [Hv] (fp32) for a --decays value. Realistic: A_log = linspace(-2, 1) and
+    dt_bias = linspace(-1, 1) over the heads, which with a, b ~ N(0, 1) give per-token decays
+    g = -exp(A_log) softplus(a + dt_bias) of about -0.04 to -5 nats, as trained Qwen3-Next heads
+    reach; strong: every head at A_log = dt_bias = 1; benign: A_log -4..-3, dt_bias -2..-1 (about
+    -0.01 nats: a chunk's cumulative decays stay within a few nats)."""
+    return (decay_spread(decays, Hv, realistic=(-2.0, 1.0), benign=(-4.0, -3.0)),
+            decay_spread(decays, Hv, realistic=(-1.0, 1.0), benign=(-2.0, -1.0)))
+
+
+def prefill_inputs(h: HeadShape, seqlens: list[int], dtype: torch.dtype, decays: str = "realistic"):
+    """Inputs of one prefill call: gates of the --decays distribution (gate_params), states of
+    realistic scale (harness.random_states)."""
     T, N = sum(seqlens), len(seqlens)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(T, h.Hk, h.K, generator=gen).to(dtype)
     k = torch.randn(T, h.Hk, h.K, generator=gen).to(dtype)
     v = torch.randn(T, h.Hv, h.V, generator=gen).to(dtype)
-    g, beta = ops.gdn_gating(torch.zeros(h.Hv), torch.randn(T, h.Hv, generator=gen),
-                             torch.randn(T, h.Hv, generator=gen), torch.zeros(h.Hv))
-    state = torch.zeros(N, h.Hv, h.K, h.V)
+    A_log, dt_bias = gate_params(h.Hv, decays)
+    g, beta = ops.gdn_gating(A_log, torch.randn(T, h.Hv, generator=gen), torch.randn(T, h.Hv, generator=gen), dt_bias)
+    state = random_states((N, h.Hv, h.K, h.V), torch.float32, gen)
     idx = torch.arange(N, dtype=torch.int32)
     cu = torch.zeros(N + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(seqlens).cumsum(0)
@@ -251,15 +274,16 @@ def bench_prefill(args) -> list[dict]:
                   f"bf16 {ceilings['bf16_scaling_ceiling']:.2f}, fp32 {ceilings['fp32_scaling_ceiling']:.2f}", flush=True)
     rows = []
     for model, h in prefill_shapes(args):
-        for wl in args.workloads.split(","):
+        for wl, decays in itertools.product(args.workloads.split(","), args.decays):
             seqlens = PREFILL_WORKLOADS[wl]
             T = sum(seqlens)
-            q, k, v, g, beta, state, idx, cu = prefill_inputs(h, seqlens, dtype)
+            q, k, v, g, beta, state, idx, cu = prefill_inputs(h, seqlens, dtype, decays)
             out = torch.empty_like(v)
             gemm = paths[0]
             bf16_products = dtype == torch.bfloat16 and path_uses_bf16_products(gemm)
             row = {"model": model, "workload": wl, "tokens": T, "dtype": args.dtype, "threads": threads,
-                   "gemm": gemm or ops.runtime_info()["gemm"], "gemm_products": "bf16" if bf16_products else "fp32"}
+                   "gemm": gemm or ops.runtime_info()["gemm"], "gemm_products": "bf16" if bf16_products else "fp32",
+                   **decay_columns(decays, -g)}
             ours = lambda: ops.chunk_gated_delta_rule(q, k, v, g, beta, state, idx, cu, out=out)  # noqa: E731
             row["auto_schedule"] = prefill_schedule_of(ours)
             if len(configs) > 1:  # side by side; the first is "ours"
@@ -297,11 +321,23 @@ def bench_prefill(args) -> list[dict]:
                 tr = best_time(lambda: torch_prefill(q, k, v, g, beta, state, idx, cu, h.Hv // h.Hk), 1, 0)
                 row["torch_ref_tok_s"] = T / tr
                 row["speedup_vs_torch_ref"] = tr / t
+            if args.cpu_time:  # one thread, CPU time: robust to a loaded machine
+                t1 = best_cpu_time_1t(ours, args.repeat)
+                peak_1t = matmul_peak_1t(torch.bfloat16 if bf16_products else torch.float32)
+                row["ours_1t_cpu_gflops"] = flops / t1 / 1e9
+                row["matmul_1t_cpu_gflops"] = peak_1t
+                row["ours_1t_pct_of_matmul"] = 100 * row["ours_1t_cpu_gflops"] / peak_1t
+                if "vllm_tok_s" in row:
+                    tv1 = best_cpu_time_1t(lambda: chunk_vllm(*args_v), args.repeat)
+                    row["vllm_1t_cpu_tok_s"] = T / tv1
+                    row["speedup_vs_vllm_1t_cpu"] = tv1 / t1
             rows.append(row)
             print_row(row, args)
     add_roofline(rows, peaks_before)
+    add_decay_ratios(rows, ("model", "workload"))
     if not args.json:
         print_roofline(rows)
+    print_decay_ratios(rows, ("model", "workload"), args)
     return rows
 
 
@@ -335,12 +371,13 @@ def _with_split(variant: str, fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-def _decode_inputs(B: int, Hk: int, Hv: int, K: int, V: int, dtype: torch.dtype, gen: torch.Generator):
+def _decode_inputs(B: int, Hk: int, Hv: int, K: int, V: int, dtype: torch.dtype, gen: torch.Generator,
+                   decays: str = "realistic"):
     q = torch.randn(B, Hk, K, generator=gen).to(dtype)
     k = torch.randn(B, Hk, K, generator=gen).to(dtype)
     v = torch.randn(B, Hv, V, generator=gen).to(dtype)
     a, b = torch.randn(B, Hv, generator=gen).to(dtype), torch.randn(B, Hv, generator=gen).to(dtype)
-    A_log, dt_bias = torch.zeros(Hv, dtype=dtype), torch.zeros(Hv, dtype=dtype)
+    A_log, dt_bias = (p.to(dtype) for p in gate_params(Hv, decays))
     return q, k, v, a, b, A_log, dt_bias
 
 
@@ -384,8 +421,9 @@ def bench_decode(args) -> list[dict]:
             for sp, f in per_split.items():
                 print(f"# fixed cost per call, {sdt} state, split={sp}: one task {f['call_us']:.2f} us, "
                       f"one task per thread ({torch.get_num_threads()}) {f['forkjoin_us']:.2f} us", flush=True)
-    for B in [int(x) for x in args.batches.split(",")]:
-        q, k, v, a, b, A_log, dt_bias = _decode_inputs(B, h.Hk, h.Hv, h.K, h.V, dtype, gen)
+    for B, decays in itertools.product([int(x) for x in args.batches.split(",")], args.decays):
+        q, k, v, a, b, A_log, dt_bias = _decode_inputs(B, h.Hk, h.Hv, h.K, h.V, dtype, gen, decays)
+        decay_cols = decay_columns(decays, -ops.gdn_gating(A_log.float(), a, b, dt_bias.float())[0])
         idx = torch.arange(B, dtype=torch.int32)
         cu = torch.arange(B + 1, dtype=torch.int32)
         out = torch.empty_like(v)
@@ -394,7 +432,8 @@ def bench_decode(args) -> list[dict]:
             layer_bytes = B * h.Hv * h.K * h.V * sdt.itemsize
             # Enough pools that they cannot stay in the last-level cache between visits.
             layers = args.layers or max(12, -(-COLD_STATE_BYTES // layer_bytes))
-            pools = [torch.zeros(B, h.Hv, h.K, h.V, dtype=sdt) for _ in range(layers)]
+            first = random_states((B, h.Hv, h.K, h.V), sdt, torch.Generator().manual_seed(2))
+            pools = [first] + [first.clone() for _ in range(layers - 1)]  # states of realistic scale
             state_bytes = 2 * B * h.Hv * h.K * h.V * pools[0].element_size()  # read + write per layer
 
             def ours():
@@ -412,7 +451,8 @@ def bench_decode(args) -> list[dict]:
             split_rows = []
             for sp in splits:
                 row = {"model": args.model, "batch": B, "dtype": args.dtype, "state_dtype": state_dtype_name,
-                       "split": sp, "layers": layers, "threads": torch.get_num_threads(), "stream_gbps": bw}
+                       "split": sp, "layers": layers, "threads": torch.get_num_threads(), "stream_gbps": bw,
+                       **decay_cols}
                 t = best[sp] / layers
                 row["ours_us_per_layer"] = t * 1e6
                 row["ours_gbps"] = state_bytes / t / 1e9
@@ -445,9 +485,17 @@ def bench_decode(args) -> list[dict]:
                 tr = best_time(torch_ref, 1, 0) / 2
                 row["torch_ref_us_per_layer"] = tr * 1e6
                 row["speedup_vs_torch_ref"] = tr / t
+            if args.cpu_time:  # one thread, CPU time, vs stream_scale_ over as many bytes (first split)
+                t1 = _with_split(splits[0], lambda: cpu_time_cold_decode(row, ours, layers, state_bytes, args.repeat))()
+                if "vllm_us_per_layer" in row:
+                    tv1 = best_cpu_time_1t(vllm, args.repeat) / layers
+                    row["vllm_1t_cpu_us_per_layer"] = tv1 * 1e6
+                    row["speedup_vs_vllm_1t_cpu"] = tv1 / t1
             for row in split_rows:
                 rows.append(row)
                 print_row(row, args)
+    add_decay_ratios(rows, ("model", "batch", "state_dtype", "split"))
+    print_decay_ratios(rows, ("model", "batch", "state_dtype", "split"), args)
     return rows
 
 
@@ -460,6 +508,7 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--workloads", default=",".join(PREFILL_WORKLOADS))
     p.add_argument("--ref-max-tokens", type=int, default=2048, help="skip the slow torch reference above this")
+    add_decays_argument(p)
     p.add_argument("--gemms", default="",
                    help="comma-separated GEMM paths (VLLM_GDN_CPU_GEMM values) to time ours on, interleaved; "
                         "the first is reported as ours, with its speed-up over each other")
@@ -476,6 +525,7 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--scaling", action="store_true",
                    help="also time each configuration on one thread, interleaved: all-threads / one-thread speed-up "
                         "and its %% of the scaling ceiling measured in the same run (bench roofline's core_scaling)")
+    p.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
 
     d = sub.add_parser("decode", parents=[common], help="decode step over cold states")
     d.set_defaults(run=bench_decode)
@@ -490,3 +540,5 @@ def add_parsers(sub, common) -> None:
                         "(VLLM_GDN_CPU_DECODE_CLAIM); the first gets the vLLM / reference columns")
     d.add_argument("--rounds", type=int, default=3, help="interleaved rounds with several --splits")
     d.add_argument("--calls", type=int, default=2000, help="calls per timed loop of the fixed-cost rows")
+    d.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
+    add_decays_argument(d)

@@ -13,7 +13,7 @@ import argparse
 import os
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -22,11 +22,12 @@ from vllm_gdn_cpu import ops
 # ----------------------------------------------------------------------------- timers
 
 
-def best_time(fn: Callable[[], object], repeat: int, min_time: float = 0.2) -> float:
-    """Best wall time of fn() over `repeat` timed runs (after one warm-up), at least min_time total."""
+def best_time(fn: Callable[[], object], repeat: int, min_time: float = 0.2, max_time: float = 60.0) -> float:
+    """Best wall time of fn() over `repeat` timed runs (after one warm-up), at least min_time total;
+    once the timed runs took max_time seconds, no more start (a slow case stays bounded)."""
     fn()
     best, total, n = float("inf"), 0.0, 0
-    while n < repeat or total < min_time:
+    while (n < repeat or total < min_time) and not (n and total >= max_time):
         t0 = time.perf_counter()
         fn()
         dt = time.perf_counter() - t0
@@ -232,14 +233,16 @@ def print_roofline(rows: list[dict]) -> None:
 def cold_state_pools(batch: int, slot_shape: tuple, state_dtype: torch.dtype, layers: int | None):
     """State pools for a decode benchmark over cold states: `layers` pools (by default as many as
     exceed COLD_STATE_BYTES, at least 8) of batch + 1 slots of `slot_shape` (slot 0: vLLM's null
-    block, never named). Returns (pools, bytes one decode of the batch moves per pool: each state
-    read and written once)."""
+    block, never named), holding states of realistic scale (random_states; every pool a copy of the
+    first). Returns (pools, bytes one decode of the batch moves per pool: each state read and
+    written once)."""
     numel = 1
     for n in slot_shape:
         numel *= n
     layer_bytes = (batch + 1) * numel * state_dtype.itemsize
     layers = layers or max(8, -(-COLD_STATE_BYTES // layer_bytes))
-    pools = [torch.zeros(batch + 1, *slot_shape, dtype=state_dtype) for _ in range(layers)]
+    first = random_states((batch + 1, *slot_shape), state_dtype, torch.Generator().manual_seed(2))
+    pools = [first] + [first.clone() for _ in range(layers - 1)]
     return pools, 2 * batch * numel * state_dtype.itemsize
 
 
@@ -296,3 +299,101 @@ def common_parser() -> argparse.ArgumentParser:
     common.add_argument("--no-ref", action="store_true", help="skip the plain-torch reference")
     common.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     return common
+
+
+# ----------------------------------------------------------------------------- value distributions
+
+
+# What --decays selects. Trained checkpoints spread their heads' (channels') decay rates from weak to
+# strong: e.g. Qwen3-Next's GDN gates reach per-token decays of about -0.04 to -5 nats, and a
+# 64-token chunk of a strong head then accumulates several hundred nats, far past fp32's smallest
+# normal number (e^-87): the cumulative decays inside a chunk are denormal or zero there.
+DECAYS = {
+    "realistic": "per-head decay rates spread from weak to strong, as trained checkpoints have them",
+    "benign": "every head weak: a chunk's cumulative decays stay far from fp32's denormal range",
+    "strong": "every head at the strong end of the realistic spread",
+}
+DECAYS_HELP = ("comma list of decay distributions, each case timed under each, in order, with a time-ratio "
+               "column against the first (ours_time_vs_<first> = this time / the first's): realistic (default: "
+               "per-head decays spread weak to strong, as trained checkpoints), benign (weak decays only, "
+               "never near fp32's denormal range), strong (every head at the strong end)")
+STATE_SCALE = 0.1  # initial states: N(0, STATE_SCALE^2), the scale of a trained model's states
+
+
+def add_decays_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--decays", default="realistic", type=decays_list, help=DECAYS_HELP)
+
+
+def decays_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    bad = [name for name in names if name not in DECAYS]
+    if not names or bad or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"--decays takes a comma list of distinct names of {', '.join(DECAYS)}; "
+                                         f"got {text!r}")
+    return names
+
+
+def decay_spread(decays: str, n: int, realistic: tuple[float, float], benign: tuple[float, float]) -> torch.Tensor:
+    """n per-head (per-channel) values of a parameter that sets decay rates, as fp32: linspace from the
+    weak end realistic[0] to the strong end realistic[1] ("realistic"), every value at the strong end
+    ("strong"), or linspace over `benign` ("benign")."""
+    if decays == "realistic":
+        return torch.linspace(realistic[0], realistic[1], n)
+    if decays == "strong":
+        return torch.full((n,), float(realistic[1]))
+    if decays == "benign":
+        return torch.linspace(benign[0], benign[1], n)
+    raise ValueError(f"decays must be one of {', '.join(DECAYS)}; got {decays!r}")
+
+
+def decay_columns(decays: str, nats: torch.Tensor) -> dict:
+    """Row columns naming the distribution and the per-token decays (nats, > 0) it gave: 1st and 99th
+    percentile over every token and head (channel)."""
+    flat = nats.detach().float().flatten()
+    flat = flat[:: -(-flat.numel() // (1 << 20))]  # at most ~1M samples (torch.quantile's limit is 16M)
+    lo, hi = torch.quantile(flat, torch.tensor([0.01, 0.99])).tolist()
+    return {"decays": decays, "decay_nats_p1": lo, "decay_nats_p99": hi}
+
+
+def random_states(shape: tuple, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Initial states of realistic scale (N(0, STATE_SCALE^2)) rather than zeros."""
+    return (STATE_SCALE * torch.randn(*shape, generator=gen)).to(dtype)
+
+
+# (label, row key, whether higher is faster): the figures add_decay_ratios compares.
+DECAY_RATIO_KEYS = (
+    ("ours", "ours_tok_s", True), ("vllm", "vllm_tok_s", True), ("torch_ref", "torch_ref_tok_s", True),
+    ("ours_1t_cpu", "ours_1t_cpu_gflops", True), ("ours_1t_cpu", "ours_1t_cpu_tok_s", True),
+    ("ours", "ours_us_per_layer", False), ("vllm", "vllm_us_per_layer", False),
+    ("torch_ref", "torch_ref_us_per_layer", False), ("ours_1t_cpu", "ours_1t_cpu_gbps", True),
+    ("vllm_1t_cpu", "vllm_1t_cpu_tok_s", True), ("vllm_1t_cpu", "vllm_1t_cpu_us_per_layer", False),
+)
+
+
+def add_decay_ratios(rows: list[dict], case_keys: Iterable[str]) -> None:
+    """Rows of several --decays values: the rows of one case (equal in every `case_keys` field) are
+    compared with the case's first row (the first --decays value): every later row gets
+    <label>_time_vs_<first decays> = its time / the first row's time, for ours, vLLM's, the torch
+    reference and the one-thread CPU-time figures where both rows have them (> 1: slower)."""
+    first: dict = {}
+    for row in rows:
+        case = tuple(row.get(key) for key in case_keys)
+        base = first.setdefault(case, row)
+        if base is row or base["decays"] == row["decays"]:
+            continue
+        for label, key, higher_is_faster in DECAY_RATIO_KEYS:
+            name = f"{label}_time_vs_{base['decays']}"
+            if key in row and key in base and name not in row:
+                row[name] = base[key] / row[key] if higher_is_faster else row[key] / base[key]
+
+
+def print_decay_ratios(rows: list[dict], case_keys: Iterable[str], args) -> None:
+    """After add_decay_ratios, one line per compared row: its case, its decays, each time ratio."""
+    if args.json:
+        return
+    for row in rows:
+        ratios = {k: v for k, v in row.items() if "_time_vs_" in k}
+        if ratios:
+            case = " ".join(f"{k}={row[k]}" for k in case_keys if k in row)
+            print(f"# decays {row['decays']} vs {next(iter(ratios)).rsplit('_vs_', 1)[1]}, {case}: "
+                  + ", ".join(f"{k.split('_time_vs_')[0]} {v:.2f}x" for k, v in ratios.items()), flush=True)

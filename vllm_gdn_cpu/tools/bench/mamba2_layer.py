@@ -2,7 +2,8 @@
 ``python -m vllm_gdn_cpu.tools.bench mamba2-layer [--layers 8] [--batches 1,16] [--prompt-len 256]``.
 
 A Granite-4.0-H-shaped model (``models.write_granite_4h_config``, dummy weights, bf16, prefix
-caching off) runs with ``VLLM_ATTENTION_BACKEND=GDN_CPU``; at every call of a Mamba2 layer's core,
+caching off; decays spread over the heads by ``models.realistic_decays``; no denormal flush) runs
+with ``VLLM_ATTENTION_BACKEND=GDN_CPU``; at every call of a Mamba2 layer's core,
 our ``forward_core`` and vLLM's own ``MambaMixer2.conv_ssm_forward`` (on clones of the layer's
 states, so both see the same inputs and states) run back to back, their order alternating. So both
 paths are timed under the same machine load, which makes the ratio meaningful on a shared machine
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 from vllm_gdn_cpu.tools.bench.harness import print_row
-from vllm_gdn_cpu.tools.bench.models import mamba2_decays, write_granite_4h_config
+from vllm_gdn_cpu.tools.bench.models import realistic_decays, write_granite_4h_config
 
 
 def add_parsers(sub, common) -> None:
@@ -45,7 +46,6 @@ def bench_mamba2_layer(args) -> list[dict]:
     import vllm_gdn_cpu
     from vllm_gdn_cpu.layers.mamba2 import GDNCPUMambaMixer2
 
-    torch.set_flush_denormal(True)  # dummy weights reach denormals; real checkpoints do not
     times = collections.defaultdict(list)
     ours_core = GDNCPUMambaMixer2.forward_core
     order = [False]
@@ -85,7 +85,7 @@ def bench_mamba2_layer(args) -> list[dict]:
                   enforce_eager=True, max_model_len=args.prompt_len + args.decode_steps + 8,
                   max_num_seqs=max(args.batches), max_num_batched_tokens=max(args.batches) * args.prompt_len,
                   seed=0, enable_prefix_caching=False)
-        assert all(llm.apply_model(mamba2_decays)), "no Mamba2 layer found"
+        assert all(llm.apply_model(realistic_decays)), "no Mamba2 layer found"
         params = SamplingParams(max_tokens=args.decode_steps + 1, min_tokens=args.decode_steps + 1,
                                 temperature=0.0, ignore_eos=True)
         for b in args.batches:

@@ -39,18 +39,27 @@ def write_granite_4h_config(directory: Path, num_layers: int) -> Path:
     return directory
 
 
-def mamba2_decays(model) -> int:
-    """Dummy weights leave Mamba2's A (= -exp(A_log), applied only when loading real checkpoints)
-    uniform around 0, half of it positive (growing states; our ops refuse A > 0). Sets A to -1..-16
-    per layer, as real Mamba2 checkpoints initialise it, for both backends alike."""
+def realistic_decays(model) -> int:
+    """vLLM's dummy weights leave the decay parameters near 0: Mamba2's A (= -exp(A_log), applied only
+    when loading real checkpoints) uniform around 0, half of it positive (growing states; our ops
+    refuse A > 0), and every GDN head alike (A_log = dt_bias = 0). Spreads them over the heads as
+    trained checkpoints have them, for both backends alike (the kernel benches' --decays realistic):
+    Mamba2 A = -1..-16 with dt_bias -4..-1; GDN A_log -2..1 with dt_bias -1..1. Returns the number of
+    layers set."""
     import torch
 
     count = 0
     for module in model.modules():
-        A = getattr(module, "A", None)
-        if isinstance(A, torch.nn.Parameter) and hasattr(module, "dt_bias"):
-            with torch.no_grad():
+        A, A_log, dt_bias = (getattr(module, name, None) for name in ("A", "A_log", "dt_bias"))
+        if not isinstance(dt_bias, torch.nn.Parameter):
+            continue
+        with torch.no_grad():
+            if isinstance(A, torch.nn.Parameter):  # Mamba2 (MambaMixer2)
                 A.copy_(-torch.linspace(1.0, 16.0, A.numel()))
-            count += 1
+                dt_bias.copy_(torch.linspace(-4.0, -1.0, dt_bias.numel()))
+                count += 1
+            elif isinstance(A_log, torch.nn.Parameter):  # GDN
+                A_log.copy_(torch.linspace(-2.0, 1.0, A_log.numel()))
+                dt_bias.copy_(torch.linspace(-1.0, 1.0, dt_bias.numel()))
+                count += 1
     return count
-
