@@ -3,7 +3,24 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common/fp_env.h"
 #include "ops.h"
+
+namespace {
+
+// Every op runs with denormals flushed on the calling thread (common/fp_env.h; the worker threads
+// set it in gdn::parallel_for_impl) and leaves the caller's setting as it found it.
+template <auto Fn>
+struct Flushed;
+template <class R, class... Args, R (*Fn)(Args...)>
+struct Flushed<Fn> {
+  static R call(Args... args) {
+    const gdn::DenormalsFlushed flushed;
+    return Fn(args...);
+  }
+};
+
+}  // namespace
 
 TORCH_LIBRARY(vllm_gdn_cpu, m) {
   m.def(
@@ -62,22 +79,22 @@ TORCH_LIBRARY(vllm_gdn_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CPU, m) {
-  m.impl("gdn_gating", &gdn::gdn_gating);
-  m.impl("chunk_gated_delta_rule", &gdn::chunk_gated_delta_rule);
-  m.impl("fused_recurrent_gated_delta_rule", &gdn::fused_recurrent_gated_delta_rule);
-  m.impl("causal_conv1d", &gdn::causal_conv1d);
-  m.impl("gdn_decode_step", &gdn::gdn_decode_step);
-  m.impl("mamba2_chunk_scan", &gdn::mamba2_chunk_scan);
-  m.impl("mamba2_state_update", &gdn::mamba2_state_update);
-  m.impl("mamba1_selective_scan", &gdn::mamba1_selective_scan);
-  m.impl("mamba1_state_update", &gdn::mamba1_state_update);
-  m.impl("small_linear", &gdn::small_linear);
-  m.impl("linear", &gdn::linear);
-  m.impl("gated_rms_norm", &gdn::gated_rms_norm);
-  m.impl("stream_scale", &gdn::stream_scale);
-  m.impl("kda_gate", &gdn::kda_gate);
-  m.impl("chunk_kda", &gdn::chunk_kda);
-  m.impl("fused_recurrent_kda", &gdn::fused_recurrent_kda);
+  m.impl("gdn_gating", &Flushed<&gdn::gdn_gating>::call);
+  m.impl("chunk_gated_delta_rule", &Flushed<&gdn::chunk_gated_delta_rule>::call);
+  m.impl("fused_recurrent_gated_delta_rule", &Flushed<&gdn::fused_recurrent_gated_delta_rule>::call);
+  m.impl("causal_conv1d", &Flushed<&gdn::causal_conv1d>::call);
+  m.impl("gdn_decode_step", &Flushed<&gdn::gdn_decode_step>::call);
+  m.impl("mamba2_chunk_scan", &Flushed<&gdn::mamba2_chunk_scan>::call);
+  m.impl("mamba2_state_update", &Flushed<&gdn::mamba2_state_update>::call);
+  m.impl("mamba1_selective_scan", &Flushed<&gdn::mamba1_selective_scan>::call);
+  m.impl("mamba1_state_update", &Flushed<&gdn::mamba1_state_update>::call);
+  m.impl("small_linear", &Flushed<&gdn::small_linear>::call);
+  m.impl("linear", &Flushed<&gdn::linear>::call);
+  m.impl("gated_rms_norm", &Flushed<&gdn::gated_rms_norm>::call);
+  m.impl("stream_scale", &Flushed<&gdn::stream_scale>::call);
+  m.impl("kda_gate", &Flushed<&gdn::kda_gate>::call);
+  m.impl("chunk_kda", &Flushed<&gdn::chunk_kda>::call);
+  m.impl("fused_recurrent_kda", &Flushed<&gdn::fused_recurrent_kda>::call);
 }
 
 TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CompositeExplicitAutograd, m) {

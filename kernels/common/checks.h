@@ -6,7 +6,9 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "common/params.h"
@@ -42,6 +44,54 @@ inline void check_shape(const at::Tensor& t, at::IntArrayRef want, const char* o
 inline void check_last_dim_contiguous(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": argument '", name,
                     "' must be contiguous in its last dim, got strides ", t.strides());
+}
+
+// A tensor an op writes must give every element memory of its own: no stride-0 dim, no slot of a
+// state pool overlapping another (a pool whose slot stride is smaller than a slot would carry one
+// slot's update into slots the call was never given). Checked by the sufficient rule that each
+// dim's stride is at least the extent of the dims with smaller strides.
+inline void check_no_self_overlap(const at::Tensor& t, const char* op, const char* name) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims of size > 1
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t extent = 1;  // elements spanned by the dims taken so far
+  for (const auto& [stride, size] : dims) {
+    TORCH_CHECK_VALUE(stride >= extent, op, ": argument '", name, "' has elements that share memory (shape ",
+                      t.sizes(), ", strides ", t.strides(), "): every slot and element it writes needs memory of "
+                      "its own (a state pool's slot stride must be at least one slot)");
+    extent += stride * (size - 1);
+  }
+}
+
+// Two tensors an op reads and writes (out and a state pool) must not share memory: compared by the
+// address ranges they span.
+inline void check_disjoint(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
+                           const char* op) {
+  if (a.numel() == 0 || b.numel() == 0) return;
+  const auto span = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const char* begin = static_cast<const char*>(t.data_ptr());
+    return std::pair<const char*, const char*>{begin, begin + (last + 1) * t.element_size()};
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  TORCH_CHECK_VALUE(a1 <= b0 || b1 <= a0, op, ": arguments '", a_name, "' and '", b_name,
+                    "' share memory; the op writes both");
+}
+
+// A float parameter the math needs finite (scales, bounds, decay rates).
+inline void check_finite(double x, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(x), op, ": argument '", name, "' must be finite, got ", x);
+}
+
+// Every entry of a small fp32 parameter vector (per head) finite.
+inline void check_finite_entries(const float* x, int64_t n, const char* op, const char* name) {
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(std::isfinite(x[i]), op, ": argument '", name, "' must be finite, got ", x[i], " at index ",
+                      i);
+  }
 }
 
 inline Mat3 mat3(const at::Tensor& t, const char* op, const char* name) {
@@ -169,24 +219,28 @@ inline void check_out(const at::Tensor& out, const at::Tensor& q, const QKVShape
   check_shape(out, {s.T, s.Hv, s.V}, op, "out");
   TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), op, ": argument 'out' must have q's dtype ",
                    q.scalar_type(), ", got ", out.scalar_type());
+  check_no_self_overlap(out, op, "out");
 }
 
 // A recurrent state pool [num_slots, heads, rows, cols] (layout names the dims for messages),
 // contiguous within each slot; every family's states are such pools.
 inline StatePool check_state_pool(const at::Tensor& state, int64_t heads, int64_t rows, int64_t cols,
-                                  const char* layout, const char* op) {
-  check_dim(state, 4, op, "state", layout);
+                                  const char* layout, const char* op, const char* name = "state") {
+  check_dim(state, 4, op, name, layout);
   TORCH_CHECK_VALUE(state.size(1) == heads && state.size(2) == rows && state.size(3) == cols, op,
-                    ": argument 'state' must have shape [num_slots, ", heads, ", ", rows, ", ", cols, "], got ",
+                    ": argument '", name, "' must have shape [num_slots, ", heads, ", ", rows, ", ", cols, "], got ",
                     state.sizes());
   TORCH_CHECK_VALUE(state.stride(3) == 1 && state.stride(2) == cols && state.stride(1) == rows * cols, op,
-                    ": argument 'state' must be contiguous within each slot, got strides ", state.strides());
-  return StatePool{state.data_ptr(), to_dtype(state, op, "state"), state.stride(0), state.size(0)};
+                    ": argument '", name, "' must be contiguous within each slot, got strides ", state.strides());
+  check_no_self_overlap(state, op, name);
+  return StatePool{state.data_ptr(), to_dtype(state, op, name), state.stride(0), state.size(0)};
 }
 
 // The delta rule's state pool [num_slots, Hv, K, V].
-inline StatePool check_state(const at::Tensor& state, const QKVShape& s, const char* op) {
-  return check_state_pool(state, s.Hv, s.K, s.V, s.grouped ? "[num_slots, Hv, K, V]" : "[num_slots, H, K, V]", op);
+inline StatePool check_state(const at::Tensor& state, const QKVShape& s, const char* op,
+                             const char* name = "state") {
+  return check_state_pool(state, s.Hv, s.K, s.V, s.grouped ? "[num_slots, Hv, K, V]" : "[num_slots, H, K, V]", op,
+                          name);
 }
 
 }  // namespace gdn

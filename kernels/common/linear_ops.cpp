@@ -259,6 +259,7 @@ void gated_rms_norm(const at::Tensor& x, const at::Tensor& z, const at::Tensor& 
   check_dim(weight, 1, op, "weight", "[D]");
   check_shape(weight, {D}, op, "weight");
   to_dtype(weight, op, "weight");
+  check_finite(eps, op, "eps");
   TORCH_CHECK_VALUE(eps >= 0, op, ": argument 'eps' must be >= 0, got ", eps);
   check_last_dim_contiguous(x, op, "x");
   check_last_dim_contiguous(z, op, "z");

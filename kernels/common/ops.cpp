@@ -29,6 +29,9 @@ void causal_conv1d(const at::Tensor& x, const at::Tensor& weight, const std::opt
                     conv_state.sizes());
   check_dim(out, 2, op, "out", "[T, D]");
   check_shape(out, {T, D}, op, "out");
+  check_no_self_overlap(out, op, "out");
+  check_no_self_overlap(conv_state, op, "conv_state");
+  check_disjoint(out, "out", conv_state, "conv_state", op);
   TORCH_CHECK_TYPE(out.scalar_type() == x.scalar_type(), op, ": argument 'out' must have x's dtype ",
                    x.scalar_type(), ", got ", out.scalar_type());
   ConvParams p{};

@@ -8,6 +8,7 @@
 #include <memory>
 #include <mutex>
 
+#include "common/fp_env.h"
 #include "common/parallel.h"
 #include "common/gemm_backends.h"
 
@@ -203,7 +204,10 @@ GemmChoice active_gemm() {
 
 void parallel_for_impl(int64_t n, int64_t grain, const void* ctx, RangeFn fn) {
   if (n <= 0) return;
-  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { fn(ctx, b, e); });
+  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+    const DenormalsFlushed flushed;  // each worker thread, for the duration of its share
+    fn(ctx, b, e);
+  });
 }
 
 int num_threads() { return at::get_num_threads(); }

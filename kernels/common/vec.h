@@ -46,12 +46,14 @@ inline vfloat vbroadcast(float x) {
 }
 
 // exp(x) for a vector (Cephes' expf: range reduction to [-ln2/2, ln2/2], degree-6 polynomial,
-// scaling by 2^n through the exponent bits; ~1 ulp). Inputs are clamped to [-87.3, 88.3], so the
-// result is never inf and underflows to ~1e-38 rather than 0.
+// scaling by 2^n through the exponent bits; ~1 ulp). Above 88.3 the result is exp(88.3) (never
+// inf); below -87.3 (where exp leaves the normal range) it is exactly 0, never a denormal; NaN in
+// gives NaN out.
 inline vfloat vexp(vfloat x) {
   typedef int32_t vint __attribute__((vector_size(kVecWidth * sizeof(int32_t))));
-  x = x < vbroadcast(88.3f) ? x : vbroadcast(88.3f);
-  x = x > vbroadcast(-87.3f) ? x : vbroadcast(-87.3f);
+  const vfloat in = x;
+  x = x > vbroadcast(88.3f) ? vbroadcast(88.3f) : x;  // comparisons with NaN are false: NaN stays
+  x = x < vbroadcast(-87.3f) ? vbroadcast(-87.3f) : x;
   const vfloat magic = vbroadcast(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
   const vfloat t = x * 1.44269504088896341f + magic;
   const vfloat n = t - magic;
@@ -65,7 +67,8 @@ inline vfloat vexp(vfloat x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
   const vint bits = reinterpret_cast<const vint&>(p) + (ni << 23);
-  return reinterpret_cast<const vfloat&>(bits);
+  const vfloat e = reinterpret_cast<const vfloat&>(bits);
+  return in < vbroadcast(-87.3f) ? vfloat{} : (in == in ? e : in);
 }
 
 // y[i] = exp(a * x[i] + b) for i < n (y may be x), every element through vexp.

@@ -1,6 +1,7 @@
 // Host entry points of the Gated DeltaNet ops (argument checks, then the active ISA's kernel).
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <utility>
 #include <vector>
 
@@ -18,7 +19,10 @@ const float* per_head_f32_ptr(const at::Tensor& t, int64_t Hv, const char* op, c
   check_dim(t, 1, op, name, "[Hv]");
   check_shape(t, {Hv}, op, name);
   const DType dt = to_dtype(t, op, name);
-  if (dt == DType::kFloat32 && (Hv <= 1 || t.stride(0) == 1)) return t.data_ptr<float>();
+  if (dt == DType::kFloat32 && (Hv <= 1 || t.stride(0) == 1)) {
+    check_finite_entries(t.data_ptr<float>(), Hv, op, name);
+    return t.data_ptr<float>();
+  }
   buffer.resize(Hv);
   const int64_t stride = t.stride(0);
   if (dt == DType::kFloat32) {
@@ -28,6 +32,7 @@ const float* per_head_f32_ptr(const at::Tensor& t, int64_t Hv, const char* op, c
   } else {
     for (int64_t i = 0; i < Hv; ++i) buffer[i] = static_cast<float>(t.data_ptr<at::Half>()[i * stride]);
   }
+  check_finite_entries(buffer.data(), Hv, op, name);
   return buffer.data();
 }
 
@@ -38,7 +43,9 @@ GatingParams gating_params(const float* A_log32, const float* dt_bias32, const a
   check_dim(b, 2, op, "b", "[T, Hv]");
   check_shape(a, {T, Hv}, op, "a");
   check_shape(b, {T, Hv}, op, "b");
+  check_finite(softplus_beta, op, "softplus_beta");
   TORCH_CHECK_VALUE(softplus_beta > 0, op, ": argument 'softplus_beta' must be > 0, got ", softplus_beta);
+  TORCH_CHECK_VALUE(!std::isnan(softplus_threshold), op, ": argument 'softplus_threshold' must not be NaN");
   GatingParams p{};
   p.T = T;
   p.Hv = Hv;
@@ -62,6 +69,8 @@ std::tuple<at::Tensor, at::Tensor> gdn_gating(const at::Tensor& A_log, const at:
   const int64_t T = a.size(0), Hv = a.size(1);
   const at::Tensor A32 = per_head_f32(A_log, Hv, op, "A_log");
   const at::Tensor dt32 = per_head_f32(dt_bias, Hv, op, "dt_bias");
+  check_finite_entries(A32.data_ptr<float>(), Hv, op, "A_log");
+  check_finite_entries(dt32.data_ptr<float>(), Hv, op, "dt_bias");
   GatingParams p = gating_params(A32.data_ptr<float>(), dt32.data_ptr<float>(), a, b, T, Hv, softplus_beta,
                                  softplus_threshold, allow_neg_eigval, op);
   at::Tensor g = at::empty({T, Hv}, a.options().dtype(at::kFloat));
@@ -86,8 +95,10 @@ void chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::
     check_last_dim_contiguous(t, op, name);
   }
   check_out(out, q, s, op);
+  check_finite(scale, op, "scale");
   ChunkParams p{};
   p.state = check_state(state, s, op);
+  check_disjoint(out, "out", state, "state", op);
   p.state_indices = check_state_indices(state_indices, p.state.num_slots, op);
   p.N = state_indices.size(0);
   p.cu_seqlens = check_cu_seqlens(cu_seqlens, p.N, s.T, op);
@@ -104,30 +115,51 @@ void chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::
   zero_trailing_rows(out, p.cu_seqlens[p.N]);
 }
 
+namespace {
+
+// Every check of the decode recurrence, and its parameters (A32 / dt32 keep fp32 copies of A_log /
+// dt_bias alive); *covered: how many leading rows of out the sequences cover. Nothing is written.
+RecurrentParams recurrent_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& A_log, const at::Tensor& dt_bias, const at::Tensor& a,
+                                 const at::Tensor& b, const at::Tensor& state, const at::Tensor& state_indices,
+                                 const std::optional<at::Tensor>& cu_seqlens, double scale, bool use_qk_l2norm,
+                                 bool allow_neg_eigval, double softplus_beta, double softplus_threshold,
+                                 const at::Tensor& out, std::vector<float>& A32, std::vector<float>& dt32,
+                                 int64_t* covered, const char* op, const char* state_name) {
+  const QKVShape s = check_qkv(q, k, v, op, /*grouped=*/true);
+  check_out(out, q, s, op);
+  // A_log / dt_bias as fp32 without a tensor op per call (bf16 ones converted here: at batch 1
+  // two at::Tensor conversions were a third of the fixed cost of a call).
+  RecurrentParams p{};
+  p.gate = gating_params(per_head_f32_ptr(A_log, s.Hv, op, "A_log", A32),
+                         per_head_f32_ptr(dt_bias, s.Hv, op, "dt_bias", dt32), a, b, s.T, s.Hv, softplus_beta,
+                         softplus_threshold, allow_neg_eigval, op);
+  p.state = check_state(state, s, op, state_name);
+  check_disjoint(out, "out", state, state_name, op);
+  check_finite(scale, op, "scale");
+  p.state_indices = check_state_indices(state_indices, p.state.num_slots, op);
+  p.N = state_indices.size(0);
+  *covered = check_recurrent_sequences(cu_seqlens, p.N, s.T, op, &p.cu_seqlens);
+  p.Hk = s.Hk, p.Hv = s.Hv, p.K = s.K, p.V = s.V;
+  p.q = mat3(q, op, "q"), p.k = mat3(k, op, "k"), p.v = mat3(v, op, "v"), p.out = mat3(out, op, "out");
+  p.scale = static_cast<float>(scale);
+  p.use_qk_l2norm = use_qk_l2norm;
+  return p;
+}
+
+}  // namespace
+
 void fused_recurrent_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const at::Tensor& A_log, const at::Tensor& dt_bias, const at::Tensor& a,
                                       const at::Tensor& b, at::Tensor& state, const at::Tensor& state_indices,
                                       const std::optional<at::Tensor>& cu_seqlens, double scale,
                                       bool use_qk_l2norm, bool allow_neg_eigval, double softplus_beta,
                                       double softplus_threshold, at::Tensor& out) {
-  constexpr const char* op = "fused_recurrent_gated_delta_rule";
-  const QKVShape s = check_qkv(q, k, v, op, /*grouped=*/true);
-  check_out(out, q, s, op);
-  // A_log / dt_bias as fp32 without a tensor op per call (bf16 ones converted here: at batch 1
-  // two at::Tensor conversions were a third of the fixed cost of a call).
   std::vector<float> A32, dt32;
-  RecurrentParams p{};
-  p.gate = gating_params(per_head_f32_ptr(A_log, s.Hv, op, "A_log", A32),
-                         per_head_f32_ptr(dt_bias, s.Hv, op, "dt_bias", dt32), a, b, s.T, s.Hv, softplus_beta,
-                         softplus_threshold, allow_neg_eigval, op);
-  p.state = check_state(state, s, op);
-  p.state_indices = check_state_indices(state_indices, p.state.num_slots, op);
-  p.N = state_indices.size(0);
-  const int64_t covered = check_recurrent_sequences(cu_seqlens, p.N, s.T, op, &p.cu_seqlens);
-  p.Hk = s.Hk, p.Hv = s.Hv, p.K = s.K, p.V = s.V;
-  p.q = mat3(q, op, "q"), p.k = mat3(k, op, "k"), p.v = mat3(v, op, "v"), p.out = mat3(out, op, "out");
-  p.scale = static_cast<float>(scale);
-  p.use_qk_l2norm = use_qk_l2norm;
+  int64_t covered = 0;
+  const RecurrentParams p = recurrent_params(q, k, v, A_log, dt_bias, a, b, state, state_indices, cu_seqlens, scale,
+                                             use_qk_l2norm, allow_neg_eigval, softplus_beta, softplus_threshold, out,
+                                             A32, dt32, &covered, "fused_recurrent_gated_delta_rule", "state");
   active_kernels().fused_recurrent(p);
   zero_trailing_rows(out, covered);
 }
@@ -150,15 +182,22 @@ void gdn_decode_step(const at::Tensor& mixed_qkv, const at::Tensor& conv_weight,
   TORCH_CHECK_VALUE(state_indices.dim() == 1 && state_indices.size(0) == B, op,
                     ": argument 'state_indices' must have one entry per token (", B, "), got shape ",
                     state_indices.sizes());
-  // Conv output in the model dtype, exactly what the unfused path hands to the recurrence.
+  check_disjoint(out, "out", conv_state, "conv_state", op);
+  // Conv output in the model dtype, exactly what the unfused path hands to the recurrence. The
+  // recurrence's arguments are checked before the conv writes its state: a refused call writes nothing.
   at::Tensor qkv = at::empty_like(mixed_qkv, at::MemoryFormat::Contiguous);
-  const at::Tensor cu = at::arange(B + 1, state_indices.options());
-  causal_conv1d(mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, cu, std::nullopt, /*silu=*/true, qkv);
   const at::Tensor q = qkv.narrow(1, 0, Hk * K).view({B, Hk, K});
   const at::Tensor k = qkv.narrow(1, Hk * K, Hk * K).view({B, Hk, K});
   const at::Tensor v = qkv.narrow(1, 2 * Hk * K, Hv * V).view({B, Hv, V});
-  fused_recurrent_gated_delta_rule(q, k, v, A_log, dt_bias, a, b, ssm_state, state_indices, std::nullopt, scale,
-                                   use_qk_l2norm, allow_neg_eigval, softplus_beta, softplus_threshold, out);
+  std::vector<float> A32, dt32;
+  int64_t covered = 0;
+  const RecurrentParams p = recurrent_params(q, k, v, A_log, dt_bias, a, b, ssm_state, state_indices, std::nullopt,
+                                             scale, use_qk_l2norm, allow_neg_eigval, softplus_beta,
+                                             softplus_threshold, out, A32, dt32, &covered, op, "ssm_state");
+  const at::Tensor cu = at::arange(B + 1, state_indices.options());
+  causal_conv1d(mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, cu, std::nullopt, /*silu=*/true, qkv);
+  active_kernels().fused_recurrent(p);
+  zero_trailing_rows(out, covered);
 }
 
 }  // namespace gdn

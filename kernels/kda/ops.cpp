@@ -28,6 +28,8 @@ KdaGateParams gate_params(const at::Tensor& A_log, const at::Tensor& f, const at
   check_dim(b, 2, op, "b", "[T, H]");
   check_shape(b, {T, H}, op, "b");
   A_log32 = vector_f32(A_log, H, op, "A_log", "[H]");
+  check_finite_entries(A_log32.data_ptr<float>(), H, op, "A_log");
+  if (lower_bound.has_value()) check_finite(*lower_bound, op, "lower_bound");
   dt32 = vector_f32(dt_bias, H * K, op, "dt_bias", "[H*K]");
   KdaGateParams p{};
   p.T = T, p.H = H, p.K = K;
@@ -73,8 +75,10 @@ void chunk_kda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
                      t->scalar_type());
   }
   check_out(out, q, s, op);
+  check_finite(scale, op, "scale");
   KdaParams p{};
   p.state = check_state(state, s, op);
+  check_disjoint(out, "out", state, "state", op);
   p.state_indices = check_state_indices(state_indices, p.state.num_slots, op);
   p.N = state_indices.size(0);
   p.cu_seqlens = check_cu_seqlens(cu_seqlens, p.N, s.T, op);
@@ -100,8 +104,10 @@ void fused_recurrent_kda(const at::Tensor& q, const at::Tensor& k, const at::Ten
   check_out(out, q, s, op);
   at::Tensor A32, dt32;
   KdaParams p{};
+  check_finite(scale, op, "scale");
   p.gate = gate_params(A_log, f, b, dt_bias, lower_bound, s.T, s.Hv, s.K, A32, dt32, op);
   p.state = check_state(state, s, op);
+  check_disjoint(out, "out", state, "state", op);
   p.state_indices = check_state_indices(state_indices, p.state.num_slots, op);
   p.N = state_indices.size(0);
   const int64_t covered = check_recurrent_sequences(cu_seqlens, p.N, s.T, op, &p.cu_seqlens);

@@ -42,13 +42,14 @@ inline void store_part(T* dst, vfloat v, int64_t n) {
 // relative error of |dt A| 2^-24 in any exp of it, so vexp's two-part reduction buys nothing here).
 // With AVX-512: n = round(t), f = t - n (exact), a degree-6 relative-minimax polynomial for 2^f on
 // [-1/2, 1/2] (1.9e-9 in exact arithmetic, 9.8e-8 measured in fp32 over [-125, 0]) and vscalefps
-// for the 2^n: 10 vector ops where vexp takes 19, no clamps; below -126 exactly 0 (vexp: ~1e-38).
-// Elsewhere vexp(t ln 2).
+// for the 2^n: 10 vector ops where vexp takes 19, no clamps; below -126 exactly 0 (as vexp below
+// its range), NaN stays NaN. Elsewhere vexp(t ln 2).
 constexpr float kLog2e = 1.44269504088896341f;
 #if defined(__AVX512F__)
 inline vfloat vexp2_decay(vfloat t) {
   const __m512 v = reinterpret_cast<const __m512&>(t);
-  const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
+  // "not less than", unordered true: NaN lanes are kept (and stay NaN), not zeroed.
+  const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);
   const __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(v, n);
   __m512 p = _mm512_set1_ps(0.0001534581242594868f);

@@ -41,6 +41,7 @@ Shape check_inputs(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& 
   }
   check_dim(out, 2, op, "out", "[T, Dm]");
   check_shape(out, x.sizes(), op, "out");
+  check_no_self_overlap(out, op, "out");
   TORCH_CHECK_TYPE(out.scalar_type() == dtype, op, ": argument 'out' must have x's dtype ", dtype, ", got ",
                    out.scalar_type());
   if (z.has_value()) {
@@ -59,6 +60,7 @@ StatePool check_state(const at::Tensor& state, const Shape& s, const char* op) {
                     "[num_slots, ", s.Dm, ", ", s.Nst, "], got ", state.sizes());
   TORCH_CHECK_VALUE(state.stride(2) == 1 && state.stride(1) == s.Nst, op,
                     ": argument 'state' must be contiguous within each slot, got strides ", state.strides());
+  check_no_self_overlap(state, op, "state");
   return StatePool{state.data_ptr(), to_dtype(state, op, "state"), state.stride(0), state.size(0)};
 }
 
@@ -91,6 +93,7 @@ Mamba1Params common_params(const at::Tensor& x, const at::Tensor& dt, const at::
   p.dt_bias = bias32.has_value() ? bias32->data_ptr<float>() : nullptr;
   p.dt_softplus = dt_softplus;
   p.state = check_state(state, s, op);
+  check_disjoint(out, "out", state, "state", op);
   return p;
 }
 

@@ -42,6 +42,7 @@ Shape check_inputs(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& 
   to_dtype(dt, op, "dt");
   check_dim(out, 3, op, "out", "[T, H, P]");
   check_shape(out, x.sizes(), op, "out");
+  check_no_self_overlap(out, op, "out");
   if (z.has_value()) {
     check_dim(*z, 3, op, "z", "[T, H, P]");
     check_shape(*z, x.sizes(), op, "z");
@@ -61,12 +62,16 @@ Mamba2Params common_params(const at::Tensor& x, const at::Tensor& dt, const at::
                            const std::optional<at::Tensor>& bias32, at::Tensor& state,
                            const std::optional<at::Tensor>& z, bool dt_softplus, double dt_min, double dt_max,
                            at::Tensor& out, const Shape& s, const char* op) {
+  check_finite(dt_min, op, "dt_limit[0]");
   TORCH_CHECK_VALUE(dt_min >= 0 && dt_min <= dt_max, op, ": argument 'dt_limit' must satisfy 0 <= lo <= hi, got (",
                     dt_min, ", ", dt_max, ")");
   const float* A = A32.data_ptr<float>();
   for (int64_t h = 0; h < s.H; ++h) {
     TORCH_CHECK_VALUE(A[h] <= 0.f, op, ": argument 'A' must be <= 0 (A = -exp(A_log)), got ", A[h], " at head ", h);
   }
+  check_finite_entries(A, s.H, op, "A");
+  if (D32.has_value()) check_finite_entries(D32->data_ptr<float>(), s.H, op, "D");
+  if (bias32.has_value()) check_finite_entries(bias32->data_ptr<float>(), s.H, op, "dt_bias");
   Mamba2Params p{};
   p.H = s.H, p.P = s.P, p.G = s.G, p.Nst = s.Nst;
   p.x = mat3(x, op, "x"), p.B = mat3(B, op, "B"), p.C = mat3(C, op, "C"), p.out = mat3(out, op, "out");
@@ -79,6 +84,7 @@ Mamba2Params common_params(const at::Tensor& x, const at::Tensor& dt, const at::
   p.dt_min = static_cast<float>(dt_min);
   p.dt_max = std::isinf(dt_max) ? INFINITY : static_cast<float>(dt_max);
   p.state = check_state(state, s, op);
+  check_disjoint(out, "out", state, "state", op);
   return p;
 }
 

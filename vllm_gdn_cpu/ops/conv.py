@@ -6,9 +6,10 @@ from typing import Optional
 
 import torch
 
-from vllm_gdn_cpu.ops.common import _ops
+from vllm_gdn_cpu.ops.common import _ops, register_fake, tensor_arguments
 
 
+@tensor_arguments
 def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -34,6 +35,6 @@ def causal_conv1d(
     return o
 
 
-@torch.library.register_fake("vllm_gdn_cpu::causal_conv1d")
+@register_fake("causal_conv1d")
 def _conv_fake(x, weight, bias, conv_state, state_indices, cu_seqlens, has_initial_state, silu, out):
     return None

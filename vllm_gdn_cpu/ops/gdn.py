@@ -6,9 +6,10 @@ from typing import Optional
 
 import torch
 
-from vllm_gdn_cpu.ops.common import _ops
+from vllm_gdn_cpu.ops.common import _ops, default_scale, register_fake, tensor_arguments
 
 
+@tensor_arguments
 def gdn_gating(
     A_log: torch.Tensor,
     a: torch.Tensor,
@@ -34,10 +35,8 @@ def _out_like(q: torch.Tensor, v: torch.Tensor, out: Optional[torch.Tensor]) -> 
     return torch.empty(v.shape[0], v.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
 
 
-def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:
-    return float(q.shape[-1] ** -0.5 if scale is None else scale)
 
-
+@tensor_arguments
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -62,11 +61,12 @@ def chunk_gated_delta_rule(
     o = _out_like(q, v, out)
     _ops.chunk_gated_delta_rule(
         q, k, v, g, beta, state, state_indices, cu_seqlens, has_initial_state,
-        _default_scale(q, scale), bool(use_qk_l2norm), o,
+        default_scale(q.shape[-1], scale), bool(use_qk_l2norm), o,
     )
     return o
 
 
+@tensor_arguments
 def fused_recurrent_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -94,12 +94,13 @@ def fused_recurrent_gated_delta_rule(
     o = _out_like(q, v, out)
     _ops.fused_recurrent_gated_delta_rule(
         q, k, v, A_log, dt_bias, a, b, state, state_indices, cu_seqlens,
-        _default_scale(q, scale), bool(use_qk_l2norm), bool(allow_neg_eigval),
+        default_scale(q.shape[-1], scale), bool(use_qk_l2norm), bool(allow_neg_eigval),
         float(softplus_beta), float(softplus_threshold), o,
     )
     return o
 
 
+@tensor_arguments
 def gdn_decode_step(
     mixed_qkv: torch.Tensor,
     conv_weight: torch.Tensor,
@@ -130,31 +131,31 @@ def gdn_decode_step(
     o = out if out is not None else torch.empty(mixed_qkv.shape[0], Hv, head_v_dim, dtype=mixed_qkv.dtype)
     _ops.gdn_decode_step(
         mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, a, b, ssm_state, state_indices,
-        int(num_k_heads), int(head_k_dim), int(head_v_dim), float(head_k_dim**-0.5 if scale is None else scale),
+        int(num_k_heads), int(head_k_dim), int(head_v_dim), default_scale(int(head_k_dim), scale),
         bool(use_qk_l2norm), bool(allow_neg_eigval), float(softplus_beta), float(softplus_threshold), o,
     )
     return o
 
 
 # Fake (meta) implementations: shapes and dtypes only, for torch.compile / FakeTensor tracing.
-@torch.library.register_fake("vllm_gdn_cpu::gdn_gating")
+@register_fake("gdn_gating")
 def _gdn_gating_fake(A_log, a, b, dt_bias, softplus_beta, softplus_threshold, allow_neg_eigval):
     return a.new_empty(a.shape, dtype=torch.float32), a.new_empty(a.shape, dtype=torch.float32)
 
 
-@torch.library.register_fake("vllm_gdn_cpu::chunk_gated_delta_rule")
+@register_fake("chunk_gated_delta_rule")
 def _chunk_fake(q, k, v, g, beta, state, state_indices, cu_seqlens, has_initial_state, scale,
                 use_qk_l2norm, out):
     return None
 
 
-@torch.library.register_fake("vllm_gdn_cpu::fused_recurrent_gated_delta_rule")
+@register_fake("fused_recurrent_gated_delta_rule")
 def _recurrent_fake(q, k, v, A_log, dt_bias, a, b, state, state_indices, cu_seqlens, scale,
                     use_qk_l2norm, allow_neg_eigval, softplus_beta, softplus_threshold, out):
     return None
 
 
-@torch.library.register_fake("vllm_gdn_cpu::gdn_decode_step")
+@register_fake("gdn_decode_step")
 def _decode_step_fake(mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, a, b, ssm_state,
                       state_indices, num_k_heads, head_k_dim, head_v_dim, scale, use_qk_l2norm,
                       allow_neg_eigval, softplus_beta, softplus_threshold, out):

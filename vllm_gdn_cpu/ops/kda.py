@@ -9,13 +9,14 @@ from typing import Optional
 
 import torch
 
-from vllm_gdn_cpu.ops.common import _ops
+from vllm_gdn_cpu.ops.common import _ops, default_scale, register_fake, tensor_arguments
 
 
 def _opt_float(x: Optional[float]) -> Optional[float]:
     return None if x is None else float(x)
 
 
+@tensor_arguments
 def kda_gate(
     A_log: torch.Tensor,
     f: torch.Tensor,
@@ -33,14 +34,12 @@ def kda_gate(
     return _ops.kda_gate(A_log, f, b, dt_bias, _opt_float(lower_bound))
 
 
-def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:
-    return float(q.shape[-1] ** -0.5 if scale is None else scale)
-
 
 def _out_like(q: torch.Tensor, v: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
     return out if out is not None else torch.empty(v.shape, dtype=q.dtype, device=q.device)
 
 
+@tensor_arguments
 def chunk_kda(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -65,10 +64,11 @@ def chunk_kda(
     """
     o = _out_like(q, v, out)
     _ops.chunk_kda(q, k, v, g, beta, state, state_indices, cu_seqlens, has_initial_state,
-                   _default_scale(q, scale), bool(use_qk_l2norm), o)
+                   default_scale(q.shape[-1], scale), bool(use_qk_l2norm), o)
     return o
 
 
+@tensor_arguments
 def fused_recurrent_kda(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -92,22 +92,22 @@ def fused_recurrent_kda(
     """
     o = _out_like(q, v, out)
     _ops.fused_recurrent_kda(q, k, v, A_log, dt_bias, f, b, state, state_indices, cu_seqlens,
-                             _default_scale(q, scale), bool(use_qk_l2norm), _opt_float(lower_bound), o)
+                             default_scale(q.shape[-1], scale), bool(use_qk_l2norm), _opt_float(lower_bound), o)
     return o
 
 
-@torch.library.register_fake("vllm_gdn_cpu::kda_gate")
+@register_fake("kda_gate")
 def _kda_gate_fake(A_log, f, b, dt_bias, lower_bound):
     return f.new_empty(f.shape, dtype=torch.float32), b.new_empty(b.shape, dtype=torch.float32)
 
 
-@torch.library.register_fake("vllm_gdn_cpu::chunk_kda")
+@register_fake("chunk_kda")
 def _chunk_kda_fake(q, k, v, g, beta, state, state_indices, cu_seqlens, has_initial_state, scale,
                     use_qk_l2norm, out):
     return None
 
 
-@torch.library.register_fake("vllm_gdn_cpu::fused_recurrent_kda")
+@register_fake("fused_recurrent_kda")
 def _fused_recurrent_kda_fake(q, k, v, A_log, dt_bias, f, b, state, state_indices, cu_seqlens, scale,
                               use_qk_l2norm, lower_bound, out):
     return None

@@ -7,13 +7,14 @@ from typing import Optional
 
 import torch
 
-from vllm_gdn_cpu.ops.common import _ops
+from vllm_gdn_cpu.ops.common import _ops, register_fake, tensor_arguments
 
 # Token count up to which ops.linear runs our kernel (0: never); unset: a default measured per
 # weight dtype (kernels/common/linear_ops.cpp).
 LINEAR_MAX_M_ENV = "VLLM_GDN_CPU_LINEAR_MAX_M"
 
 
+@tensor_arguments
 def small_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -35,6 +36,7 @@ def small_linear(
     return o
 
 
+@tensor_arguments
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear for x [M, K] and a plain weight [N, K]: our kernel (small_linear) when M is at most
     VLLM_GDN_CPU_LINEAR_MAX_M (default measured per weight dtype: fp32 32, bf16 16 where our AMX
@@ -56,11 +58,11 @@ def reset_linear_path_counts() -> None:
     _ops.reset_linear_path_counts()
 
 
-@torch.library.register_fake("vllm_gdn_cpu::small_linear")
+@register_fake("small_linear")
 def _small_linear_fake(x, weight, bias, out):
     return None
 
 
-@torch.library.register_fake("vllm_gdn_cpu::linear")
+@register_fake("linear")
 def _linear_fake(x, weight, bias):
     return x.new_empty(x.shape[0], weight.shape[0])

@@ -18,9 +18,10 @@ from typing import Optional
 
 import torch
 
-from vllm_gdn_cpu.ops.common import _ops
+from vllm_gdn_cpu.ops.common import _ops, register_fake, tensor_arguments
 
 
+@tensor_arguments
 def selective_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -60,6 +61,7 @@ def selective_scan(
     return out
 
 
+@tensor_arguments
 def selective_state_update(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -85,12 +87,12 @@ def selective_state_update(
 
 
 # Fake (meta) implementations: shapes and dtypes only, for torch.compile / FakeTensor tracing.
-@torch.library.register_fake("vllm_gdn_cpu::mamba1_selective_scan")
+@register_fake("mamba1_selective_scan")
 def _selective_scan_fake(x, dt, A, B, C, D, z, dt_bias, state, state_indices, cu_seqlens, has_initial_state,
                          dt_softplus, checkpoint_offsets, checkpoint_slots, out):
     return None
 
 
-@torch.library.register_fake("vllm_gdn_cpu::mamba1_state_update")
+@register_fake("mamba1_state_update")
 def _state_update_fake(x, dt, A, B, C, D, z, dt_bias, state, state_indices, dt_softplus, out):
     return None

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from vllm_gdn_cpu.ops.common import _ops
+from vllm_gdn_cpu.ops.common import _ops, register_fake, tensor_arguments
 
 
 def _limits(dt_limit) -> tuple[float, float]:
@@ -26,6 +26,7 @@ def _limits(dt_limit) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+@tensor_arguments
 def mamba2_chunk_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -66,6 +67,7 @@ def mamba2_chunk_scan(
     return out
 
 
+@tensor_arguments
 def mamba2_state_update(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -93,12 +95,12 @@ def mamba2_state_update(
 
 
 # Fake (meta) implementations: shapes and dtypes only, for torch.compile / FakeTensor tracing.
-@torch.library.register_fake("vllm_gdn_cpu::mamba2_chunk_scan")
+@register_fake("mamba2_chunk_scan")
 def _chunk_scan_fake(x, dt, A, B, C, D, dt_bias, state, state_indices, cu_seqlens, has_initial_state, z,
                      dt_softplus, dt_min, dt_max, checkpoint_offsets, checkpoint_slots, out):
     return None
 
 
-@torch.library.register_fake("vllm_gdn_cpu::mamba2_state_update")
+@register_fake("mamba2_state_update")
 def _state_update_fake(x, dt, A, B, C, D, dt_bias, state, state_indices, z, dt_softplus, dt_min, dt_max, out):
     return None

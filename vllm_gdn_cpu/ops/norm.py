@@ -6,11 +6,12 @@ from typing import Optional
 
 import torch
 
-from vllm_gdn_cpu.ops.common import _ops
+from vllm_gdn_cpu.ops.common import _ops, register_fake, tensor_arguments
 
 _ACTIVATIONS = {"silu": False, "swish": False, "sigmoid": True}  # name -> sigmoid?
 
 
+@tensor_arguments
 def gated_rms_norm(
     x: torch.Tensor,
     z: torch.Tensor,
@@ -35,6 +36,6 @@ def gated_rms_norm(
     return o
 
 
-@torch.library.register_fake("vllm_gdn_cpu::gated_rms_norm")
+@register_fake("gated_rms_norm")
 def _gated_rms_norm_fake(x, z, weight, eps, sigmoid, out):
     return None
