@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import statistics
 from dataclasses import dataclass
 from typing import Callable, Optional
 
