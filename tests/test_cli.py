@@ -81,7 +81,7 @@ def test_bench_gemv_json_side_by_side():
     """Small shapes, one round: ours, torch's F.linear (and vLLM's onednn_mm where vLLM imports) over a
     cold weight pool, each against the stream probe of the same run, plus the one-thread CPU-time
     figures."""
-    from vllm_gdn_cpu.tools.bench import COLD_STATE_BYTES
+    from vllm_gdn_cpu.tools.bench.harness import COLD_STATE_BYTES
 
     out = run_cli("vllm_gdn_cpu.tools.bench", "gemv", "--json", "--shapes", "512x1024", "--ms", "1,3",
                   "--weight-dtypes", "bfloat16", "--repeat", "1", "--cpu-time")
@@ -124,3 +124,21 @@ def test_bench_mamba_json():
         assert r["ours_gbps"] > 0 and 0 < r["ours_pct_of_stream"] <= r["ours_pct_of_stream_with_A"]
     rows = _bench_rows("mamba2-prefill", "--models", "mamba2-2.7b", "--workloads", "16x128")
     assert rows and all(r["ours_tok_s"] > 0 and r["pct_of_path_gemm_peak"] > 0 for r in rows)
+
+
+def test_bench_decays_side_by_side():
+    """--decays: realistic by default (per-head decays spread from weak to strong); benign,strong
+    times each case under both, the second row with its time ratio against the first."""
+    (row,) = _bench_rows("kda-decode", "--models", "kimi-linear-tp4", "--batches", "2", "--layers", "2",
+                         "--state-dtypes", "float32", "--no-ref")
+    assert row["decays"] == "realistic" and row["decay_nats_p1"] < 0.05 and row["decay_nats_p99"] > 3
+    rows = _bench_rows("prefill", "--models", "qwen3.5-small", "--workloads", "16x128", "--no-ref", "--no-vllm",
+                       "--decays", "benign,strong")
+    benign, strong = rows
+    assert (benign["decays"], strong["decays"]) == ("benign", "strong")
+    assert benign["decay_nats_p99"] < 0.2 and strong["decay_nats_p1"] > 0.3
+    assert "ours_time_vs_benign" not in benign
+    assert strong["ours_time_vs_benign"] == pytest.approx(benign["ours_tok_s"] / strong["ours_tok_s"])
+    proc = subprocess.run([sys.executable, "-m", "vllm_gdn_cpu.tools.bench", "decode", "--decays", "mild"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--decays" in proc.stderr

@@ -6,9 +6,9 @@ vLLM's CPU GEMM (``_custom_ops.onednn_mm``, what its linear layers run on CPU) a
 
 Each row is one weight shape [N, K], weight dtype and token count M (x and out in the weight's
 dtype, as in a model). Weights are cold: every timed pass walks a pool of distinct weights larger
-than three times the last-level cache the kernel reports (bench.COLD_STATE_BYTES), one call per
+than three times the last-level cache the kernel reports (harness.COLD_STATE_BYTES), one call per
 weight, as a model's layers do; GB/s counts the weight bytes read once per call, and % is of the
-in-place stream bandwidth measured in the same run (bench.stream_gbps, which counts its read and
+in-place stream bandwidth measured in the same run (harness.stream_gbps, which counts its read and
 its write) and of the read-only bandwidth (``read_gbps``: a projection only reads its weights). The implementations' passes alternate (best of --repeat rounds), so drift on a loaded
 machine reaches all of them alike. vLLM's handlers are built the way its CPU linear layers build
 them (``create_onednn_mm(weight.t())``, one per weight of the pool, their packed copies included).
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_gdn_cpu import ops
-from vllm_gdn_cpu.tools.bench import COLD_STATE_BYTES, best_time, print_row, stream_gbps
+from vllm_gdn_cpu.tools.bench.harness import COLD_STATE_BYTES, best_time, print_row, stream_gbps
 
 DEFAULT_SHAPES = "12352x1024,1024x4096,64x1024"  # Qwen3-Next qkvz+ba fused, out_proj, ba (hidden 1024)
 
@@ -154,6 +154,7 @@ def bench_gemv(args) -> list[dict]:
 def add_parser(sub, common) -> None:
     g = sub.add_parser("gemv", parents=[common],
                        help="small-batch projections: weights streamed GB/s vs the stream, ours vs vLLM vs torch")
+    g.set_defaults(run=bench_gemv)
     g.add_argument("--shapes", default=DEFAULT_SHAPES, help="weight shapes NxK, comma-separated")
     g.add_argument("--ms", default="1,4,16", help="token counts M, comma-separated")
     g.add_argument("--weight-dtypes", default="float32,bfloat16")
@@ -161,3 +162,6 @@ def add_parser(sub, common) -> None:
     g.add_argument("--cpu-time", action="store_true",
                    help="also time each implementation on one thread by CPU time (time.thread_time) against "
                         "the stream probe measured the same way: figures a loaded machine distorts less")
+
+
+add_parsers = add_parser  # the name every bench module registers its subcommands under (bench.__main__)
