@@ -47,6 +47,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.published_shapes]
 MATRIX = {
     "qwen3-next-80b-a3b": ("dummy", 2),
     "qwen3.5-dense": ("dummy", 1),
+    "qwen3.5-moe": ("dummy", 1),
     "olmo-hybrid": ("dummy", 1),
     "granite-4.0-h-tiny": ("dummy", 2),
     "nemotron-h-8b": ("dummy", 1),

@@ -71,6 +71,17 @@ def qwen3_5_dense():
         max_position_embeddings=4096, **_common("Qwen3_5ForCausalLM"))
 
 
+def qwen3_5_moe():
+    from transformers import Qwen3_5MoeTextConfig
+
+    return Qwen3_5MoeTextConfig(
+        hidden_size=2048, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+        linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+        linear_conv_kernel_dim=4, num_experts=16, num_experts_per_tok=8, moe_intermediate_size=512,
+        shared_expert_intermediate_size=512, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+        max_position_embeddings=4096, **_common("Qwen3_5MoeForCausalLM"))
+
+
 def olmo_hybrid():
     from transformers import OlmoHybridConfig
 
@@ -186,6 +197,10 @@ SHAPES: dict[str, Published] = {
     "qwen3.5-dense": Published("Qwen3.5 dense (transformers' Qwen3_5TextConfig defaults)", "GDN",
                                "QwenGatedDeltaNetAttention", "Qwen3_5ForCausalLM", qwen3_5_dense,
                                "transformers 5.19 Qwen3_5TextConfig defaults"),
+    "qwen3.5-moe": Published("Qwen3.5 MoE text (transformers' Qwen3_5MoeTextConfig defaults)", "GDN",
+                             "QwenGatedDeltaNetAttention", "Qwen3_5MoeForCausalLM", qwen3_5_moe,
+                             "transformers 5.19 Qwen3_5MoeTextConfig defaults",
+                             moe="256 -> 16 routed experts, top-8, shared expert"),
     "olmo-hybrid": Published("OLMo-hybrid (transformers' OlmoHybridConfig defaults)", "GDN",
                              "OlmoHybridGatedDeltaNetAttention", "OlmoHybridForCausalLM", olmo_hybrid,
                              "transformers 5.19 OlmoHybridConfig defaults"),
