@@ -100,11 +100,19 @@ def tiny_kimi_dir(tmp_path_factory):
     return build_tiny_kimi_linear(tmp_path_factory.mktemp("tiny-kimi"), dtype=torch.float32)
 
 
+def hf_kimi_linear(model_dir):
+    """HF's model with transformers' own config class: once an engine has run in this process,
+    transformers' AutoConfig maps "kimi_linear" to vLLM's KimiLinearConfig (no ``num_local_experts``:
+    HF's MoE layers then fail to build)."""
+    from transformers import KimiLinearConfig, KimiLinearForCausalLM
+
+    config = KimiLinearConfig.from_pretrained(model_dir)
+    return KimiLinearForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32).eval()
+
+
 @pytest.fixture(scope="module")
 def hf_model(tiny_kimi_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_kimi_dir, dtype=torch.float32).eval()
+    return hf_kimi_linear(tiny_kimi_dir)
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +127,7 @@ def tiny_kimi_moe_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_moe_model(tiny_kimi_moe_dir):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_kimi_moe_dir, dtype=torch.float32).eval()
+    model = hf_kimi_linear(tiny_kimi_moe_dir)
     assert [type(layer.mlp).__name__ for layer in model.model.layers] == ["KimiLinearMLP"] + ["KimiLinearMoE"] * 3
     return model
 
