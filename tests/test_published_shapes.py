@@ -12,10 +12,8 @@ finite; our layer's INFO line.
   Mamba's ``A`` (= -exp(A_log), stored as such) included, and our Mamba2 kernels refuse A > 0 with an
   error naming it: the Mamba layers' A is set negative as in any checkpoint after the engine starts
   (``negative_decays``, through collective_rpc) before any request;
-* ``tp=2``: one model of the GDN, Mamba2 and KDA families runs with ``tensor_parallel_size=2``
-  (engine core and workers in their own processes; the rest in this process). Mamba-1's TP=2 is
-  tests/test_e2e_mamba1.py's (FalconMamba, tiny): a TP=2 engine costs ~45-60 s here, over the
-  matrix's CI budget.
+* ``tp=2``: one model per family runs with ``tensor_parallel_size=2`` (engine core and workers in
+  their own processes); the others in this process.
 
 Marked ``published_shapes`` (pyproject.toml). One engine per model (vLLM serves one model per
 engine); timings are in the closing note of issue #26 and docs/models/published-shapes.md.
@@ -57,7 +55,7 @@ MATRIX = {
     "zamba2-1.2b": ("dummy", 1),  # HF's Zamba2 is no reference: docs/models/published-shapes.md
     "mamba2-2.7b": ("hf", 1),
     "mamba-2.8b": ("hf", 1),
-    "falcon-mamba-7b": ("dummy", 1),  # Mamba-1 TP=2: test_e2e_mamba1 (FalconMamba, tiny); CI budget
+    "falcon-mamba-7b": ("dummy", 2),
     "jamba-v0.1": ("dummy", 1),
     "kimi-linear-48b-a3b": ("dummy", 2),
 }
