@@ -67,6 +67,8 @@ void mamba1_state_update(const at::Tensor& x, const at::Tensor& dt, const at::Te
 void small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   at::Tensor& out);
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                       const std::optional<at::Tensor>& bias);
 std::vector<int64_t> linear_path_counts();
 void reset_linear_path_counts();
 void gated_rms_norm(const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight, double eps, bool sigmoid,

@@ -43,6 +43,7 @@ TORCH_LIBRARY(vllm_gdn_cpu, m) {
       "Tensor? dt_bias, Tensor(a!) state, Tensor state_indices, bool dt_softplus, Tensor(b!) out) -> ()");
   m.def("small_linear(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor");
   m.def("linear_path_counts() -> int[]");
   m.def("reset_linear_path_counts() -> ()");
   m.def("gated_rms_norm(Tensor x, Tensor z, Tensor weight, float eps, bool sigmoid, Tensor(a!) out) -> ()");
@@ -73,6 +74,7 @@ TORCH_LIBRARY_IMPL(vllm_gdn_cpu, CPU, m) {
   m.impl("mamba1_state_update", &gdn::mamba1_state_update);
   m.impl("small_linear", &gdn::small_linear);
   m.impl("linear", &gdn::linear);
+  m.impl("linear_int8", &gdn::linear_int8);
   m.impl("gated_rms_norm", &gdn::gated_rms_norm);
   m.impl("stream_scale", &gdn::stream_scale);
   m.impl("kda_gate", &gdn::kda_gate);

@@ -82,6 +82,96 @@ def read_gbps(repeat: int = 3) -> float:
     return x.numel() * 4 / t / 1e9
 
 
+QUANTIZED = ("int8",)
+
+
+def _vllm_int8():
+    """vLLM's W8A8 int8 CPU GEMM as its CPUInt8ScaledMMLinearKernel runs it without AMX (oneDNN:
+    create_onednn_scaled_mm on the [K, N] weight with per-channel scales, dynamic symmetric
+    per-token activation quantization per call), or None when not available here."""
+    try:
+        from vllm import _custom_ops as vops
+
+        if not getattr(vops, "_supports_onednn", False):
+            return None
+
+        def make(q, scale, out_dtype):
+            return vops.create_onednn_scaled_mm(q.t(), scale, out_dtype, True, False, 32)
+
+        def run(handler, x, out):
+            x_q, x_s, x_zp = vops.onednn_scaled_int8_quant(x, None, None, True)
+            vops.onednn_scaled_mm(handler, x_q, out, x_s, x_zp, None, None)
+            return out
+
+        return make, run
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _quantized_rows(args, wname, shapes, ms, bw, read_bw) -> list[dict]:
+    """int8 weight rows: [N, K] int8 with fp32 per-row scales, x in --x-dtype; ours
+    (ops.linear_int8, weight-only) vs vLLM's W8A8 int8 GEMM (_vllm_int8) vs torch's F.linear on a
+    dequantized copy in x's dtype (what a dequantize-at-load fallback would stream: 2-4x the
+    bytes). GB/s and % count the int8 bytes (plus the scales) read once per call."""
+    xdtype = getattr(torch, args.x_dtype)
+    vl = None if args.no_vllm else _vllm_int8()
+    rows = []
+    for N, K in shapes:
+        qbytes = N * K + N * 4
+        count = max(2, COLD_STATE_BYTES // qbytes)
+        gen = torch.Generator().manual_seed(N + K)
+        qs = torch.randint(-127, 128, (count, N, K), generator=gen, dtype=torch.int8)
+        scales = torch.rand(count, N, generator=gen) * 0.01 + 1e-3
+        handlers = None
+        if vl is not None:
+            try:
+                handlers = [vl[0](qs[i], scales[i].reshape(N, 1), xdtype) for i in range(count)]
+            except RuntimeError as e:
+                handlers = str(e).splitlines()[0][:120]
+        # the dequantized fallback: a pool of its own, as cold (fewer, larger weights)
+        dq_count = max(2, COLD_STATE_BYTES // (N * K * xdtype.itemsize))
+        dq = (torch.randn(dq_count, N, K, generator=gen) * 0.01).to(xdtype)
+        for M in ms:
+            x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(xdtype)
+            out = torch.empty(M, N, dtype=xdtype)
+            fns = {"ours": lambda i: ops.linear_int8(x, qs[i], scales[i])}
+            if isinstance(handlers, list):
+                fns["vllm"] = lambda i: vl[1](handlers[i], x, out)
+            times = _time_side_by_side(fns, count, args.repeat)
+            t_dq = _time_side_by_side({"torch_dequantized": lambda i: F.linear(x, dq[i])}, dq_count, args.repeat)
+            row = {"N": N, "K": K, "M": M, "weight_dtype": wname, "x_dtype": args.x_dtype,
+                   "threads": torch.get_num_threads(), "isa": ops.runtime_info()["isa"],
+                   "pool_weights": count, "pool_mib": count * qbytes / 2**20, "stream_gbps": bw,
+                   "read_gbps": read_bw}
+            for name, t in times.items():
+                gbps = qbytes * count / t / 1e9
+                row[f"{name}_us"] = t / count * 1e6
+                row[f"{name}_gbps"] = gbps
+                row[f"{name}_pct_of_read"] = 100 * gbps / read_bw
+            row["torch_dequantized_us"] = t_dq["torch_dequantized"] / dq_count * 1e6
+            for name in ("vllm", "torch_dequantized"):
+                if f"{name}_us" in row:
+                    row[f"speedup_vs_{name}"] = row[f"{name}_us"] / row["ours_us"]
+            if isinstance(handlers, str):
+                row["vllm_error"] = handlers
+            if args.cpu_time:
+                stream_buf = torch.ones(max(count * qbytes, COLD_STATE_BYTES) // 4)
+                fns1 = {**fns, "stream": lambda i: ops.stream_scale_(stream_buf, 1.0) if i == 0 else None}
+                t1 = _one_thread(lambda: _time_side_by_side(fns1, count, args.repeat, time.thread_time))()
+                stream1 = 2 * stream_buf.numel() * 4 / t1.pop("stream") / 1e9
+                row["stream_1t_cpu_gbps"] = stream1
+                for name, t in t1.items():
+                    row[f"{name}_1t_cpu_gbps"] = qbytes * count / t / 1e9
+                    row[f"{name}_1t_pct_of_stream"] = 100 * row[f"{name}_1t_cpu_gbps"] / stream1
+                if "vllm" in t1:
+                    row["speedup_vs_vllm_1t_cpu"] = t1["vllm"] / t1["ours"]
+                del stream_buf
+            rows.append(row)
+            print_row(row, args)
+        del handlers, qs, dq
+    return rows
+
+
 def bench_gemv(args) -> list[dict]:
     vl = None if args.no_vllm else _vllm_onednn()
     bw = stream_gbps()
@@ -90,6 +180,9 @@ def bench_gemv(args) -> list[dict]:
     ms = [int(m) for m in args.ms.split(",")]
     rows = []
     for wname in args.weight_dtypes.split(","):
+        if wname in QUANTIZED:
+            rows += _quantized_rows(args, wname, shapes, ms, bw, read_bw)
+            continue
         wdtype = getattr(torch, wname)
         pool_elems = -(-COLD_STATE_BYTES // wdtype.itemsize)
         buf = torch.empty(pool_elems, dtype=wdtype).fill_(0.01)
@@ -156,7 +249,9 @@ def add_parser(sub, common) -> None:
                        help="small-batch projections: weights streamed GB/s vs the stream, ours vs vLLM vs torch")
     g.add_argument("--shapes", default=DEFAULT_SHAPES, help="weight shapes NxK, comma-separated")
     g.add_argument("--ms", default="1,4,16", help="token counts M, comma-separated")
-    g.add_argument("--weight-dtypes", default="float32,bfloat16")
+    g.add_argument("--weight-dtypes", default="float32,bfloat16",
+                   help="float32, bfloat16, float16, and int8 (weight-only int8 rows: ours vs vLLM's W8A8 int8 GEMM)")
+    g.add_argument("--x-dtype", default="bfloat16", help="activation dtype of the int8 rows")
     g.set_defaults(repeat=2)  # passes over a > 1.4 GB pool: two rounds keep the run under a minute
     g.add_argument("--cpu-time", action="store_true",
                    help="also time each implementation on one thread by CPU time (time.thread_time) against "
