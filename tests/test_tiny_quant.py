@@ -89,6 +89,7 @@ def test_written_checkpoint_reads_back_as_the_dequantized_weight(tmp_path, weigh
     u4 = scalar_types.uint4
     if fmt == "compressed-tensors":
         assert config["format"] == "mixed-precision" and len(config["config_groups"]) == 2
+        assert [g["targets"] for g in config["config_groups"].values()] == [[r"re:a\.proj"], [r"re:b\.proj"]]
         q = unpack_quantized_values_into_int32(tensors["a.proj.weight_packed"], u4, 1) - 8  # uint4b8
         scale = tensors["a.proj.weight_scale"].float().repeat_interleave(128, 1)
         assert torch.equal(q.float() * scale, deq)

@@ -223,13 +223,16 @@ def quantize_checkpoint(
     *,
     group_size: int = GROUP,
     scale_dtype: torch.dtype = torch.bfloat16,
+    not_convert: list[str] | None = None,
 ) -> QuantizedCheckpoint:
     """Writes ``dst``: ``src`` (a saved checkpoint: config.json + model.safetensors, tokenizer and
     generation config copied along) with the 2-D ``.weight`` tensors of the modules ``rules``
     select quantized in ``fmt`` (one of FORMATS). For compressed-tensors a rule's scheme is one of
     CT_SCHEMES; for the other formats it is ignored (the format is the scheme; ``group_size`` -1
     is per-channel for gptq/awq). ``scale_dtype``: compressed-tensors' stored scale dtype (vLLM
-    casts it to the model dtype; bf16 for bf16 engines keeps the reference exact)."""
+    casts it to the model dtype; bf16 for bf16 engines keeps the reference exact). ``not_convert``
+    (AWQ / FP8): the ``modules_to_not_convert`` substrings instead of the unselected modules' full
+    names (vLLM matches them against its own module names, which its weight mapper may rename)."""
     from safetensors.torch import load_file, save_file
 
     if fmt not in FORMATS:
@@ -272,21 +275,23 @@ def quantize_checkpoint(
     save_file(out, dst / _CHECKPOINT, metadata={"format": "pt"})
 
     config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = _quant_config(fmt, rules, result, skipped, group_size)
+    config["quantization_config"] = _quant_config(fmt, rules, result, skipped if not_convert is None else not_convert,
+                                                  group_size)
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return result
 
 
 def _quant_config(fmt: str, rules, result: QuantizedCheckpoint, skipped: list[str], group_size: int) -> dict:
     if fmt == "compressed-tensors":
-        used = {}
-        for pattern, scheme in rules:
-            if any(re.fullmatch(pattern, m) for m in result.schemes):
-                used.setdefault(scheme, []).append(f"re:{pattern}")
+        # One group per rule that selected something, in rule order: vLLM takes the first target
+        # that matches a module (over all groups in order), as the rules' first match here.
+        used = [(pattern, scheme) for pattern, scheme in rules
+                if any(_scheme_for(m, rules) == scheme and re.fullmatch(pattern, m) for m in result.schemes)]
         return {
             "quant_method": "compressed-tensors", "format": "mixed-precision",
             "quantization_status": "compressed", "ignore": ["lm_head"],
-            "config_groups": {f"group_{i}": _ct_scheme_config(s, t) for i, (s, t) in enumerate(used.items())},
+            "config_groups": {f"group_{i}": _ct_scheme_config(scheme, [f"re:{pattern}"])
+                              for i, (pattern, scheme) in enumerate(used)},
         }
     if fmt == "gptq":
         return {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False,
@@ -299,15 +304,26 @@ def _quant_config(fmt: str, rules, result: QuantizedCheckpoint, skipped: list[st
 
 
 def load_dequantized(model: torch.nn.Module, checkpoint: QuantizedCheckpoint) -> torch.nn.Module:
-    """Copies the dequantized weights into a Hugging Face model of the source checkpoint (names as
-    in the checkpoint); every one must land."""
+    """Copies the dequantized weights into a Hugging Face model of the source checkpoint; every one
+    must land. Names as in the checkpoint, or (checkpoints written in a model's original naming,
+    e.g. Kimi-Linear's ``self_attn.f_a_proj`` for HF's ``self_attn.forget_gate.f_a_proj``) the one
+    parameter under the same parent module with the same last two name components."""
     params = dict(model.named_parameters())
-    missing = [name for name in checkpoint.dequantized if name not in params]
+
+    def target(name: str) -> str | None:
+        if name in params:
+            return name
+        parent, tail = name.rsplit(".", 2)[0] + ".", "." + ".".join(name.split(".")[-2:])
+        found = [p for p in params if p.startswith(parent) and p.endswith(tail)]
+        return found[0] if len(found) == 1 else None
+
+    targets = {name: target(name) for name in checkpoint.dequantized}
+    missing = [name for name, t in targets.items() if t is None]
     if missing:
         raise KeyError(f"tiny_quant: the model has no parameters {missing}")
     with torch.no_grad():
         for name, weight in checkpoint.dequantized.items():
-            params[name].copy_(weight.to(params[name].dtype))
+            params[targets[name]].copy_(weight.to(params[targets[name]].dtype))
     return model
 
 
