@@ -97,6 +97,7 @@ def test_bench_gemv_json_side_by_side():
             assert row["speedup_vs_vllm"] == pytest.approx(row["vllm_us"] / row["ours_us"])
 
 
+@pytest.mark.slow  # ~30 s over 0.5 GB cold pools: once, not again in the AVX2 pass (the kernel's tests run in both)
 def test_bench_gemv_int8_rows():
     """int8 weight rows: ours (ops.linear_int8) vs vLLM's W8A8 int8 GEMM (where vLLM imports) vs
     torch on a dequantized copy; GB/s of the int8 bytes and scales, % of the read bandwidth."""
