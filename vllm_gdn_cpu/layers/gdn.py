@@ -38,6 +38,15 @@ from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, CPUConvWeights, log_act
 from vllm_gdn_cpu.layers.projections import install_all, install_gated_norm, permutable
 
 
+def _output_rows(module) -> int:
+    """This rank's output rows of a linear module: its weight's rows, or (quantized weights, whose
+    tensors are packed: compressed-tensors ``weight_packed``) the partition size vLLM records."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return weight.shape[0]
+    return module.output_size_per_partition
+
+
 class GDNCPUQwenGatedDeltaNetAttention(CPUConvWeights, QwenGatedDeltaNetAttention):
     """Drop-in for vLLM's ``QwenGatedDeltaNetAttention`` (Qwen3-Next interleaved and Qwen3.5 flat
     qkvz layouts), registered with ``PluggableLayer.register_oot`` by ``vllm_gdn_cpu.plugin``."""
@@ -78,8 +87,8 @@ class GDNCPUQwenGatedDeltaNetAttention(CPUConvWeights, QwenGatedDeltaNetAttentio
         """The row permutations that turn this rank's interleaved in_proj_qkvz / in_proj_ba outputs
         into [q | k | v | z] and [b | a]: vLLM's own fix_query_key_value_ordering applied to the row
         numbers."""
-        rows_qkvz = torch.arange(self.in_proj_qkvz.output_size_per_partition).unsqueeze(0)
-        rows_ba = torch.arange(self.in_proj_ba.output_size_per_partition).unsqueeze(0)
+        rows_qkvz = torch.arange(_output_rows(self.in_proj_qkvz)).unsqueeze(0)
+        rows_ba = torch.arange(_output_rows(self.in_proj_ba)).unsqueeze(0)
         q, k, v, z, b, a = self.fix_query_key_value_ordering(rows_qkvz, rows_ba)
         return (torch.cat([t.flatten() for t in (q, k, v, z)]), torch.cat([b.flatten(), a.flatten()]))
 
