@@ -166,8 +166,8 @@ def int8_engine() -> str:
     int8 on ``ops.linear_int8``: activations stay unquantized) with VLLM_GDN_CPU_PROJECTIONS=ours,
     else "vllm" (its W8A8 kernel: per-token int8 activations, VNNI int8 dot products; rows still
     permuted at load where asked). From measurements (docs/quantization.md, 1 thread by CPU time,
-    Zen 4): ours 1.16-1.18x vLLM's oneDNN int8 GEMM at M = 1, but 0.62-0.72x at M = 4 and 0.3x at
-    M = 16 (our int8 -> fp32 conversion and fp32 FMAs against its int8 dot products)."""
+    Zen 4, two runs): ours 0.94-1.18x vLLM's oneDNN int8 GEMM at M = 1, but 0.62-0.72x at M = 4
+    and 0.3x at M = 16 (our int8 -> fp32 conversion and fp32 FMAs against its int8 dot products)."""
     return "ours" if _projections_mode() == "ours" else "vllm"
 
 
