@@ -97,6 +97,29 @@ def test_bench_gemv_json_side_by_side():
             assert row["speedup_vs_vllm"] == pytest.approx(row["vllm_us"] / row["ours_us"])
 
 
+@pytest.mark.slow  # ~30 s over 0.5 GB cold pools: once, not again in the AVX2 pass (the kernel's tests run in both)
+def test_bench_gemv_int8_rows():
+    """int8 weight rows: ours (ops.linear_int8) vs vLLM's W8A8 int8 GEMM (where vLLM imports) vs
+    torch on a dequantized copy; GB/s of the int8 bytes and scales, % of the read bandwidth. int4
+    rows: vLLM's W4A16 GEMM vs torch on a dequantized copy."""
+    (int4,) = run_cli("vllm_gdn_cpu.tools.bench", "gemv", "--json", "--shapes", "512x1024", "--ms", "1",
+                      "--weight-dtypes", "int4", "--repeat", "1")["rows"]
+    assert int4["ours"] == "no int4 kernel" and int4["torch_dequantized_us"] > 0  # no int4 kernel of ours yet
+    if "vllm_us" in int4:
+        assert int4["vllm_gbps"] == pytest.approx((512 * 1024 // 2 + 512 * 8 * 2) / int4["vllm_us"] / 1e3)
+    out = run_cli("vllm_gdn_cpu.tools.bench", "gemv", "--json", "--shapes", "512x1024", "--ms", "1,3",
+                  "--weight-dtypes", "int8", "--repeat", "1", "--cpu-time")
+    assert [r["M"] for r in out["rows"]] == [1, 3]
+    for row in out["rows"]:
+        assert row["weight_dtype"] == "int8" and row["x_dtype"] == "bfloat16"
+        assert row["ours_gbps"] == pytest.approx((512 * 1024 + 512 * 4) / row["ours_us"] / 1e3)
+        assert row["ours_pct_of_read"] == pytest.approx(100 * row["ours_gbps"] / row["read_gbps"])
+        assert row["speedup_vs_torch_dequantized"] == pytest.approx(row["torch_dequantized_us"] / row["ours_us"])
+        assert row["ours_1t_cpu_gbps"] > 0 and row["stream_1t_cpu_gbps"] > 0
+        if "vllm_us" in row:
+            assert row["speedup_vs_vllm"] == pytest.approx(row["vllm_us"] / row["ours_us"])
+
+
 def _bench_rows(*args):
     return run_cli("vllm_gdn_cpu.tools.bench", *args, "--json", "--repeat", "1")["rows"]
 

@@ -82,6 +82,176 @@ def read_gbps(repeat: int = 3) -> float:
     return x.numel() * 4 / t / 1e9
 
 
+QUANTIZED = ("int8", "int4")
+INT4_GROUP = 128
+
+
+def _vllm_int4():
+    """vLLM's W4A16 CPU GEMM (CPUWNA16LinearKernel: cpu_gemm_wna16, isa hint "vec" without AMX) and
+    its weight layout (GPTQ-style uint4b8 repacked as its process_weights_after_loading does), or
+    None where not available."""
+    try:
+        from vllm import _custom_ops as vops
+        from vllm.model_executor.layers.quantization.utils.quant_utils import pack_quantized_values_into_int32
+        from vllm.scalar_type import scalar_types
+
+        def make(q_kn: torch.Tensor) -> torch.Tensor:  # q_kn: [K, N] stored values 0..15
+            K = q_kn.shape[0]
+            w = pack_quantized_values_into_int32(q_kn, scalar_types.uint4b8, 1)
+            return w.view(K, -1, 2).permute(1, 0, 2).reshape(-1, K * 2).contiguous()
+
+        def run(w, scales, x):
+            isa = "amx" if torch.cpu._is_amx_tile_supported() and x.dtype == torch.bfloat16 else "vec"
+            return vops.cpu_gemm_wna16(input=x, q_weight=w, scales=scales, zeros=None, bias=None,
+                                       pack_factor=8, isa_hint=isa)
+
+        return make, run
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _int4_rows(args, shapes, ms, bw, read_bw) -> list[dict]:
+    """int4 weight rows (symmetric uint4b8, scales per 128 inputs in x's dtype): vLLM's W4A16 GEMM
+    vs torch's F.linear on a dequantized copy. Ours: no int4 kernel yet (not measured). GB/s count
+    the 4-bit weights and their scales."""
+    xdtype = getattr(torch, args.x_dtype)
+    vl = None if args.no_vllm else _vllm_int4()
+    rows = []
+    for N, K in shapes:
+        qbytes = N * K // 2 + N * (K // INT4_GROUP) * xdtype.itemsize
+        count = max(2, COLD_STATE_BYTES // qbytes)
+        gen = torch.Generator().manual_seed(N + K)
+        row_err = None
+        if vl is not None:
+            try:
+                one = vl[0](torch.randint(0, 16, (K, N), generator=gen, dtype=torch.int32))
+                ws = one.unsqueeze(0).expand(count, *one.shape).clone()
+                scales = (torch.rand(K // INT4_GROUP, N, generator=gen) * 0.01).to(xdtype)
+                scales = scales.unsqueeze(0).expand(count, *scales.shape).clone()
+            except RuntimeError as e:
+                row_err, ws = str(e).splitlines()[0][:120], None
+        dq_count = max(2, COLD_STATE_BYTES // (N * K * xdtype.itemsize))
+        dq = (torch.randn(N, K, generator=gen) * 0.01).to(xdtype).expand(dq_count, N, K).clone()
+        for M in ms:
+            x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(xdtype)
+            row = {"N": N, "K": K, "M": M, "weight_dtype": "int4", "group": INT4_GROUP, "x_dtype": args.x_dtype,
+                   "threads": torch.get_num_threads(), "isa": ops.runtime_info()["isa"], "ours": "no int4 kernel",
+                   "stream_gbps": bw, "read_gbps": read_bw}
+            fns = {}
+            if vl is not None and ws is not None:
+                fns["vllm"] = lambda i: vl[1](ws[i], scales[i], x)
+                t = _time_side_by_side(fns, count, args.repeat)["vllm"]
+                row.update(vllm_us=t / count * 1e6, vllm_gbps=qbytes * count / t / 1e9)
+                row["vllm_pct_of_read"] = 100 * row["vllm_gbps"] / read_bw
+            t_dq = _time_side_by_side({"d": lambda i: F.linear(x, dq[i])}, dq_count, args.repeat)["d"]
+            row["torch_dequantized_us"] = t_dq / dq_count * 1e6
+            if "vllm_us" in row:
+                row["vllm_speedup_vs_torch_dequantized"] = row["torch_dequantized_us"] / row["vllm_us"]
+            if args.cpu_time and fns:
+                stream_buf = torch.ones(max(count * qbytes, COLD_STATE_BYTES) // 4)
+                fns1 = {**fns, "stream": lambda i: ops.stream_scale_(stream_buf, 1.0) if i == 0 else None}
+                t1 = _one_thread(lambda: _time_side_by_side(fns1, count, args.repeat, time.thread_time))()
+                row["stream_1t_cpu_gbps"] = 2 * stream_buf.numel() * 4 / t1.pop("stream") / 1e9
+                row["vllm_1t_cpu_gbps"] = qbytes * count / t1["vllm"] / 1e9
+                row["vllm_1t_pct_of_stream"] = 100 * row["vllm_1t_cpu_gbps"] / row["stream_1t_cpu_gbps"]
+                del stream_buf
+            if row_err:
+                row["vllm_error"] = row_err
+            rows.append(row)
+            print_row(row, args)
+        del dq
+    return rows
+
+
+def _vllm_int8():
+    """vLLM's W8A8 int8 CPU GEMM as its CPUInt8ScaledMMLinearKernel runs it without AMX (oneDNN:
+    create_onednn_scaled_mm on the [K, N] weight with per-channel scales, dynamic symmetric
+    per-token activation quantization per call), or None when not available here."""
+    try:
+        from vllm import _custom_ops as vops
+
+        if not getattr(vops, "_supports_onednn", False):
+            return None
+
+        def make(q, scale, out_dtype):
+            return vops.create_onednn_scaled_mm(q.t(), scale, out_dtype, True, False, 32)
+
+        def run(handler, x, out):
+            x_q, x_s, x_zp = vops.onednn_scaled_int8_quant(x, None, None, True)
+            vops.onednn_scaled_mm(handler, x_q, out, x_s, x_zp, None, None)
+            return out
+
+        return make, run
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _quantized_rows(args, wname, shapes, ms, bw, read_bw) -> list[dict]:
+    """int8 weight rows: [N, K] int8 with fp32 per-row scales, x in --x-dtype; ours
+    (ops.linear_int8, weight-only) vs vLLM's W8A8 int8 GEMM (_vllm_int8) vs torch's F.linear on a
+    dequantized copy in x's dtype (what a dequantize-at-load fallback would stream: 2-4x the
+    bytes). GB/s and % count the int8 bytes (plus the scales) read once per call."""
+    xdtype = getattr(torch, args.x_dtype)
+    vl = None if args.no_vllm else _vllm_int8()
+    rows = []
+    for N, K in shapes:
+        qbytes = N * K + N * 4
+        count = max(2, COLD_STATE_BYTES // qbytes)
+        gen = torch.Generator().manual_seed(N + K)
+        # one random weight copied over the pool (drawing ~0.5 GB of random numbers takes longer
+        # than the timing; distinct buffers are what keeps the weights cold)
+        qs = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8).expand(count, N, K).clone()
+        scales = torch.rand(count, N, generator=gen) * 0.01 + 1e-3
+        handlers = None
+        if vl is not None:
+            try:
+                handlers = [vl[0](qs[i], scales[i].reshape(N, 1), xdtype) for i in range(count)]
+            except RuntimeError as e:
+                handlers = str(e).splitlines()[0][:120]
+        # the dequantized fallback: a pool of its own, as cold (fewer, larger weights)
+        dq_count = max(2, COLD_STATE_BYTES // (N * K * xdtype.itemsize))
+        dq = (torch.randn(N, K, generator=gen) * 0.01).to(xdtype).expand(dq_count, N, K).clone()
+        for M in ms:
+            x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(xdtype)
+            out = torch.empty(M, N, dtype=xdtype)
+            fns = {"ours": lambda i: ops.linear_int8(x, qs[i], scales[i])}
+            if isinstance(handlers, list):
+                fns["vllm"] = lambda i: vl[1](handlers[i], x, out)
+            times = _time_side_by_side(fns, count, args.repeat)
+            t_dq = _time_side_by_side({"torch_dequantized": lambda i: F.linear(x, dq[i])}, dq_count, args.repeat)
+            row = {"N": N, "K": K, "M": M, "weight_dtype": wname, "x_dtype": args.x_dtype,
+                   "threads": torch.get_num_threads(), "isa": ops.runtime_info()["isa"],
+                   "pool_weights": count, "pool_mib": count * qbytes / 2**20, "stream_gbps": bw,
+                   "read_gbps": read_bw}
+            for name, t in times.items():
+                gbps = qbytes * count / t / 1e9
+                row[f"{name}_us"] = t / count * 1e6
+                row[f"{name}_gbps"] = gbps
+                row[f"{name}_pct_of_read"] = 100 * gbps / read_bw
+            row["torch_dequantized_us"] = t_dq["torch_dequantized"] / dq_count * 1e6
+            for name in ("vllm", "torch_dequantized"):
+                if f"{name}_us" in row:
+                    row[f"speedup_vs_{name}"] = row[f"{name}_us"] / row["ours_us"]
+            if isinstance(handlers, str):
+                row["vllm_error"] = handlers
+            if args.cpu_time:
+                stream_buf = torch.ones(max(count * qbytes, COLD_STATE_BYTES) // 4)
+                fns1 = {**fns, "stream": lambda i: ops.stream_scale_(stream_buf, 1.0) if i == 0 else None}
+                t1 = _one_thread(lambda: _time_side_by_side(fns1, count, args.repeat, time.thread_time))()
+                stream1 = 2 * stream_buf.numel() * 4 / t1.pop("stream") / 1e9
+                row["stream_1t_cpu_gbps"] = stream1
+                for name, t in t1.items():
+                    row[f"{name}_1t_cpu_gbps"] = qbytes * count / t / 1e9
+                    row[f"{name}_1t_pct_of_stream"] = 100 * row[f"{name}_1t_cpu_gbps"] / stream1
+                if "vllm" in t1:
+                    row["speedup_vs_vllm_1t_cpu"] = t1["vllm"] / t1["ours"]
+                del stream_buf
+            rows.append(row)
+            print_row(row, args)
+        del handlers, qs, dq
+    return rows
+
+
 def bench_gemv(args) -> list[dict]:
     vl = None if args.no_vllm else _vllm_onednn()
     bw = stream_gbps()
@@ -90,6 +260,12 @@ def bench_gemv(args) -> list[dict]:
     ms = [int(m) for m in args.ms.split(",")]
     rows = []
     for wname in args.weight_dtypes.split(","):
+        if wname == "int4":
+            rows += _int4_rows(args, shapes, ms, bw, read_bw)
+            continue
+        if wname in QUANTIZED:
+            rows += _quantized_rows(args, wname, shapes, ms, bw, read_bw)
+            continue
         wdtype = getattr(torch, wname)
         pool_elems = -(-COLD_STATE_BYTES // wdtype.itemsize)
         buf = torch.empty(pool_elems, dtype=wdtype).fill_(0.01)
@@ -157,7 +333,10 @@ def add_parser(sub, common) -> None:
     g.set_defaults(run=bench_gemv)
     g.add_argument("--shapes", default=DEFAULT_SHAPES, help="weight shapes NxK, comma-separated")
     g.add_argument("--ms", default="1,4,16", help="token counts M, comma-separated")
-    g.add_argument("--weight-dtypes", default="float32,bfloat16")
+    g.add_argument("--weight-dtypes", default="float32,bfloat16",
+                   help="float32, bfloat16, float16; int8 (weight-only int8 rows: ours vs vLLM's W8A8 int8 GEMM); "
+                        "int4 (vLLM's W4A16 GEMM, group 128, vs torch on a dequantized copy: no int4 kernel of ours yet)")
+    g.add_argument("--x-dtype", default="bfloat16", help="activation dtype of the int8 / int4 rows")
     g.set_defaults(repeat=2)  # passes over a > 1.4 GB pool: two rounds keep the run under a minute
     g.add_argument("--cpu-time", action="store_true",
                    help="also time each implementation on one thread by CPU time (time.thread_time) against "
