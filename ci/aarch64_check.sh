@@ -210,7 +210,7 @@ cp "$SO" "$CACHE/pkg/vllm_gdn_cpu/_C.$SOABI.so"
 # in the family test files skip with their reason), minus SKIP_K below (see its comment).
 FILES=(test_gating.py test_fused_recurrent.py test_chunk_prefill.py test_causal_conv1d.py test_decode_step.py
        test_op_errors.py test_opcheck.py test_stream_scale.py test_gemm_probe.py test_reference.py
-       test_without_vllm.py test_linear.py test_gated_rms_norm.py test_hostile_inputs.py)
+       test_without_vllm.py test_linear.py test_linear_int8.py test_gated_rms_norm.py test_hostile_inputs.py)
 # The other families' kernel tests: each tests/test_{mamba*,kda}_*.py that does not need vLLM as a whole.
 for f in "$ROOT"/tests/test_mamba*_*.py "$ROOT"/tests/test_kda_*.py; do
   [ -f "$f" ] && ! grep -q '^pytest.importorskip("vllm"' "$f" && FILES+=("${f##*/}")

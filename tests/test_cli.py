@@ -81,7 +81,7 @@ def test_bench_gemv_json_side_by_side():
     """Small shapes, one round: ours, torch's F.linear (and vLLM's onednn_mm where vLLM imports) over a
     cold weight pool, each against the stream probe of the same run, plus the one-thread CPU-time
     figures."""
-    from vllm_gdn_cpu.tools.bench import COLD_STATE_BYTES
+    from vllm_gdn_cpu.tools.bench.harness import COLD_STATE_BYTES
 
     out = run_cli("vllm_gdn_cpu.tools.bench", "gemv", "--json", "--shapes", "512x1024", "--ms", "1,3",
                   "--weight-dtypes", "bfloat16", "--repeat", "1", "--cpu-time")
@@ -92,6 +92,29 @@ def test_bench_gemv_json_side_by_side():
         assert row["ours_gbps"] > 0 and row["torch_gbps"] > 0 and row["stream_gbps"] > 0
         assert row["ours_pct_of_stream"] == pytest.approx(100 * row["ours_gbps"] / row["stream_gbps"])
         assert row["speedup_vs_torch"] == pytest.approx(row["torch_us"] / row["ours_us"])
+        assert row["ours_1t_cpu_gbps"] > 0 and row["stream_1t_cpu_gbps"] > 0
+        if "vllm_us" in row:
+            assert row["speedup_vs_vllm"] == pytest.approx(row["vllm_us"] / row["ours_us"])
+
+
+@pytest.mark.slow  # ~30 s over 0.5 GB cold pools: once, not again in the AVX2 pass (the kernel's tests run in both)
+def test_bench_gemv_int8_rows():
+    """int8 weight rows: ours (ops.linear_int8) vs vLLM's W8A8 int8 GEMM (where vLLM imports) vs
+    torch on a dequantized copy; GB/s of the int8 bytes and scales, % of the read bandwidth. int4
+    rows: vLLM's W4A16 GEMM vs torch on a dequantized copy."""
+    (int4,) = run_cli("vllm_gdn_cpu.tools.bench", "gemv", "--json", "--shapes", "512x1024", "--ms", "1",
+                      "--weight-dtypes", "int4", "--repeat", "1")["rows"]
+    assert int4["ours"] == "no int4 kernel" and int4["torch_dequantized_us"] > 0  # no int4 kernel of ours yet
+    if "vllm_us" in int4:
+        assert int4["vllm_gbps"] == pytest.approx((512 * 1024 // 2 + 512 * 8 * 2) / int4["vllm_us"] / 1e3)
+    out = run_cli("vllm_gdn_cpu.tools.bench", "gemv", "--json", "--shapes", "512x1024", "--ms", "1,3",
+                  "--weight-dtypes", "int8", "--repeat", "1", "--cpu-time")
+    assert [r["M"] for r in out["rows"]] == [1, 3]
+    for row in out["rows"]:
+        assert row["weight_dtype"] == "int8" and row["x_dtype"] == "bfloat16"
+        assert row["ours_gbps"] == pytest.approx((512 * 1024 + 512 * 4) / row["ours_us"] / 1e3)
+        assert row["ours_pct_of_read"] == pytest.approx(100 * row["ours_gbps"] / row["read_gbps"])
+        assert row["speedup_vs_torch_dequantized"] == pytest.approx(row["torch_dequantized_us"] / row["ours_us"])
         assert row["ours_1t_cpu_gbps"] > 0 and row["stream_1t_cpu_gbps"] > 0
         if "vllm_us" in row:
             assert row["speedup_vs_vllm"] == pytest.approx(row["vllm_us"] / row["ours_us"])
@@ -124,3 +147,21 @@ def test_bench_mamba_json():
         assert r["ours_gbps"] > 0 and 0 < r["ours_pct_of_stream"] <= r["ours_pct_of_stream_with_A"]
     rows = _bench_rows("mamba2-prefill", "--models", "mamba2-2.7b", "--workloads", "16x128")
     assert rows and all(r["ours_tok_s"] > 0 and r["pct_of_path_gemm_peak"] > 0 for r in rows)
+
+
+def test_bench_decays_side_by_side():
+    """--decays: realistic by default (per-head decays spread from weak to strong); benign,strong
+    times each case under both, the second row with its time ratio against the first."""
+    (row,) = _bench_rows("kda-decode", "--models", "kimi-linear-tp4", "--batches", "2", "--layers", "2",
+                         "--state-dtypes", "float32", "--no-ref")
+    assert row["decays"] == "realistic" and row["decay_nats_p1"] < 0.05 and row["decay_nats_p99"] > 3
+    rows = _bench_rows("prefill", "--models", "qwen3.5-small", "--workloads", "16x128", "--no-ref", "--no-vllm",
+                       "--decays", "benign,strong")
+    benign, strong = rows
+    assert (benign["decays"], strong["decays"]) == ("benign", "strong")
+    assert benign["decay_nats_p99"] < 0.2 and strong["decay_nats_p1"] > 0.3
+    assert "ours_time_vs_benign" not in benign
+    assert strong["ours_time_vs_benign"] == pytest.approx(benign["ours_tok_s"] / strong["ours_tok_s"])
+    proc = subprocess.run([sys.executable, "-m", "vllm_gdn_cpu.tools.bench", "decode", "--decays", "mild"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--decays" in proc.stderr

@@ -14,6 +14,10 @@ transformers' own forward in float32:
   up to 300), prefix caching in "align" mode (blocks shorter than the longest prompt), then a request
   sharing a long prefix with an earlier one: served from the prefix cache (KDA states and KV
   blocks), still identical to HF.
+* the same with MoE (``tiny_kimi`` ``moe=True``, the published layout and router: layer 1 dense,
+  layers 2-4 routed + shared experts, sigmoid scores + e_score_correction_bias, grouped top-k, on
+  vLLM's CPU fused-MoE path): float32 identical to HF, bfloat16 agreement; the served model's MoE
+  blocks are read back from the worker (layers, expert counts, router settings);
 * bfloat16 and float16 decompressed, and bfloat16 latent where AMX is present: teacher-forced top-1
   agreement with HF fp32 as for the other models' half-precision tests (printed), the shared-prefix
   request served from the prefix cache.
@@ -96,11 +100,52 @@ def tiny_kimi_dir(tmp_path_factory):
     return build_tiny_kimi_linear(tmp_path_factory.mktemp("tiny-kimi"), dtype=torch.float32)
 
 
+def hf_kimi_linear(model_dir):
+    """HF's model with transformers' own config class: once an engine has run in this process,
+    transformers' AutoConfig maps "kimi_linear" to vLLM's KimiLinearConfig (no ``num_local_experts``:
+    HF's MoE layers then fail to build)."""
+    from transformers import KimiLinearConfig, KimiLinearForCausalLM
+
+    config = KimiLinearConfig.from_pretrained(model_dir)
+    return KimiLinearForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32).eval()
+
+
 @pytest.fixture(scope="module")
 def hf_model(tiny_kimi_dir):
-    from transformers import AutoModelForCausalLM
+    return hf_kimi_linear(tiny_kimi_dir)
 
-    return AutoModelForCausalLM.from_pretrained(tiny_kimi_dir, dtype=torch.float32).eval()
+
+@pytest.fixture(scope="module")
+def tiny_kimi_moe_dir(tmp_path_factory):
+    """The published layout with MoE: layer 1 dense, layers 2-4 MoE (routed + shared experts,
+    sigmoid router with e_score_correction_bias, grouped top-k)."""
+    pytest.importorskip("transformers", reason="building the tiny checkpoint needs transformers")
+    from vllm_gdn_cpu.tools.tiny_kimi import build_tiny_kimi_linear
+
+    return build_tiny_kimi_linear(tmp_path_factory.mktemp("tiny-kimi-moe"), dtype=torch.float32, moe=True)
+
+
+@pytest.fixture(scope="module")
+def hf_moe_model(tiny_kimi_moe_dir):
+    model = hf_kimi_linear(tiny_kimi_moe_dir)
+    assert [type(layer.mlp).__name__ for layer in model.model.layers] == ["KimiLinearMLP"] + ["KimiLinearMoE"] * 3
+    return model
+
+
+def moe_layers(worker) -> list[dict]:
+    """Runs in the worker: vLLM's MoE blocks of the served model (layer index, router settings)."""
+    found = []
+    for name, module in worker.model_runner.model.named_modules():
+        if type(module).__name__ == "KimiMoE":
+            found.append({
+                "layer": int(name.split(".")[2]), "experts": module.experts.moe_config.num_experts,
+                "top_k": module.experts.moe_config.experts_per_token, "grouped": module.use_grouped_topk,
+                "router": type(module.experts.router).__name__,
+                "groups": module.num_expert_group, "topk_group": module.topk_group,
+                "scoring": module.moe_router_activation_func, "shared": module.shared_experts is not None,
+                "bias": module.gate.e_score_correction_bias.abs().max().item(),
+            })
+    return found
 
 
 def prompts_for(model_dir) -> tuple[list[list[int]], list[int]]:
@@ -115,14 +160,20 @@ def tokens_and_cached(outputs):
     return [list(o.outputs[0].token_ids) for o in outputs], [o.num_cached_tokens for o in outputs]
 
 
-def run(model_dir, dtype, form, capfd):
+def run(model_dir, dtype, form, capfd, probe=None):
     """Greedy tokens of the prompts (one batch), then of the shared-prefix prompt alone, with its
-    cached-token count; asserts our KDA layer and the requested MLA form ran."""
+    cached-token count; asserts our KDA layer and the requested MLA form ran. ``probe``: a function
+    run in the worker (collective_rpc) whose result is stored in ``run.probed``."""
     prompts, shared = prompts_for(model_dir)
-    with gdn_cpu_llm(model_dir, dtype, env={**ENGINE_PROCESS, "VLLM_GDN_CPU_KIMI_MLA": form}) as llm:
+    env = {**ENGINE_PROCESS, "VLLM_GDN_CPU_KIMI_MLA": form}
+    if probe is not None:
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc sends the function pickled
+    with gdn_cpu_llm(model_dir, dtype, env=env) as llm:
         config = llm.llm_engine.vllm_config
         tokens, _ = tokens_and_cached(vllm_generate(llm, prompts))
         shared_tokens, shared_cached = tokens_and_cached(vllm_generate(llm, [shared]))
+        if probe is not None:
+            [run.probed] = llm.collective_rpc(probe)
     logs = capfd.readouterr()
     assert KDA_LINE in logs.out + logs.err, "our KDA layer did not run"
     assert MODEL_LINE[form] in logs.out + logs.err, f"the model was not built with the {form} MLA layers"
@@ -160,6 +211,43 @@ def test_half_precision_close_to_hf_float32(tiny_kimi_dir, hf_model, dtype, form
     teacher_forced = agreement(tokens, hf_argmax_along(hf_model, prompts, tokens))
     print(f"GDN_CPU Kimi-Linear (KDA + MLA {form}) {dtype} vs HF fp32: teacher-forced agreement "
           f"{teacher_forced:.3f}, cached tokens of the shared-prefix request {cached}")
+    assert cached > 0, "the shared-prefix request was not served from the prefix cache"
+    assert teacher_forced >= MIN_HALF_AGREEMENT
+
+
+def check_moe_blocks(blocks):
+    """vLLM built the MoE layers as published: layers 2-4, grouped sigmoid router with the bias."""
+    from vllm_gdn_cpu.tools.tiny_kimi import MOE
+
+    print("vLLM's MoE blocks:", blocks)
+    assert [b["layer"] for b in blocks] == [1, 2, 3], blocks
+    for b in blocks:
+        assert (b["experts"], b["top_k"], b["groups"], b["topk_group"]) == (
+            MOE["num_experts"], MOE["num_experts_per_token"], MOE["num_expert_group"], MOE["topk_group"]), b
+        assert b["grouped"] and b["scoring"] == "sigmoid" and b["shared"] and b["bias"] > 0, b
+
+
+def test_moe_float32_greedy_matches_hf(tiny_kimi_moe_dir, hf_moe_model, capfd):
+    """The published layout with MoE (dense layer 1; routed + shared experts with the grouped
+    sigmoid router in layers 2-4) on vLLM's CPU fused-MoE path: greedy tokens identical to HF fp32's
+    argmax at every position, prefix caching on, the shared-prefix request from the cache."""
+    config, prompts, tokens, cached = run(tiny_kimi_moe_dir, "float32", "decompressed", capfd, probe=moe_layers)
+    check_moe_blocks(run.probed)
+    assert config.cache_config.enable_prefix_caching and config.cache_config.mamba_cache_mode == "align"
+    assert config.scheduler_config.max_num_batched_tokens < max(PROMPT_LENGTHS)
+    print(f"MoE: block size {config.cache_config.block_size}, cached tokens of the shared-prefix request {cached}")
+    assert cached > 0, "the shared-prefix request was not served from the prefix cache"
+    want = hf_argmax_along(hf_moe_model, prompts, tokens)
+    for prompt, got, hf in zip(prompts, tokens, want):
+        assert got == hf, f"prompt of {len(prompt)} tokens: vLLM+GDN_CPU {got} != HF argmax {hf}"
+    assert all(len(set(t)) > 1 for t in tokens), "degenerate tiny model: greedy repeats one token"
+
+
+def test_moe_bfloat16_close_to_hf_float32(tiny_kimi_moe_dir, hf_moe_model, capfd):
+    _, prompts, tokens, cached = run(tiny_kimi_moe_dir, "bfloat16", "decompressed", capfd)
+    teacher_forced = agreement(tokens, hf_argmax_along(hf_moe_model, prompts, tokens))
+    print(f"GDN_CPU Kimi-Linear MoE bfloat16 vs HF fp32: teacher-forced agreement {teacher_forced:.3f}, "
+          f"cached tokens of the shared-prefix request {cached}")
     assert cached > 0, "the shared-prefix request was not served from the prefix cache"
     assert teacher_forced >= MIN_HALF_AGREEMENT
 

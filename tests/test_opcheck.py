@@ -100,6 +100,15 @@ def test_opcheck_linear():
         torch.library.opcheck(torch.ops.vllm_gdn_cpu.linear.default, (torch.randn(M, 24), w, b))
 
 
+def test_opcheck_linear_int8():
+    q = torch.randint(-128, 128, (7, 24), dtype=torch.int8)
+    scale, b = torch.rand(7), torch.randn(7)
+    for M in (1, 3, 40):  # ours, and torch's GEMM on the dequantized weight above the threshold
+        torch.library.opcheck(torch.ops.vllm_gdn_cpu.linear_int8.default, (torch.randn(M, 24), q, scale, b))
+    torch.library.opcheck(torch.ops.vllm_gdn_cpu.linear_int8.default,
+                          (torch.randn(2, 24).bfloat16(), q, scale.reshape(7, 1), None))
+
+
 def test_opcheck_gated_rms_norm():
     x, z = torch.randn(3, 2, 32).bfloat16(), torch.randn(3, 2, 64).bfloat16()[..., 16:48]
     torch.library.opcheck(torch.ops.vllm_gdn_cpu.gated_rms_norm.default,

@@ -124,8 +124,19 @@ def test_what_keeps_vllms_method_and_why(monkeypatch):
 
     quantized = linear_module(torch.randn(8, 8))
     quantized.quant_method = SomeQuantizedMethod()
-    assert projections.install_small_batch_linear(quantized) == "SomeQuantizedMethod weights"
+    assert projections.install_small_batch_linear(quantized) == "SomeQuantizedMethod"
     assert type(quantized.quant_method) is SomeQuantizedMethod
+    # The scheme (compressed-tensors) or method and the vLLM kernel it picked are named.
+    class SomeKernel:
+        pass
+
+    quantized.quant_method.kernel = SomeKernel()
+    assert projections.install_small_batch_linear(quantized) == "SomeQuantizedMethod on SomeKernel"
+    scheme_module = linear_module(torch.randn(8, 8))
+    scheme_module.quant_method = SomeQuantizedMethod()
+    scheme_module.scheme = type("SomeScheme", (), {"kernel": SomeKernel()})()
+    assert projections.install_small_batch_linear(scheme_module) == "SomeScheme on SomeKernel"
+    del quantized.quant_method.kernel
 
     integer = linear_module(torch.zeros(8, 8))
     integer.weight = torch.nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
@@ -135,7 +146,7 @@ def test_what_keeps_vllms_method_and_why(monkeypatch):
         projections.install_small_batch_linear(linear_module(torch.randn(8, 8)), torch.arange(3))
 
     plain = {"a": linear_module(torch.randn(8, 8)), "b": quantized}
-    assert projections.install_all(plain) == "vllm (b: SomeQuantizedMethod weights)"
+    assert projections.install_all(plain) == "ours + vllm (b: SomeQuantizedMethod)"
     assert isinstance(plain["a"].quant_method, projections.SmallBatchLinearMethod)
 
     monkeypatch.setenv(projections.PROJECTIONS_ENV, "vllm")

@@ -31,6 +31,10 @@ One wrapper of a vLLM internal (no extension point exists for it): ``_keep_reque
 wraps ``CpuPlatform.check_and_update_config`` so that an explicit ``--mamba-ssm-cache-dtype
 bfloat16``/``float16`` holds for the models whose state layers are all ours (see its docstring).
 
+Qwen3.5 text (``Qwen3_5ForCausalLM``, ``Qwen3_5MoeForCausalLM``): ``ModelRegistry.register_model``
+points the architectures at vLLM's own classes loaded without the Qwen3-VL module that needs
+torchvision (``vllm_gdn_cpu.layers.qwen3_5_text``).
+
 Kimi-Linear: ``ModelRegistry.register_model`` serves the architecture with
 ``vllm_gdn_cpu.layers.kimi_linear``, and a ``MODELS_CONFIG_MAP`` entry (vLLM's per-architecture
 config hook, ``vllm_gdn_cpu.layers.kimi_mla_form.KimiLinearMLAForm``) picks its MLA layers' form before vLLM sizes the KV cache.
@@ -111,8 +115,12 @@ def _register_align_spec_kernels() -> None:
 
 # Kimi-Linear's MLA layers and its GEMM-RS/AR setup are GPU-only in vLLM 0.32: the architecture is
 # served by vLLM's own model class built with CPU pieces (vllm_gdn_cpu.layers.kimi_linear).
+# Qwen3.5's text models: vLLM's own classes, loaded without the vision module that needs torchvision
+# (vllm_gdn_cpu.layers.qwen3_5_text).
 REPLACED_MODELS = {
     "KimiLinearForCausalLM": "vllm_gdn_cpu.layers.kimi_linear:CPUKimiLinearForCausalLM",
+    "Qwen3_5ForCausalLM": "vllm_gdn_cpu.layers.qwen3_5_text:Qwen3_5ForCausalLM",
+    "Qwen3_5MoeForCausalLM": "vllm_gdn_cpu.layers.qwen3_5_text:Qwen3_5MoeForCausalLM",
 }
 
 
@@ -168,7 +176,7 @@ def _register_layer() -> None:
 # (Mamba-1: mamba.py also serves FalconMamba), whose kernels take fp32, bf16 and fp16 states.
 # Models with other state layers (KDA, short conv, ...) keep vLLM's decision.
 OUR_STATE_MODEL_FILES = frozenset({
-    "qwen3_next", "qwen3_5", "olmo_hybrid",
+    "qwen3_next", "qwen3_5", "qwen3_5_text", "olmo_hybrid",
     "mamba2", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2",
     "mamba", "jamba",
 })

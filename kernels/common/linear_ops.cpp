@@ -232,6 +232,64 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   return at::linear(xw, weight, bw).to(x.scalar_type());
 }
 
+// int8 weight-only GEMM (weight int8 [N, K] with fp32 per-row scales, x fp32/bf16/fp16): our kernel
+// up to the token count of linear_max_m (VLLM_GDN_CPU_LINEAR_MAX_M, else kDefaultMaxM_Int8), else
+// torch's GEMM on the weight dequantized to x's dtype for the call.
+constexpr int64_t kDefaultMaxM_Int8 = 32;
+
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                       const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "linear_int8";
+  check_dim(x, 2, op, "x", "[M, K]");
+  to_dtype(x, op, "x");
+  check_last_dim_contiguous(x, op, "x");
+  check_dim(weight, 2, op, "weight", "[N, K]");
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kChar, op, ": argument 'weight' must be int8, got ",
+                   weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.is_contiguous(), op, ": argument 'weight' must be contiguous (plain row-major [N, K]), "
+                    "got strides ", weight.strides(), " for shape ", weight.sizes());
+  const LinearShape s{x.size(0), weight.size(0), x.size(1)};
+  TORCH_CHECK_VALUE(weight.size(1) == s.K, op, ": argument 'weight' must have K=", s.K,
+                    " columns (x's last dim), got shape ", weight.sizes());
+  check_cpu(weight_scale, op, "weight_scale");
+  TORCH_CHECK_VALUE(weight_scale.numel() == s.N && (weight_scale.dim() == 1 || weight_scale.dim() == 2),
+                    op, ": argument 'weight_scale' must be [N] or [N, 1] with N=", s.N, " (one scale per weight row), got shape ",
+                    weight_scale.sizes());
+  TORCH_CHECK_TYPE(weight_scale.scalar_type() == at::kFloat, op, ": argument 'weight_scale' must be float32, got ",
+                   weight_scale.scalar_type());
+  if (bias.has_value()) {
+    check_dim(*bias, 1, op, "bias", "[N]");
+    to_dtype(*bias, op, "bias");
+    TORCH_CHECK_VALUE(bias->size(0) == s.N, op, ": argument 'bias' must have N=", s.N,
+                      " entries (weight's rows), got shape ", bias->sizes());
+  }
+  const at::Tensor scale = weight_scale.reshape({s.N}).contiguous();
+  const char* env = std::getenv(kLinearMaxMEnv);
+  const int64_t max_m = env != nullptr && *env != '\0' ? linear_max_m(at::kChar) : kDefaultMaxM_Int8;
+  if (s.M > max_m) {
+    g_large_calls.fetch_add(1, std::memory_order_relaxed);
+    const at::Tensor w = (weight.to(at::kFloat) * scale.unsqueeze(1)).to(x.scalar_type());
+    return at::linear(x, w, bias.has_value() ? std::optional<at::Tensor>(bias->to(x.scalar_type())) : std::nullopt);
+  }
+  g_small_calls.fetch_add(1, std::memory_order_relaxed);
+  at::Tensor out = at::empty({s.M, s.N}, x.options());
+  if (s.M == 0 || s.N == 0) return out;
+  at::Tensor b32;
+  if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
+  const at::Tensor x32 = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  LinearParams p{};
+  p.M = s.M, p.N = s.N, p.K = s.K;
+  p.x = x32.data_ptr<float>();
+  p.x_stride = x32.stride(0);
+  p.weight = weight.data_ptr();
+  p.weight_dtype = DType::kFloat32;  // ignored: weight_scale marks int8 weights
+  p.weight_scale = scale.data_ptr<float>();
+  p.bias = bias.has_value() ? b32.data_ptr<float>() : nullptr;
+  p.out = mat2(out, op, "out");
+  active_kernels().linear(p);
+  return out;
+}
+
 std::vector<int64_t> linear_path_counts() {
   return {g_small_calls.load(std::memory_order_relaxed), g_large_calls.load(std::memory_order_relaxed)};
 }
@@ -296,6 +354,8 @@ TORCH_LIBRARY_FRAGMENT(vllm_gdn_cpu, m) {
   gdn::def_cpu_op<&gdn::small_linear>(m,
       "small_linear(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out) -> ()");
   gdn::def_cpu_op<&gdn::linear>(m, "linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  gdn::def_cpu_op<&gdn::linear_int8>(
+      m, "linear_int8(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor");
   gdn::def_plain_op<&gdn::linear_path_counts>(m, "linear_path_counts() -> int[]");
   gdn::def_plain_op<&gdn::reset_linear_path_counts>(m, "reset_linear_path_counts() -> ()");
   gdn::def_cpu_op<&gdn::gated_rms_norm>(m,

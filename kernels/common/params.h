@@ -140,6 +140,9 @@ struct LinearParams {
   DType weight_dtype;
   const float* bias;     // [N] fp32 or nullptr
   Mat2 out;              // [M, N]
+  // int8 weights (weight-only quantization): [N] fp32 per-row scales, out = (x w_int8^T) * scale +
+  // bias; weight_dtype is then ignored. nullptr: float weights of weight_dtype.
+  const float* weight_scale = nullptr;
 };
 
 // Rows of a [..., D] tensor whose leading dims collapse to two levels: row r lies at

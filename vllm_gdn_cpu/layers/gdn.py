@@ -35,7 +35,16 @@ from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
 from vllm_gdn_cpu import ops
 from vllm_gdn_cpu.layers import gdn_spec_decode
 from vllm_gdn_cpu.layers.common import CONV_ACTIVATIONS, CPUConvWeights, log_activation, op_slots
-from vllm_gdn_cpu.layers.projections import install_all, install_gated_norm, unsupported
+from vllm_gdn_cpu.layers.projections import install_all, install_gated_norm, permutable
+
+
+def _output_rows(module) -> int:
+    """This rank's output rows of a linear module: its weight's rows, or (quantized weights, whose
+    tensors are packed: compressed-tensors ``weight_packed``) the partition size vLLM records."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return weight.shape[0]
+    return module.output_size_per_partition
 
 
 class GDNCPUQwenGatedDeltaNetAttention(CPUConvWeights, QwenGatedDeltaNetAttention):
@@ -56,23 +65,30 @@ class GDNCPUQwenGatedDeltaNetAttention(CPUConvWeights, QwenGatedDeltaNetAttentio
             )
         # Our small-batch projections. Qwen3-Next's interleaved q|k|v|z (per key-head group) and b|a
         # rows are permuted once at load into the flat order, so the projections' outputs need no
-        # split-and-concatenate per step (not when in_proj_ba is replicated across ranks: quantized
-        # checkpoints, whose projections stay vLLM's anyway).
+        # split-and-concatenate per step (not when in_proj_ba is replicated across ranks). Quantized
+        # projections are permuted too where their tensors are row-major (compressed-tensors int8 /
+        # WNA16: layers.projections.permutable); GPTQ / AWQ pack across rows and are not.
         self.flat_projections = (
             self.gqa_interleaved_layout and not (self.disable_tp_for_ba_proj and self.tp_size > 1)
-            and unsupported(self.in_proj_qkvz) is None and unsupported(self.in_proj_ba) is None)
+            and permutable(self.in_proj_qkvz) and permutable(self.in_proj_ba))
         qkvz_order, ba_order = self._flat_row_orders() if self.flat_projections else (None, None)
         projections = install_all({"in_proj_qkvz": (self.in_proj_qkvz, qkvz_order),
                                    "in_proj_ba": (self.in_proj_ba, ba_order), "out_proj": self.out_proj})
         norm = "ours" if install_gated_norm(self.norm) else "vllm"
-        log_activation("QwenGatedDeltaNetAttention", projections=projections, norm=norm)
+        fields = {"projections": projections, "norm": norm}
+        if self.gqa_interleaved_layout:
+            # GPTQ / AWQ weights (or VLLM_GDN_CPU_PROJECTIONS=vllm) keep the checkpoint's interleaved
+            # rows and the outputs are split per step, as vLLM does.
+            fields["qkvz_rows"] = ("flat (permuted at load)" if self.flat_projections
+                                   else "interleaved (split per step)")
+        log_activation("QwenGatedDeltaNetAttention", **fields)
 
     def _flat_row_orders(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The row permutations that turn this rank's interleaved in_proj_qkvz / in_proj_ba outputs
         into [q | k | v | z] and [b | a]: vLLM's own fix_query_key_value_ordering applied to the row
         numbers."""
-        rows_qkvz = torch.arange(self.in_proj_qkvz.weight.shape[0]).unsqueeze(0)
-        rows_ba = torch.arange(self.in_proj_ba.weight.shape[0]).unsqueeze(0)
+        rows_qkvz = torch.arange(_output_rows(self.in_proj_qkvz)).unsqueeze(0)
+        rows_ba = torch.arange(_output_rows(self.in_proj_ba)).unsqueeze(0)
         q, k, v, z, b, a = self.fix_query_key_value_ordering(rows_qkvz, rows_ba)
         return (torch.cat([t.flatten() for t in (q, k, v, z)]), torch.cat([b.flatten(), a.flatten()]))
 

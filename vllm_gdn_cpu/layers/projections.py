@@ -18,8 +18,9 @@ projections"):
 
 ``VLLM_GDN_CPU_PROJECTIONS``: ``auto`` (that choice), ``ours`` (our engine for every dtype), ``vllm``
 (vLLM's projections and norm untouched: no permutation, no method swap). Quantized or otherwise
-non-plain projections keep vLLM's method; ``install_small_batch_linear`` returns the reason, which
-the layer's INFO line reports. The modules stay vLLM's (weight loaders, tensor-parallel sharding, the
+non-plain projections keep vLLM's method (and its kernel, e.g. oneDNN's int8 GEMM or CPUWNA16);
+``install_small_batch_linear`` returns the reason, which the layer's INFO line reports as the
+scheme and vLLM kernel serving each such projection. The modules stay vLLM's (weight loaders, tensor-parallel sharding, the
 row-parallel all-reduce), so any layer family can use this.
 """
 
@@ -30,7 +31,7 @@ import os
 
 import torch
 
-from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+from vllm.model_executor.layers.linear import LinearMethodBase, UnquantizedLinearMethod
 
 from vllm_gdn_cpu import ops
 
@@ -91,31 +92,168 @@ class SmallBatchLinearMethod(UnquantizedLinearMethod):
         return ops.linear(x.reshape(-1, x.shape[-1]), layer.weight, bias).unflatten(0, x.shape[:-1])
 
 
+def quantized_gemm(module: torch.nn.Module) -> str:
+    """What serves a quantized vLLM linear module: its scheme (compressed-tensors) or method, and
+    the vLLM kernel it picked at construction, e.g. ``CompressedTensorsW8A8Int8 on
+    CPUInt8ScaledMMLinearKernel`` (docs/quantization.md lists them per format)."""
+    method = getattr(module, "quant_method", None)
+    scheme = getattr(module, "scheme", None)
+    owner = scheme if scheme is not None else method
+    kernel = getattr(owner, "kernel", None)
+    name = type(owner).__name__
+    return f"{name} on {type(kernel).__name__}" if kernel is not None else name
+
+
 def unsupported(module: torch.nn.Module) -> str | None:
-    """Why our small-batch method cannot run this vLLM linear module (None: it can)."""
+    """Why our small-batch method cannot run this vLLM linear module (None: it can). For quantized
+    weights: which scheme and vLLM kernel serve it instead (``quantized_gemm``)."""
     if _projections_mode() == "vllm":
         return f"{PROJECTIONS_ENV}=vllm"
     method = getattr(module, "quant_method", None)
     if type(method) is not UnquantizedLinearMethod:
-        return f"{type(method).__name__} weights"
+        return quantized_gemm(module)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in _DTYPES:
         return "weights not a plain fp32/bf16/fp16 matrix"
     return None
 
 
+# Quantized weights whose every tensor is output-row major (row n of each is output n's): their rows
+# can be permuted before vLLM's (or our) processing. compressed-tensors' W8A8 int8 (weight [N, K],
+# weight_scale [N, 1] or one per shard) and symmetric WNA16 (weight_packed [N, K/8], weight_scale
+# [N, groups]); GPTQ / AWQ pack along N or keep [K, N] and are not permuted.
+_ROW_MAJOR_SCHEMES = {"CompressedTensorsW8A8Int8": ("weight", "weight_scale"),
+                      "CompressedTensorsWNA16": ("weight_packed", "weight_scale")}
+
+
+def _scheme(module: torch.nn.Module):
+    return getattr(module, "scheme", None)
+
+
+def _row_params(module: torch.nn.Module) -> tuple[str, ...] | None:
+    """The row-major parameters of a quantized module whose rows may be permuted, else None."""
+    scheme = _scheme(module)
+    names = _ROW_MAJOR_SCHEMES.get(type(scheme).__name__)
+    if names is None or getattr(module, "weight_zero_point", None) is not None:
+        return None
+    if type(scheme).__name__ == "CompressedTensorsW8A8Int8" and not _is_channelwise(scheme):
+        return None
+    return names
+
+
+def _is_channelwise(scheme) -> bool:
+    strategy = getattr(scheme, "strategy", None)
+    return str(getattr(strategy, "value", strategy)) == "channel"
+
+
+def int8_channel_weights(module: torch.nn.Module) -> bool:
+    """compressed-tensors W8A8 int8 with one weight scale per output row: what our int8 engine
+    (``ops.linear_int8``, weight-only) can serve."""
+    weight = getattr(module, "weight", None)
+    return (type(_scheme(module)).__name__ == "CompressedTensorsW8A8Int8" and _is_channelwise(_scheme(module))
+            and isinstance(weight, torch.Tensor) and weight.dtype == torch.int8 and weight.dim() == 2)
+
+
+def permutable(module: torch.nn.Module) -> bool:
+    """Whether ``install_small_batch_linear`` can permute this module's output rows at load."""
+    if _projections_mode() == "vllm":
+        return False
+    return unsupported(module) is None or _row_params(module) is not None
+
+
+def int8_engine() -> str:
+    """The engine for compressed-tensors W8A8 int8 (per-channel) projections: "ours" (weight-only
+    int8 on ``ops.linear_int8``: activations stay unquantized) with VLLM_GDN_CPU_PROJECTIONS=ours,
+    else "vllm" (its W8A8 kernel: per-token int8 activations, VNNI int8 dot products; rows still
+    permuted at load where asked). From measurements (docs/quantization.md, 1 thread by CPU time,
+    Zen 4, two runs): ours 0.94-1.18x vLLM's oneDNN int8 GEMM at M = 1, but 0.62-0.72x at M = 4
+    and 0.3x at M = 16 (our int8 -> fp32 conversion and fp32 FMAs against its int8 dot products)."""
+    return "ours" if _projections_mode() == "ours" else "vllm"
+
+
+def _permute_rows(module: torch.nn.Module, names, row_order: torch.Tensor | None) -> None:
+    if row_order is None:
+        return
+    for name in (*names, "bias"):
+        param = getattr(module, name, None)
+        if isinstance(param, torch.Tensor) and param.dim() >= 1 and param.shape[0] == row_order.numel():
+            param.data = param.data.index_select(0, row_order).contiguous()
+
+
+class QuantizedRowsMethod(LinearMethodBase):
+    """vLLM's quantized linear method (``inner``) with the output rows of its row-major tensors
+    permuted once after loading, before its own processing (packing for its kernel)."""
+
+    engine = "vllm"
+
+    def __init__(self, inner, row_order: torch.Tensor) -> None:
+        self.inner = inner
+        self.row_order = row_order
+
+    def create_weights(self, *args, **kwargs):  # the module's weights exist already
+        return self.inner.create_weights(*args, **kwargs)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        _permute_rows(layer, _row_params(layer), self.row_order)
+        self.inner.process_weights_after_loading(layer)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner.apply(layer, x, bias)
+
+
+class SmallBatchInt8LinearMethod(LinearMethodBase):
+    """compressed-tensors W8A8 int8 (per-channel) weights on our engine, weight-only: the int8
+    [N, K] weight stays as loaded (rows permuted once if asked), its scales become fp32 [N], and
+    ``apply`` runs ``ops.linear_int8`` (ours up to a token count, torch's GEMM on the dequantized
+    weight above; x is not quantized). vLLM's oneDNN handler (a repacked copy) is not built."""
+
+    engine = "ours-int8"
+
+    def __init__(self, inner, row_order: torch.Tensor | None = None) -> None:
+        self.inner = inner
+        self.row_order = row_order
+
+    def create_weights(self, *args, **kwargs):
+        return self.inner.create_weights(*args, **kwargs)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        _permute_rows(layer, ("weight", "weight_scale"), self.row_order)
+        layer.weight.data = layer.weight.data.contiguous()
+        layer.weight_scale.data = layer.weight_scale.data.to(torch.float32).reshape(-1).contiguous()
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() == 2:
+            return ops.linear_int8(x, layer.weight, layer.weight_scale, bias)
+        flat = ops.linear_int8(x.reshape(-1, x.shape[-1]), layer.weight, layer.weight_scale, bias)
+        return flat.unflatten(0, x.shape[:-1])
+
+
 def install_small_batch_linear(module: torch.nn.Module, row_order: torch.Tensor | None = None) -> str | None:
-    """Puts ``SmallBatchLinearMethod`` on a vLLM linear module before its weights load. Returns None
-    when installed, else why vLLM's method stays."""
-    if (reason := unsupported(module)) is not None:
+    """Puts ``SmallBatchLinearMethod`` on a vLLM linear module before its weights load (for
+    compressed-tensors W8A8 int8 per-channel weights: ``SmallBatchInt8LinearMethod`` where
+    ``int8_engine`` says ours; other permutable quantized weights: vLLM's method with the rows
+    permuted first). Returns None when our plain-weight method was installed, else a description
+    of what serves the module (which the INFO line reports)."""
+    reason = unsupported(module)
+    weight = getattr(module, "weight", None)
+    rows = (weight.shape[0] if reason is None else
+            getattr(module, "output_size_per_partition", None))
+    if row_order is not None and (row_order.dim() != 1 or (rows is not None and row_order.numel() != rows)):
+        raise ValueError(f"vllm_gdn_cpu: row_order of {row_order.numel()} rows for a weight of {rows}")
+    if reason is None:
+        module.quant_method = SmallBatchLinearMethod(row_order, engine_for(weight.dtype))
+        return None
+    if _projections_mode() == "vllm":
         return reason
-    weight = module.weight
-    if row_order is not None and (row_order.dim() != 1 or row_order.numel() != weight.shape[0]):
-        raise ValueError(
-            f"vllm_gdn_cpu: row_order of {row_order.numel()} rows for a weight of {weight.shape[0]}"
-        )
-    module.quant_method = SmallBatchLinearMethod(row_order, engine_for(weight.dtype))
-    return None
+    if int8_channel_weights(module) and int8_engine() == "ours":
+        module.quant_method = SmallBatchInt8LinearMethod(module.quant_method, row_order)
+        return f"ours-int8 ({type(_scheme(module)).__name__} weights, weight-only: activations unquantized)"
+    if row_order is not None:
+        if _row_params(module) is None:
+            raise ValueError(f"vllm_gdn_cpu: cannot permute the rows of {reason} weights")
+        module.quant_method = QuantizedRowsMethod(module.quant_method, row_order)
+        return reason + ", rows permuted at load"
+    return reason
 
 
 def install_all(modules: dict[str, torch.nn.Module | tuple[torch.nn.Module, torch.Tensor | None]]) -> str:
@@ -130,7 +268,11 @@ def install_all(modules: dict[str, torch.nn.Module | tuple[torch.nn.Module, torc
         else:
             engines.add(module.quant_method.engine)
     if kept:
-        return "vllm (" + "; ".join(f"{name}: {reason}" for name, reason in kept.items()) + ")"
+        # quantized (or vLLM-mode) projections: what serves each of them
+        uses_ours = len(kept) < len(modules) or any(r.startswith("ours") for r in kept.values())
+        uses_vllm = any(not r.startswith("ours") for r in kept.values())
+        head = "ours + vllm" if uses_ours and uses_vllm else ("ours" if uses_ours else "vllm")
+        return f"{head} (" + "; ".join(f"{name}: {reason}" for name, reason in kept.items()) + ")"
     if engines == {"ours"}:
         return "ours"
     if engines == {"vllm"}:

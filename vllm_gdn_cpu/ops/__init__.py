@@ -21,6 +21,7 @@ from vllm_gdn_cpu.ops.prefill_schedule import PREFILL_SCHEDULE_ENV, prefill_sche
 from vllm_gdn_cpu.ops.linear import (
     LINEAR_MAX_M_ENV,
     linear,
+    linear_int8,
     linear_path_counts,
     reset_linear_path_counts,
     small_linear,
@@ -35,7 +36,7 @@ __all__ = [
     "mamba2_chunk_scan", "mamba2_state_update",
     "selective_scan", "selective_state_update",
     "PREFILL_SCHEDULE_ENV", "prefill_schedule_counts",
-    "LINEAR_MAX_M_ENV", "small_linear", "linear", "linear_path_counts", "reset_linear_path_counts",
+    "LINEAR_MAX_M_ENV", "small_linear", "linear", "linear_int8", "linear_path_counts", "reset_linear_path_counts",
     "gated_rms_norm",
     "kda_gate", "chunk_kda", "fused_recurrent_kda",
 ]

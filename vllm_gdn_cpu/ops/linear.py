@@ -46,6 +46,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return _ops.linear(x, weight, bias)
 
 
+@tensor_arguments
+def linear_int8(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """x [M, K] @ (weight [N, K] int8 * weight_scale [N] or [N, 1] float32)^T (+ bias[N]):
+    weight-only int8 (per output row scale; x stays in its float dtype). Our kernel (the int8 weight
+    converted in registers, fp32 accumulation, the scale applied to each row's sums) up to
+    VLLM_GDN_CPU_LINEAR_MAX_M tokens (default 32), else torch's GEMM on the weight dequantized to
+    x's dtype for the call. Returns [M, N] in x's dtype."""
+    return _ops.linear_int8(x, weight, weight_scale, bias)
+
+
 def linear_path_counts() -> dict:
     """Process-wide calls of ``linear`` per path since start (or the last reset): {"small": our
     kernel, "large": torch's GEMM}."""
@@ -65,4 +77,9 @@ def _small_linear_fake(x, weight, bias, out):
 
 @register_fake("linear")
 def _linear_fake(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@register_fake("linear_int8")
+def _linear_int8_fake(x, weight, weight_scale, bias):
     return x.new_empty(x.shape[0], weight.shape[0])

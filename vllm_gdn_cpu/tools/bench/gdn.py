@@ -1,36 +1,47 @@
-"""Kernel benchmarks: ours vs vLLM's built-in CPU ops vs a plain-torch reference, side by side.
+"""GDN (gated delta rule) kernel benchmarks: ours vs vLLM's built-in CPU ops vs a plain-torch reference.
 
     python -m vllm_gdn_cpu.tools.bench prefill [--models qwen3-next,...] [--workloads T512,...] [--json]
     python -m vllm_gdn_cpu.tools.bench prefill --heads 1,4,8 --workloads T8192 --scaling [--schedules auto,sequential]
     python -m vllm_gdn_cpu.tools.bench decode  [--batches 1,16,64] [--splits auto,heads] [--layers N] [--json]
-    python -m vllm_gdn_cpu.tools.bench roofline                             (limits; per-core scaling ceiling)
-    python -m vllm_gdn_cpu.tools.bench overhead [--state-dtype float32]   (fixed per-call cost, decode B=1)
-    python -m vllm_gdn_cpu.tools.bench e2e [--batches 1,16] [--tp 2]        (inside vLLM: ours vs built-in)
-    python -m vllm_gdn_cpu.tools.bench mamba2-prefill | mamba2-decode ...   (Mamba2 SSD: tools/bench_mamba2.py)
-    python -m vllm_gdn_cpu.tools.bench kda-prefill | kda-decode ...         (KDA / Kimi-Linear: tools/bench_kda.py)
-    python -m vllm_gdn_cpu.tools.bench mamba1-prefill | mamba1-decode ...   (Mamba-1 selective scan: tools/bench_mamba1.py)
-    python -m vllm_gdn_cpu.tools.bench gemv [--shapes NxK,...] [--ms 1,4,16]  (projections: tools/bench_gemv.py)
 
-Every figure comes from the same process and the same run: rates of each implementation, their
-ratios, and percentages of limits measured here (bf16/fp32 GEMM throughput of a large torch
-matmul; in-place read+write stream bandwidth). Needs only torch; the vLLM columns appear when vLLM
-is importable.
+Prefill: ``chunk_gated_delta_rule`` vs vLLM's ``chunk_gated_delta_rule_cpu`` (bf16 inputs) vs the
+chunked torch reference; GFLOP/s of the chunked algorithm and its % of the GEMM peak of the dtype the
+path multiplies in (harness.add_roofline). Decode: ``fused_recurrent_gated_delta_rule`` vs vLLM's
+``fused_sigmoid_gating_delta_rule_update_cpu`` over cold state pools, GB/s and % of the stream.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import itertools
 import os
-import statistics
-import sys
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from vllm_gdn_cpu import ops, reference
+from vllm_gdn_cpu.tools.bench.harness import (
+    COLD_STATE_BYTES,
+    CPU_TIME_HELP,
+    add_decay_ratios,
+    add_decays_argument,
+    add_roofline,
+    best_cpu_time_1t,
+    best_time,
+    core_scaling,
+    cpu_time_cold_decode,
+    decay_columns,
+    decay_spread,
+    gemm_peaks,
+    matmul_peak_1t,
+    mean_call_us,
+    path_uses_bf16_products,
+    print_decay_ratios,
+    print_roofline,
+    print_row,
+    random_states,
+    stream_gbps,
+)
 
 CHUNK = 64
 
@@ -58,102 +69,6 @@ PREFILL_WORKLOADS = {
     "8x512": [512] * 8,
     "mixed": [1, 37, 300, 64, 1000, 5, 129, 512],
 }
-
-
-def best_time(fn: Callable[[], object], repeat: int, min_time: float = 0.2) -> float:
-    """Best wall time of fn() over `repeat` timed runs (after one warm-up), at least min_time total."""
-    fn()
-    best, total, n = float("inf"), 0.0, 0
-    while n < repeat or total < min_time:
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        best, total, n = min(best, dt), total + dt, n + 1
-        if n >= 50 * repeat:
-            break
-    return best
-
-
-# ----------------------------------------------------------------------------- limits
-
-
-def gemm_peak_gflops(dtype: torch.dtype, budget_s: float = 1.0, max_n: int = 2048) -> float:
-    """Throughput of torch's square matmul in `dtype`, bounded to about `budget_s` seconds on any CPU.
-
-    The size doubles from 128 while one product takes under a twentieth of the budget (up to
-    max_n), then the best of a few products in the rest of the budget counts. Where the CPU has no
-    native form of the dtype (bf16 without AVX512-BF16/AMX, where one 2048^3 product takes
-    minutes), the size stays small and the figure is that of the emulation, not 0."""
-    n, t_one = 128, 0.0
-    while True:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        torch.matmul(a, b)  # warm-up (packing, thread pool)
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        t_one = time.perf_counter() - t0
-        if t_one >= budget_s / 20 or n >= max_n:
-            break
-        n *= 2
-    best, deadline = t_one, time.perf_counter() + budget_s / 2
-    for _ in range(5):
-        if time.perf_counter() > deadline:
-            break
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
-
-
-def core_scaling(threads: int, seconds: float = 0.5) -> dict:
-    """Per-core rate of the prefill's GEMM engine (ops.gemm_probe: L2-resident chunk-sized
-    products) on one thread alone and with `threads` threads computing at once (their median), in
-    bf16 mode (AMX or vdpbf16ps where the path has it) and fp32 mode, and the scaling ceiling this
-    implies for a compute-bound kernel: threads x (rate with all busy / rate alone)."""
-    row = {}
-    for name, bf16 in (("bf16", True), ("fp32", False)):
-        torch._C.set_num_threads(1)  # torch._C's: an in-process vLLM worker disables torch.set_num_threads
-        alone = ops.gemm_probe(bf16, seconds)[0].item()
-        torch._C.set_num_threads(threads)
-        loaded = statistics.median(ops.gemm_probe(bf16, seconds).tolist())
-        row[f"core_{name}_gflops_alone"] = alone
-        row[f"core_{name}_gflops_all_busy"] = loaded
-        row[f"{name}_scaling_ceiling"] = threads * loaded / alone
-    return row
-
-
-def last_level_cache_bytes() -> int:
-    """Size of the largest cache the kernel reports for CPU 0 (0 when unknown). VMs may report a
-    large shared L3 (480 MiB seen on one Xeon VM)."""
-    largest = 0
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for entry in os.listdir(base):
-            try:
-                with open(f"{base}/{entry}/size") as f:
-                    text = f.read().strip()
-            except OSError:
-                continue
-            scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
-            largest = max(largest, int(text.rstrip("KMG")) * scale)
-    except (OSError, ValueError):
-        pass
-    return largest
-
-
-# State pools and stream buffers this large do not stay in the caches between visits.
-COLD_STATE_BYTES = max(512 * 2**20, 3 * last_level_cache_bytes())
-
-
-def stream_gbps(gib: Optional[float] = None, repeat: int = 5) -> float:
-    """In-place read+write bandwidth over a buffer far larger than the caches (every byte read and
-    written once: the traffic of a decode step over cold states); by default 1 GiB or three times
-    the last-level cache, whichever is larger. The better of torch's x.mul_ and
-    our stream_scale_ probe (vector loop with software prefetch, as the decode kernel streams;
-    torch's loop reaches ~85% of it here), so "% of stream" is against what the CPU can do."""
-    nbytes = max(2**30, 3 * last_level_cache_bytes()) if gib is None else int(gib * 2**30)
-    x = torch.ones(nbytes // 4)
-    best = min(best_time(lambda: x.mul_(1.0), repeat), best_time(lambda: ops.stream_scale_(x, 1.0), repeat))
-    return 2 * x.numel() * 4 / best / 1e9
 
 
 # ----------------------------------------------------------------------------- vLLM built-ins
@@ -185,15 +100,27 @@ def prefill_flops_per_token(h: HeadShape, seqlens: list[int]) -> float:
     return total * h.Hv / sum(seqlens)
 
 
-def prefill_inputs(h: HeadShape, seqlens: list[int], dtype: torch.dtype):
+def gate_params(Hv: int, decays: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_log and dt_bias [Hv] (fp32) for a --decays value. Realistic: A_log = linspace(-2, 1) and
+    dt_bias = linspace(-1, 1) over the heads, which with a, b ~ N(0, 1) give per-token decays
+    g = -exp(A_log) softplus(a + dt_bias) of about -0.04 to -5 nats, as trained Qwen3-Next heads
+    reach; strong: every head at A_log = dt_bias = 1; benign: A_log -4..-3, dt_bias -2..-1 (about
+    -0.01 nats: a chunk's cumulative decays stay within a few nats)."""
+    return (decay_spread(decays, Hv, realistic=(-2.0, 1.0), benign=(-4.0, -3.0)),
+            decay_spread(decays, Hv, realistic=(-1.0, 1.0), benign=(-2.0, -1.0)))
+
+
+def prefill_inputs(h: HeadShape, seqlens: list[int], dtype: torch.dtype, decays: str = "realistic"):
+    """Inputs of one prefill call: gates of the --decays distribution (gate_params), states of
+    realistic scale (harness.random_states)."""
     T, N = sum(seqlens), len(seqlens)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(T, h.Hk, h.K, generator=gen).to(dtype)
     k = torch.randn(T, h.Hk, h.K, generator=gen).to(dtype)
     v = torch.randn(T, h.Hv, h.V, generator=gen).to(dtype)
-    g, beta = ops.gdn_gating(torch.zeros(h.Hv), torch.randn(T, h.Hv, generator=gen),
-                             torch.randn(T, h.Hv, generator=gen), torch.zeros(h.Hv))
-    state = torch.zeros(N, h.Hv, h.K, h.V)
+    A_log, dt_bias = gate_params(h.Hv, decays)
+    g, beta = ops.gdn_gating(A_log, torch.randn(T, h.Hv, generator=gen), torch.randn(T, h.Hv, generator=gen), dt_bias)
+    state = random_states((N, h.Hv, h.K, h.V), torch.float32, gen)
     idx = torch.arange(N, dtype=torch.int32)
     cu = torch.zeros(N + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(seqlens).cumsum(0)
@@ -211,65 +138,6 @@ def torch_prefill(q, k, v, g, beta, state, idx, cu, ratio):
             q[s:e].float().repeat_interleave(ratio, 1), k[s:e].float().repeat_interleave(ratio, 1),
             v[s:e].float(), g[s:e], beta[s:e], S, scale=scale,
         )
-
-
-def gemm_peaks() -> dict:
-    return {"bf16_gemm_gflops": gemm_peak_gflops(torch.bfloat16), "fp32_gemm_gflops": gemm_peak_gflops(torch.float32)}
-
-
-def path_uses_bf16_products(gemm: Optional[str] = None) -> bool:
-    """Whether the prefill's GEMM path (the active one, or `gemm` by VLLM_GDN_CPU_GEMM name) multiplies
-    bf16 operands (amx, avx512_bf16) rather than fp32 ones. runtime_info() marks fp32 paths "-fp32"."""
-    if gemm is None:
-        return not ops.runtime_info()["gemm"].endswith("-fp32")
-    return gemm in ("amx", "avx512_bf16")
-
-
-def engine_gflops(gemm: str, bf16: bool, seconds: float = 0.3) -> float:
-    """All threads at once running our GEMM engine `gemm` (a VLLM_GDN_CPU_GEMM name, "-fp32" suffix
-    allowed) on L2-resident chunk-sized products (ops.gemm_probe), summed: what that path itself
-    reaches in cache, with no memory traffic."""
-    saved = os.environ.get(ops.GEMM_ENV)
-    os.environ[ops.GEMM_ENV] = gemm.removesuffix("-fp32")
-    try:
-        return float(ops.gemm_probe(bf16, seconds).sum())
-    finally:
-        if saved is None:
-            os.environ.pop(ops.GEMM_ENV, None)
-        else:
-            os.environ[ops.GEMM_ENV] = saved
-
-
-def add_roofline(rows: list[dict], before: dict) -> None:
-    """Each row gets the GEMM peak of the dtype its GEMM path multiplies in and its % of that peak:
-    the better of torch's matmul in that dtype (bf16 for the amx/avx512_bf16 paths, fp32 otherwise)
-    and our own engine on that path in cache (engine_gflops), so a path that multiplies fp32
-    operands is never compared with a bf16 peak it could not have used, nor with a BLAS that runs
-    below what our micro-kernels reach. Torch's peaks are measured before and after the rows (best of
-    both, so a noisy moment cannot inflate the percentages)."""
-    after = gemm_peaks()
-    peaks = {k: max(before[k], after[k]) for k in before}
-    engine: dict = {}
-    for row in rows:
-        row.update(peaks)
-        dtype = "bf16" if row["gemm_products"] == "bf16" else "fp32"
-        key = (row["gemm"], dtype)
-        if key not in engine:
-            engine[key] = engine_gflops(row["gemm"], dtype == "bf16")
-        row["engine_gflops"] = engine[key]
-        row["path_gemm_peak_gflops"] = max(peaks[f"{dtype}_gemm_gflops"], engine[key])
-        row["pct_of_path_gemm_peak"] = 100 * row["ours_gflops"] / row["path_gemm_peak_gflops"]
-
-
-def print_roofline(rows: list[dict]) -> None:
-    """The peaks of a prefill run and each row's share of its path's peak (after add_roofline)."""
-    print(f"# GEMM peaks measured in this run (torch matmul): {rows[0]['bf16_gemm_gflops']:.0f} GFLOP/s bf16, "
-          f"{rows[0]['fp32_gemm_gflops']:.0f} GFLOP/s fp32; each row against the peak of the dtype its "
-          f"GEMM path multiplies in (the better of torch's and our engine's in cache):")
-    for row in rows:
-        print(f"#   {row['model']} {row['workload']} ({row['gemm']}, {row['gemm_products']} products, engine "
-              f"{row['engine_gflops']:.0f} GFLOP/s): {row['ours_gflops']:.0f} GFLOP/s, "
-              f"{row['pct_of_path_gemm_peak']:.0f}% of {row['path_gemm_peak_gflops']:.0f}")
 
 
 def best_time_per_config(fn: Callable[[], object], configs: dict, repeat: int, rounds: int = 3) -> dict:
@@ -405,15 +273,16 @@ def bench_prefill(args) -> list[dict]:
                   f"bf16 {ceilings['bf16_scaling_ceiling']:.2f}, fp32 {ceilings['fp32_scaling_ceiling']:.2f}", flush=True)
     rows = []
     for model, h in prefill_shapes(args):
-        for wl in args.workloads.split(","):
+        for wl, decays in itertools.product(args.workloads.split(","), args.decays):
             seqlens = PREFILL_WORKLOADS[wl]
             T = sum(seqlens)
-            q, k, v, g, beta, state, idx, cu = prefill_inputs(h, seqlens, dtype)
+            q, k, v, g, beta, state, idx, cu = prefill_inputs(h, seqlens, dtype, decays)
             out = torch.empty_like(v)
             gemm = paths[0]
             bf16_products = dtype == torch.bfloat16 and path_uses_bf16_products(gemm)
             row = {"model": model, "workload": wl, "tokens": T, "dtype": args.dtype, "threads": threads,
-                   "gemm": gemm or ops.runtime_info()["gemm"], "gemm_products": "bf16" if bf16_products else "fp32"}
+                   "gemm": gemm or ops.runtime_info()["gemm"], "gemm_products": "bf16" if bf16_products else "fp32",
+                   **decay_columns(decays, -g)}
             ours = lambda: ops.chunk_gated_delta_rule(q, k, v, g, beta, state, idx, cu, out=out)  # noqa: E731
             row["auto_schedule"] = prefill_schedule_of(ours)
             if len(configs) > 1:  # side by side; the first is "ours"
@@ -451,17 +320,27 @@ def bench_prefill(args) -> list[dict]:
                 tr = best_time(lambda: torch_prefill(q, k, v, g, beta, state, idx, cu, h.Hv // h.Hk), 1, 0)
                 row["torch_ref_tok_s"] = T / tr
                 row["speedup_vs_torch_ref"] = tr / t
+            if args.cpu_time:  # one thread, CPU time: robust to a loaded machine
+                t1 = best_cpu_time_1t(ours, args.repeat)
+                peak_1t = matmul_peak_1t(torch.bfloat16 if bf16_products else torch.float32)
+                row["ours_1t_cpu_gflops"] = flops / t1 / 1e9
+                row["matmul_1t_cpu_gflops"] = peak_1t
+                row["ours_1t_pct_of_matmul"] = 100 * row["ours_1t_cpu_gflops"] / peak_1t
+                if "vllm_tok_s" in row:
+                    tv1 = best_cpu_time_1t(lambda: chunk_vllm(*args_v), args.repeat)
+                    row["vllm_1t_cpu_tok_s"] = T / tv1
+                    row["speedup_vs_vllm_1t_cpu"] = tv1 / t1
             rows.append(row)
             print_row(row, args)
     add_roofline(rows, peaks_before)
+    add_decay_ratios(rows, ("model", "workload"))
     if not args.json:
         print_roofline(rows)
+    print_decay_ratios(rows, ("model", "workload"), args)
     return rows
 
 
 # ----------------------------------------------------------------------------- decode
-
-
 
 
 DECODE_SPLIT_ENV = "VLLM_GDN_CPU_DECODE_SPLIT"  # auto | heads | vblocks | vblocks:C (kernels/common/decode_split.h)
@@ -491,26 +370,14 @@ def _with_split(variant: str, fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-def _decode_inputs(B: int, Hk: int, Hv: int, K: int, V: int, dtype: torch.dtype, gen: torch.Generator):
+def _decode_inputs(B: int, Hk: int, Hv: int, K: int, V: int, dtype: torch.dtype, gen: torch.Generator,
+                   decays: str = "realistic"):
     q = torch.randn(B, Hk, K, generator=gen).to(dtype)
     k = torch.randn(B, Hk, K, generator=gen).to(dtype)
     v = torch.randn(B, Hv, V, generator=gen).to(dtype)
     a, b = torch.randn(B, Hv, generator=gen).to(dtype), torch.randn(B, Hv, generator=gen).to(dtype)
-    A_log, dt_bias = torch.zeros(Hv, dtype=dtype), torch.zeros(Hv, dtype=dtype)
+    A_log, dt_bias = (p.to(dtype) for p in gate_params(Hv, decays))
     return q, k, v, a, b, A_log, dt_bias
-
-
-def _mean_call_us(fn: Callable[[], object], calls: int, loops: int = 7) -> float:
-    """Mean time of one call over a loop of `calls` calls, the best of `loops` loops (us)."""
-    for _ in range(max(1, calls // 10)):
-        fn()
-    best = float("inf")
-    for _ in range(loops):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
 
 
 def decode_fixed_costs(args, dtype: torch.dtype, sdt: torch.dtype) -> dict:
@@ -524,7 +391,7 @@ def decode_fixed_costs(args, dtype: torch.dtype, sdt: torch.dtype) -> dict:
     for key, Hv in (("call_us", 1), ("forkjoin_us", threads)):
         q, k, v, a, b, A_log, dt_bias = _decode_inputs(1, 1, Hv, 8, 16, dtype, gen)
         state, idx, out = torch.zeros(1, Hv, 8, 16, dtype=sdt), torch.zeros(1, dtype=torch.int32), torch.empty_like(v)
-        res[key] = _mean_call_us(
+        res[key] = mean_call_us(
             lambda: ops.fused_recurrent_gated_delta_rule(q, k, v, A_log, dt_bias, a, b, state, idx, out=out),
             args.calls)
     return res
@@ -553,8 +420,9 @@ def bench_decode(args) -> list[dict]:
             for sp, f in per_split.items():
                 print(f"# fixed cost per call, {sdt} state, split={sp}: one task {f['call_us']:.2f} us, "
                       f"one task per thread ({torch.get_num_threads()}) {f['forkjoin_us']:.2f} us", flush=True)
-    for B in [int(x) for x in args.batches.split(",")]:
-        q, k, v, a, b, A_log, dt_bias = _decode_inputs(B, h.Hk, h.Hv, h.K, h.V, dtype, gen)
+    for B, decays in itertools.product([int(x) for x in args.batches.split(",")], args.decays):
+        q, k, v, a, b, A_log, dt_bias = _decode_inputs(B, h.Hk, h.Hv, h.K, h.V, dtype, gen, decays)
+        decay_cols = decay_columns(decays, -ops.gdn_gating(A_log.float(), a, b, dt_bias.float())[0])
         idx = torch.arange(B, dtype=torch.int32)
         cu = torch.arange(B + 1, dtype=torch.int32)
         out = torch.empty_like(v)
@@ -563,7 +431,8 @@ def bench_decode(args) -> list[dict]:
             layer_bytes = B * h.Hv * h.K * h.V * sdt.itemsize
             # Enough pools that they cannot stay in the last-level cache between visits.
             layers = args.layers or max(12, -(-COLD_STATE_BYTES // layer_bytes))
-            pools = [torch.zeros(B, h.Hv, h.K, h.V, dtype=sdt) for _ in range(layers)]
+            first = random_states((B, h.Hv, h.K, h.V), sdt, torch.Generator().manual_seed(2))
+            pools = [first] + [first.clone() for _ in range(layers - 1)]  # states of realistic scale
             state_bytes = 2 * B * h.Hv * h.K * h.V * pools[0].element_size()  # read + write per layer
 
             def ours():
@@ -581,13 +450,14 @@ def bench_decode(args) -> list[dict]:
             split_rows = []
             for sp in splits:
                 row = {"model": args.model, "batch": B, "dtype": args.dtype, "state_dtype": state_dtype_name,
-                       "split": sp, "layers": layers, "threads": torch.get_num_threads(), "stream_gbps": bw}
+                       "split": sp, "layers": layers, "threads": torch.get_num_threads(), "stream_gbps": bw,
+                       **decay_cols}
                 t = best[sp] / layers
                 row["ours_us_per_layer"] = t * 1e6
                 row["ours_gbps"] = state_bytes / t / 1e9
                 row["ours_pct_of_stream"] = 100 * row["ours_gbps"] / bw
                 warm_calls = max(3, min(args.calls // 10, int(0.02 / t)))  # ~20 ms a loop
-                row["warm_us"] = _with_split(sp, lambda: _mean_call_us(ours_warm, warm_calls, 5))()
+                row["warm_us"] = _with_split(sp, lambda: mean_call_us(ours_warm, warm_calls, 5))()
                 row["forkjoin_us"] = fixed[state_dtype_name][sp]["forkjoin_us"]
                 row["stream_floor_us"] = state_bytes / bw / 1e3
                 row["other_us"] = row["ours_us_per_layer"] - row["forkjoin_us"] - row["stream_floor_us"]
@@ -614,40 +484,30 @@ def bench_decode(args) -> list[dict]:
                 tr = best_time(torch_ref, 1, 0) / 2
                 row["torch_ref_us_per_layer"] = tr * 1e6
                 row["speedup_vs_torch_ref"] = tr / t
+            if args.cpu_time:  # one thread, CPU time, vs stream_scale_ over as many bytes (first split)
+                t1 = _with_split(splits[0], lambda: cpu_time_cold_decode(row, ours, layers, state_bytes, args.repeat))()
+                if "vllm_us_per_layer" in row:
+                    tv1 = best_cpu_time_1t(vllm, args.repeat) / layers
+                    row["vllm_1t_cpu_us_per_layer"] = tv1 * 1e6
+                    row["speedup_vs_vllm_1t_cpu"] = tv1 / t1
             for row in split_rows:
                 rows.append(row)
                 print_row(row, args)
+    add_decay_ratios(rows, ("model", "batch", "state_dtype", "split"))
+    print_decay_ratios(rows, ("model", "batch", "state_dtype", "split"), args)
     return rows
 
 
-# ----------------------------------------------------------------------------- output
+# ----------------------------------------------------------------------------- options
 
 
-def print_row(row: dict, args) -> None:
-    if args.json:
-        return
-    parts = []
-    for key, val in row.items():
-        parts.append(f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}")
-    print("  ".join(parts), flush=True)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vllm_gdn_cpu.tools.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="mode", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print one JSON document at the end")
-    common.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    common.add_argument("--repeat", type=int, default=5)
-    common.add_argument("--no-vllm", action="store_true", help="skip vLLM's built-in ops")
-    common.add_argument("--no-ref", action="store_true", help="skip the plain-torch reference")
-    common.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-
+def add_parsers(sub, common) -> None:
     p = sub.add_parser("prefill", parents=[common], help="chunked prefill, tokens/s per layer")
+    p.set_defaults(run=bench_prefill)
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--workloads", default=",".join(PREFILL_WORKLOADS))
     p.add_argument("--ref-max-tokens", type=int, default=2048, help="skip the slow torch reference above this")
+    add_decays_argument(p)
     p.add_argument("--gemms", default="",
                    help="comma-separated GEMM paths (VLLM_GDN_CPU_GEMM values) to time ours on, interleaved; "
                         "the first is reported as ours, with its speed-up over each other")
@@ -664,8 +524,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--scaling", action="store_true",
                    help="also time each configuration on one thread, interleaved: all-threads / one-thread speed-up "
                         "and its %% of the scaling ceiling measured in the same run (bench roofline's core_scaling)")
+    p.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
 
     d = sub.add_parser("decode", parents=[common], help="decode step over cold states")
+    d.set_defaults(run=bench_decode)
     d.add_argument("--model", default="qwen3-next", choices=list(DECODE_MODELS))
     d.add_argument("--batches", default="1,16,64")
     d.add_argument("--layers", type=int, default=0,
@@ -677,63 +539,5 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "(VLLM_GDN_CPU_DECODE_CLAIM); the first gets the vLLM / reference columns")
     d.add_argument("--rounds", type=int, default=3, help="interleaved rounds with several --splits")
     d.add_argument("--calls", type=int, default=2000, help="calls per timed loop of the fixed-cost rows")
-
-    sub.add_parser("roofline", parents=[common],
-                   help="measured GEMM peaks, stream bandwidth, per-core GEMM rate alone and with all cores busy")
-    from vllm_gdn_cpu.tools.bench_overhead import add_parser as add_overhead_parser, bench_overhead
-    from vllm_gdn_cpu.tools.bench_e2e import add_parser as add_e2e_parser, bench_e2e
-
-    add_overhead_parser(sub, common)
-    add_e2e_parser(sub, common)
-    from vllm_gdn_cpu.tools import bench_mamba2
-
-    bench_mamba2.add_parsers(sub, common)
-    from vllm_gdn_cpu.tools import bench_kda
-
-    bench_kda.add_parsers(sub, common)
-    from vllm_gdn_cpu.tools import bench_mamba1
-
-    bench_mamba1.add_parsers(sub, common)
-    from vllm_gdn_cpu.tools import bench_gemv
-
-    bench_gemv.add_parser(sub, common)
-    from vllm_gdn_cpu.tools import bench_mtp
-
-    bench_mtp.add_parser(sub, common)
-
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = {"runtime": ops.runtime_info(), "torch": torch.__version__}
-    if not args.json:
-        print(f"# vllm_gdn_cpu bench {args.mode}: {info}", flush=True)
-    if args.mode == "prefill":
-        rows = bench_prefill(args)
-    elif args.mode == "decode":
-        rows = bench_decode(args)
-    elif args.mode == "overhead":
-        rows = bench_overhead(args)
-    elif args.mode == "e2e":
-        rows = bench_e2e(args)
-    elif args.mode.startswith("mamba2-"):
-        rows = bench_mamba2.run(args)
-    elif args.mode.startswith("kda-"):
-        rows = bench_kda.run(args)
-    elif args.mode.startswith("mamba1-"):
-        rows = bench_mamba1.run(args)
-    elif args.mode == "gemv":
-        rows = bench_gemv.bench_gemv(args)
-    elif args.mode == "mtp":
-        rows = bench_mtp.bench_mtp(args)
-    else:
-        threads = torch.get_num_threads()
-        rows = [{**gemm_peaks(), "stream_gbps": stream_gbps(), "threads": threads, **core_scaling(threads)}]
-        print_row(rows[0], args)
-    if args.json:
-        json.dump({"mode": args.mode, **info, "rows": rows}, sys.stdout, indent=1)
-        print()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    d.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
+    add_decays_argument(d)

@@ -18,9 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from vllm_gdn_cpu.tools.bench.harness import print_row
 
-def add_parser(sub, common) -> None:
+
+def add_parsers(sub, common) -> None:
     m = sub.add_parser("mtp", parents=[common], help="vLLM MTP speculative decoding vs none (tiny model)")
+    m.set_defaults(run=bench_mtp)
     m.add_argument("--model-dir", default="", help="checkpoint with mtp.* weights (default: tiny_mtp's)")
     m.add_argument("--spec-tokens", default="0,1,2", help="comma list of num_speculative_tokens (0: none)")
     m.add_argument("--batches", default="1,4")
@@ -40,8 +43,6 @@ def _run(model_dir: Path, prompts: list[list[int]], args) -> list[dict]:
     import vllm_gdn_cpu
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
-
-    from vllm_gdn_cpu.tools.bench import print_row
 
     os.environ.update(VLLM_ATTENTION_BACKEND="GDN_CPU", VLLM_ENABLE_V1_MULTIPROCESSING="0",
                       HF_HUB_OFFLINE="1")

@@ -13,7 +13,9 @@ also splits a step into the recurrent layers' projections, their core op, the re
 own projections and norm (``VLLM_GDN_CPU_PROJECTIONS=vllm``): what our small-batch projections gain.
 Both backends run eagerly (``enforce_eager``: no torch.compile, whose compile time on CPU would
 dwarf these runs), every measured shape warmed up first, prefix caching off (the same prompts
-repeat), and denormals flushed to zero (see ``worker``).
+repeat), the recurrent layers' decay parameters spread over the heads as in trained checkpoints
+(``models.realistic_decays``: dummy weights leave them near 0), and the floating-point environment
+as users have it (no denormal flush).
 
 ``--model granite_4h`` benchmarks a Granite-4.0-H-shaped Mamba2 hybrid instead (hidden 1024, Mamba2
 layers of 32 heads x 64 with d_state 128 and one group, an attention layer every 8th, dense MLPs):
@@ -33,61 +35,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from vllm_gdn_cpu.tools.bench.models import realistic_decays, write_config, write_granite_4h_config
+
 BACKENDS = {"ours": "GDN_CPU", "ours-vllm-proj": "GDN_CPU", "vllm": None}
 # ours-vllm-proj: our layers with vLLM's own projections and norm (VLLM_GDN_CPU_PROJECTIONS=vllm).
 CORE_OPS = {"ours": "vllm::gdn_cpu_attention_core", "ours-vllm-proj": "vllm::gdn_cpu_attention_core",
             "vllm": "vllm::cpu_gdn_attention_core"}
 MAMBA2_CORE_OPS = {"ours": "vllm::mamba2_cpu_core", "ours-vllm-proj": "vllm::mamba2_cpu_core",
                    "vllm": "vllm::mamba_mixer2"}
-
-
-def write_config(directory: Path, num_layers: int) -> Path:
-    from transformers import Qwen3NextConfig
-
-    config = Qwen3NextConfig(
-        vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=num_layers,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=128,
-        linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
-        linear_conv_kernel_dim=4, full_attention_interval=4,
-        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, shared_expert_intermediate_size=256,
-        mlp_only_layers=list(range(1, num_layers)), max_position_embeddings=8192, dtype="bfloat16",
-    )
-    config.architectures = ["Qwen3NextForCausalLM"]  # a bare config names no model class otherwise
-    config.save_pretrained(directory)
-    return directory
-
-
-def write_granite_4h_config(directory: Path, num_layers: int) -> Path:
-    """A Granite-4.0-H-shaped Mamba2 hybrid (GraniteMoeHybrid without experts): attention every 8th layer."""
-    from transformers import GraniteMoeHybridConfig
-
-    config = GraniteMoeHybridConfig(
-        vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=num_layers,
-        layer_types=["attention" if i % 8 == 7 else "mamba" for i in range(num_layers)],
-        num_attention_heads=8, num_key_value_heads=2, position_embedding_type="nope",
-        num_local_experts=0, shared_intermediate_size=2816, mamba_n_heads=32, mamba_d_head=64,
-        mamba_n_groups=1, mamba_d_state=128, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=256,
-        max_position_embeddings=8192, dtype="bfloat16",
-    )
-    config.architectures = ["GraniteMoeHybridForCausalLM"]
-    config.save_pretrained(directory)
-    return directory
-
-
-def mamba2_decays(model) -> int:
-    """Dummy weights leave Mamba2's A (= -exp(A_log), applied only when loading real checkpoints)
-    uniform around 0, half of it positive (growing states; our ops refuse A > 0). Sets A to -1..-16
-    per layer, as real Mamba2 checkpoints initialise it, for both backends alike."""
-    import torch
-
-    count = 0
-    for module in model.modules():
-        A = getattr(module, "A", None)
-        if isinstance(A, torch.nn.Parameter) and hasattr(module, "dt_bias"):
-            with torch.no_grad():
-                A.copy_(-torch.linspace(1.0, 16.0, A.numel()))
-            count += 1
-    return count
 
 
 MODELS = {"qwen3_next": (write_config, CORE_OPS), "granite_4h": (write_granite_4h_config, MAMBA2_CORE_OPS)}
@@ -140,17 +95,11 @@ def worker(model_dir: str, backend: str, batches: list[int], prompt_len: int, de
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    # vLLM's dummy weights are tiny, and their activations reach the denormal range, where CPU
-    # arithmetic is many times slower; real checkpoints do not. Flushing them to zero (both backends)
-    # keeps the comparison about the kernels.
-    torch.set_flush_denormal(True)
-
     llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype=dtype,
               enforce_eager=True, max_model_len=prompt_len + decode_steps + 8, max_num_seqs=max(batches),
               max_num_batched_tokens=max(batches) * prompt_len, tensor_parallel_size=tp, seed=0,
               enable_prefix_caching=False)  # the same prompts run repeatedly: every run prefills
-    if model == "granite_4h":
-        assert all(llm.apply_model(mamba2_decays)), "no Mamba2 layer found"
+    assert all(llm.apply_model(realistic_decays)), "no recurrent layer found"
     if tp == 1:
         assert all(llm.apply_model(add_profile_ranges(model))), "no recurrent layer found"
 
@@ -233,7 +182,7 @@ def run_backend(backend: str, model_dir: Path, args) -> list[dict]:
         env["VLLM_GDN_CPU_PROJECTIONS"] = "vllm"
     if args.tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(args.tp))  # one core per rank
-    code = ("import json, sys; from vllm_gdn_cpu.tools.bench_e2e import worker; "
+    code = ("import json, sys; from vllm_gdn_cpu.tools.bench.e2e import worker; "
             f"print('E2E_RESULT ' + json.dumps(worker({str(model_dir)!r}, {backend!r}, {args.batches!r}, "
             f"{args.prompt_len}, {args.decode_steps}, {args.tp}, {args.model!r}, {args.dtype!r})))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -245,8 +194,9 @@ def run_backend(backend: str, model_dir: Path, args) -> list[dict]:
     raise RuntimeError(f"e2e benchmark of backend {backend!r} failed (exit {proc.returncode}):\n{tail}")
 
 
-def add_parser(sub, common) -> None:
+def add_parsers(sub, common) -> None:
     e = sub.add_parser("e2e", parents=[common], help="vLLM end to end: ours vs vLLM's built-in GDN path")
+    e.set_defaults(run=bench_e2e)
     e.add_argument("--layers", type=int, default=24)
     e.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     e.add_argument("--prompt-len", type=int, default=256)
@@ -341,7 +291,7 @@ def capacity_report(args) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="gdn_capacity_") as tmp:
         model_dir = MODELS[args.model][0](Path(tmp), args.layers)
         for state_dtype in args.state_dtype.split(","):
-            code = ("import json; from vllm_gdn_cpu.tools.bench_e2e import capacity_worker; "
+            code = ("import json; from vllm_gdn_cpu.tools.bench.e2e import capacity_worker; "
                     f"print('E2E_RESULT ' + json.dumps(capacity_worker({str(model_dir)!r}, "
                     f"{args.capacity_len}, {args.model!r}, {args.dtype!r}, {state_dtype!r})))")
             proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

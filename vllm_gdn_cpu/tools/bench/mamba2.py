@@ -8,9 +8,9 @@ softplus of dt + bias, then ``torch.ops._C.mamba_chunk_scan_fwd_cpu``; it return
 which the layer then scatters into the cache: that scatter is not timed, ours writes the slots in
 place). Rate in GFLOP/s counts the chunked algorithm's products (C B^T per group and chunk, per head
 C S, the masked intra-chunk product and the chunk state update; triangles as half), and each row's %
-is of the GEMM peak of the dtype its GEMM path multiplies in (bench.add_roofline).
+is of the GEMM peak of the dtype its GEMM path multiplies in (harness.add_roofline).
 Decode: ``layers`` state pools stepped in turn (cold states, as in a model); GB/s counts the state
-read and written once per step, % of the in-place stream (bench.stream_gbps). vLLM's side is its CPU
+read and written once per step, % of the in-place stream (harness.stream_gbps). vLLM's side is its CPU
 ``selective_state_update`` with MambaMixer2's tied shapes.
 With ``--cpu-time`` each row also gets one-thread figures by CPU time (ours, vLLM's, and the limit:
 torch's matmul in the path's product dtype for the prefill, stream_scale_ over as many bytes for the
@@ -19,21 +19,32 @@ decode), which a machine shared with other work distorts far less than wall time
 
 from __future__ import annotations
 
-import time
+import itertools
 from dataclasses import dataclass
 
 import torch
 
 from vllm_gdn_cpu import ops, reference
-from vllm_gdn_cpu.tools.bench import (
-    COLD_STATE_BYTES,
+from vllm_gdn_cpu.tools.bench.harness import (
+    CPU_TIME_HELP,
+    add_decay_ratios,
+    add_decays_argument,
     add_roofline,
+    best_cpu_time_1t,
     best_time,
+    cold_state_pools,
+    cpu_time_cold_decode,
+    decay_columns,
+    decay_spread,
     gemm_peaks,
+    matmul_peak_1t,
     path_uses_bf16_products,
+    print_decay_ratios,
     print_roofline,
     print_row,
+    random_states,
     stream_gbps,
+    time_cold_decode,
 )
 
 # The kernel's chunk (kernels/mamba2/chunk_scan.cpp): 128 tokens on paths with bf16 products, else 64.
@@ -68,81 +79,37 @@ def prefill_flops(s: SSMShape, seqlens: list[int], chunk: int) -> float:
     return 2 * total
 
 
-def _inputs(s: SSMShape, seqlens: list[int], dtype: torch.dtype, state_dtype: torch.dtype):
+def decay_params(H: int, decays: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and dt_bias [H] (fp32) for a --decays value. Realistic: A = -exp(linspace(0, ln 16)) (-1..-16,
+    Mamba2's A_log init range) and dt_bias = linspace(-4, -1) over the heads, which with dt ~ N(0, 1)
+    give per-token decays softplus(dt + dt_bias) |A| of about 0.02 to 5 nats; strong: every head at
+    A = -16, dt_bias = -1; benign: A -1..-2, dt_bias -6..-5 (about 0.01 nats)."""
+    A = -torch.exp(decay_spread(decays, H, realistic=(0.0, 2.7725887), benign=(0.0, 0.6931472)))
+    return A, decay_spread(decays, H, realistic=(-4.0, -1.0), benign=(-6.0, -5.0))
+
+
+def decay_nats(dt: torch.Tensor, A: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """Per-token, per-head decays (nats) the kernel applies: softplus(dt + dt_bias) |A|."""
+    return torch.nn.functional.softplus(dt.float() + dt_bias) * -A
+
+
+def _inputs(s: SSMShape, seqlens: list[int], dtype: torch.dtype, state_dtype: torch.dtype,
+            decays: str = "realistic"):
+    """Inputs of one prefill call: decays of the --decays distribution (decay_params), states of
+    realistic scale (harness.random_states)."""
     gen = torch.Generator().manual_seed(0)
     T, Nseq = sum(seqlens), len(seqlens)
     x = torch.randn(T, s.H, s.P, generator=gen).to(dtype)
-    dt = (torch.randn(T, s.H, generator=gen) - 2.0).to(dtype)
-    A = -torch.exp(torch.linspace(-2.0, 1.0, s.H))
+    dt = torch.randn(T, s.H, generator=gen).to(dtype)
+    A, dt_bias = decay_params(s.H, decays)
     B = torch.randn(T, s.G, s.N, generator=gen).to(dtype)
     C = torch.randn(T, s.G, s.N, generator=gen).to(dtype)
     D = torch.ones(s.H)
-    dt_bias = torch.linspace(-1.0, 1.0, s.H)
-    state = torch.zeros(Nseq + 1, s.H, s.P, s.N, dtype=state_dtype)  # slot 0: vLLM's null block
+    state = random_states((Nseq + 1, s.H, s.P, s.N), state_dtype, gen)  # slot 0: vLLM's null block
     idx = torch.arange(1, Nseq + 1, dtype=torch.int32)
     cu = torch.zeros(Nseq + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(seqlens).cumsum(0)
     return x, dt, A, B, C, D, dt_bias, state, idx, cu
-
-
-def best_cpu_time_1t(fn, repeat: int) -> float:
-    """Best CPU time of fn() on one torch thread (time.thread_time of the calling thread, which runs
-    a one-thread parallel region itself), after one warm-up. On a shared machine this, unlike wall
-    time, does not count the time the thread waits for a core; caches and memory stay shared."""
-    saved = torch.get_num_threads()
-    torch._C.set_num_threads(1)  # torch._C's: an in-process vLLM worker disables torch.set_num_threads
-    try:
-        fn()
-        best = float("inf")
-        for _ in range(repeat):
-            t0 = time.thread_time()
-            fn()
-            best = min(best, time.thread_time() - t0)
-        return best
-    finally:
-        torch._C.set_num_threads(saved)
-
-
-def cold_state_pools(batch: int, slot_shape: tuple, state_dtype: torch.dtype, layers: int | None):
-    """State pools for a decode benchmark over cold states: `layers` pools (by default as many as
-    exceed COLD_STATE_BYTES, at least 8) of batch + 1 slots of `slot_shape` (slot 0: vLLM's null
-    block, never named). Returns (pools, bytes one decode of the batch moves per pool: each state
-    read and written once)."""
-    numel = 1
-    for n in slot_shape:
-        numel *= n
-    layer_bytes = (batch + 1) * numel * state_dtype.itemsize
-    layers = layers or max(8, -(-COLD_STATE_BYTES // layer_bytes))
-    pools = [torch.zeros(batch + 1, *slot_shape, dtype=state_dtype) for _ in range(layers)]
-    return pools, 2 * batch * numel * state_dtype.itemsize
-
-
-def time_cold_decode(row: dict, ours, layers: int, moved: int, bw: float, repeat: int) -> float:
-    """Times ours() (one call per pool) into row: per layer, GB/s moved, % of the stream `bw`.
-    Returns the time per layer."""
-    t = best_time(ours, repeat) / layers
-    row["ours_us_per_layer"] = t * 1e6
-    row["ours_gbps"] = moved / t / 1e9
-    row["ours_pct_of_stream"] = 100 * row["ours_gbps"] / bw
-    return t
-
-
-def cpu_time_cold_decode(row: dict, ours, layers: int, moved: int, repeat: int) -> float:
-    """ours() on one thread by CPU time against stream_scale_ over as many bytes, into row. Returns
-    ours' one-thread CPU time per layer."""
-    flat = [torch.zeros(moved // 8) for _ in range(layers)]
-    t1 = best_cpu_time_1t(ours, repeat) / layers
-    ts1 = best_cpu_time_1t(lambda: [ops.stream_scale_(f, 1.0) for f in flat], repeat) / layers
-    row["ours_1t_cpu_gbps"] = moved / t1 / 1e9
-    row["stream_1t_cpu_gbps"] = moved / ts1 / 1e9
-    row["ours_1t_pct_of_stream"] = 100 * ts1 / t1
-    return t1
-
-
-def matmul_peak_1t(dtype: torch.dtype, n: int = 1024, repeat: int = 5) -> float:
-    """GFLOP/s of torch's n x n matmul in dtype on one thread, by CPU time (best_cpu_time_1t)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    return 2 * n**3 / best_cpu_time_1t(lambda: torch.matmul(a, b), repeat) / 1e9
 
 
 def _vllm_prefill():
@@ -183,15 +150,15 @@ def bench_mamba2_prefill(args) -> list[dict]:
     rows = []
     for model in args.models.split(","):
         s = MODELS[model]
-        for wl in args.workloads.split(","):
+        for wl, decays in itertools.product(args.workloads.split(","), args.decays):
             seqlens = WORKLOADS[wl]
             T = sum(seqlens)
-            x, dt, A, B, C, D, dt_bias, state, idx, cu = _inputs(s, seqlens, dtype, torch.float32)
+            x, dt, A, B, C, D, dt_bias, state, idx, cu = _inputs(s, seqlens, dtype, torch.float32, decays)
             out = torch.empty_like(x)
             bf16_products = dtype == torch.bfloat16 and path_uses_bf16_products()
             row = {"model": model, "workload": wl, "tokens": T, "dtype": args.dtype,
                    "threads": torch.get_num_threads(), "gemm": ops.runtime_info()["gemm"],
-                   "gemm_products": "bf16" if bf16_products else "fp32"}
+                   "gemm_products": "bf16" if bf16_products else "fp32", **decay_columns(decays, decay_nats(dt, A, dt_bias))}
             t = best_time(lambda: ops.mamba2_chunk_scan(x, dt, A, B, C, D, dt_bias, state, idx, cu, out=out),
                           args.repeat)
             row["ours_tok_s"] = T / t
@@ -222,14 +189,17 @@ def bench_mamba2_prefill(args) -> list[dict]:
                 row["ours_1t_cpu_gflops"] = prefill_flops(s, seqlens, chunk) / t1 / 1e9
                 row["matmul_1t_cpu_gflops"] = peak_1t
                 row["ours_1t_pct_of_matmul"] = 100 * row["ours_1t_cpu_gflops"] / peak_1t
-                if vl is not None:
+                if vl is not None and "vllm_tok_s" in row:
                     tv1 = best_cpu_time_1t(vllm, args.repeat)
+                    row["vllm_1t_cpu_tok_s"] = T / tv1
                     row["speedup_vs_vllm_1t_cpu"] = tv1 / t1
             rows.append(row)
             print_row(row, args)
     add_roofline(rows, peaks_before)
+    add_decay_ratios(rows, ("model", "workload"))
     if not args.json:
         print_roofline(rows)
+    print_decay_ratios(rows, ("model", "workload"), args)
     return rows
 
 
@@ -241,13 +211,13 @@ def bench_mamba2_decode(args) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     for model in args.models.split(","):
         s = MODELS[model]
-        for batch in [int(b) for b in args.batches.split(",")]:
+        for batch, decays in itertools.product([int(b) for b in args.batches.split(",")], args.decays):
             x = torch.randn(batch, s.H, s.P, generator=gen).to(dtype)
-            dt = (torch.randn(batch, s.H, generator=gen) - 2.0).to(dtype)
-            A = -torch.exp(torch.linspace(-2.0, 1.0, s.H))
+            dt = torch.randn(batch, s.H, generator=gen).to(dtype)
+            A, dt_bias = decay_params(s.H, decays)
             B = torch.randn(batch, s.G, s.N, generator=gen).to(dtype)
             C = torch.randn(batch, s.G, s.N, generator=gen).to(dtype)
-            D, dt_bias = torch.ones(s.H), torch.zeros(s.H)
+            D = torch.ones(s.H)
             idx = torch.arange(1, batch + 1, dtype=torch.int32)  # slot 0: vLLM's null block
             out = torch.empty_like(x)
             for sdt_name in args.state_dtypes.split(","):
@@ -260,7 +230,8 @@ def bench_mamba2_decode(args) -> list[dict]:
                         ops.mamba2_state_update(x, dt, A, B, C, D, dt_bias, pool, idx, out=out)
 
                 row = {"model": model, "batch": batch, "dtype": args.dtype, "state_dtype": sdt_name,
-                       "layers": layers, "threads": torch.get_num_threads(), "stream_gbps": bw}
+                       "layers": layers, "threads": torch.get_num_threads(), "stream_gbps": bw,
+                       **decay_columns(decays, decay_nats(dt, A, dt_bias))}
                 t = time_cold_decode(row, ours, layers, moved, bw, args.repeat)
                 if vl is not None:
                     A_v = A[:, None, None].expand(s.H, s.P, s.N)
@@ -289,30 +260,30 @@ def bench_mamba2_decode(args) -> list[dict]:
                 if args.cpu_time:  # one thread, CPU time, vs stream_scale_ over as many bytes
                     t1 = cpu_time_cold_decode(row, ours, layers, moved, args.repeat)
                     if "vllm_us_per_layer" in row:
-                        row["speedup_vs_vllm_1t_cpu"] = best_cpu_time_1t(vllm, args.repeat) / layers / t1
+                        tv1 = best_cpu_time_1t(vllm, args.repeat) / layers
+                        row["vllm_1t_cpu_us_per_layer"] = tv1 * 1e6
+                        row["speedup_vs_vllm_1t_cpu"] = tv1 / t1
                 rows.append(row)
                 print_row(row, args)
+    add_decay_ratios(rows, ("model", "batch", "state_dtype"))
+    print_decay_ratios(rows, ("model", "batch", "state_dtype"), args)
     return rows
-
-
-CPU_TIME_HELP = ("also time ours (and vLLM's) on one thread by CPU time (time.thread_time) against the same "
-                 "limit measured the same way: figures that a loaded machine does not distort as much")
 
 
 def add_parsers(sub, common) -> None:
     p = sub.add_parser("mamba2-prefill", parents=[common], help="Mamba2 chunked SSD prefill, tokens/s per layer")
+    p.set_defaults(run=bench_mamba2_prefill)
     p.add_argument("--models", default="mamba2-2.7b,nemotron-h-like", help=f"of {', '.join(MODELS)}")
     p.add_argument("--workloads", default="T2048,8x256", help=f"of {', '.join(WORKLOADS)}")
     p.add_argument("--ref-max-tokens", type=int, default=2048, help="skip the slow torch reference above this")
     p.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
+    add_decays_argument(p)
     d = sub.add_parser("mamba2-decode", parents=[common], help="Mamba2 decode step over cold states")
+    d.set_defaults(run=bench_mamba2_decode)
     d.add_argument("--models", default="mamba2-2.7b,nemotron-h-like", help=f"of {', '.join(MODELS)}")
     d.add_argument("--batches", default="1,16")
     d.add_argument("--layers", type=int, default=0,
                    help="state pools stepped in turn (default: at least 8 and 512 MiB of state)")
     d.add_argument("--state-dtypes", default="float32,bfloat16")
     d.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
-
-
-def run(args) -> list[dict]:
-    return bench_mamba2_prefill(args) if args.mode == "mamba2-prefill" else bench_mamba2_decode(args)
+    add_decays_argument(d)
