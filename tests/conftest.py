@@ -18,6 +18,6 @@ os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 def tiny_qwen3_next_dir(tmp_path_factory) -> Path:
     """A tiny random float32 Qwen3-Next checkpoint plus tokenizer (built once per session)."""
     pytest.importorskip("transformers", reason="building the tiny checkpoint needs transformers")
-    from vllm_gdn_cpu.tools.tiny_models import build_tiny_qwen3_next
+    from vllm_gdn_cpu.testing.tiny_models import build_tiny_qwen3_next
 
     return build_tiny_qwen3_next(tmp_path_factory.mktemp("tiny-qwen3-next"), dtype=torch.float32)

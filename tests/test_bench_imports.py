@@ -20,7 +20,7 @@ ALLOWED = {  # what each kind of module may import of vllm_gdn_cpu (prefixes)
     "leaf": ("vllm_gdn_cpu.ops",),
     "kernel": ("vllm_gdn_cpu.ops", "vllm_gdn_cpu.reference", f"{PKG}.harness"),
     "in_vllm": ("vllm_gdn_cpu.ops", "vllm_gdn_cpu.reference", f"{PKG}.harness", f"{PKG}.models",
-                "vllm_gdn_cpu.layers.", "vllm_gdn_cpu.tools.tiny_"),
+                "vllm_gdn_cpu.layers.", "vllm_gdn_cpu.testing.tiny_"),
 }
 
 

@@ -6,7 +6,7 @@ imports a GPU GEMM (``cutlass``) and its MLA layer is GPU-only. The plugin repla
 layers (vllm_gdn_cpu.layers.kimi_linear) in one of two forms: "decompressed" (vLLM's standard
 Attention on CPU_ATTN: any dtype, any ISA) or "latent" (vLLM's MLA layer on AMX_MLA: AMX, bf16).
 
-Tiny checkpoint (vllm_gdn_cpu.tools.tiny_kimi: layers 1, 2, 4 KDA, 3 MLA), ground truth HF
+Tiny checkpoint (vllm_gdn_cpu.testing.tiny_kimi: layers 1, 2, 4 KDA, 3 MLA), ground truth HF
 transformers' own forward in float32:
 
 * float32 (decompressed form, the only one that takes float32; no AMX assumption): greedy tokens
@@ -95,7 +95,7 @@ def process_state_kept_for_later_tests():
 @pytest.fixture(scope="module")
 def tiny_kimi_dir(tmp_path_factory):
     pytest.importorskip("transformers", reason="building the tiny checkpoint needs transformers")
-    from vllm_gdn_cpu.tools.tiny_kimi import build_tiny_kimi_linear
+    from vllm_gdn_cpu.testing.tiny_kimi import build_tiny_kimi_linear
 
     return build_tiny_kimi_linear(tmp_path_factory.mktemp("tiny-kimi"), dtype=torch.float32)
 
@@ -120,7 +120,7 @@ def tiny_kimi_moe_dir(tmp_path_factory):
     """The published layout with MoE: layer 1 dense, layers 2-4 MoE (routed + shared experts,
     sigmoid router with e_score_correction_bias, grouped top-k)."""
     pytest.importorskip("transformers", reason="building the tiny checkpoint needs transformers")
-    from vllm_gdn_cpu.tools.tiny_kimi import build_tiny_kimi_linear
+    from vllm_gdn_cpu.testing.tiny_kimi import build_tiny_kimi_linear
 
     return build_tiny_kimi_linear(tmp_path_factory.mktemp("tiny-kimi-moe"), dtype=torch.float32, moe=True)
 
@@ -217,7 +217,7 @@ def test_half_precision_close_to_hf_float32(tiny_kimi_dir, hf_model, dtype, form
 
 def check_moe_blocks(blocks):
     """vLLM built the MoE layers as published: layers 2-4, grouped sigmoid router with the bias."""
-    from vllm_gdn_cpu.tools.tiny_kimi import MOE
+    from vllm_gdn_cpu.testing.tiny_kimi import MOE
 
     print("vLLM's MoE blocks:", blocks)
     assert [b["layer"] for b in blocks] == [1, 2, 3], blocks

@@ -1,7 +1,7 @@
 """End to end: Mamba-1-family models (vLLM's ``MambaMixer``) with VLLM_ATTENTION_BACKEND=GDN_CPU.
 
 vLLM 0.32 cannot run these models on CPU at all (``test_vllm_own_cpu_path_cannot_run_mamba1``).
-Three tiny random checkpoints (``vllm_gdn_cpu.tools.tiny_mamba1``): pure Mamba, FalconMamba (RMS
+Three tiny random checkpoints (``vllm_gdn_cpu.testing.tiny_mamba1``): pure Mamba, FalconMamba (RMS
 norms on dt, B, C) and Jamba (mamba layers + an attention layer + MoE). Ground truth is Hugging
 Face transformers' own float32 greedy ``generate``.
 
@@ -39,7 +39,7 @@ from test_scale_out import omp_bind_two_ranks  # noqa: E402
 from vllm_gdn_cpu import ops  # noqa: E402
 from vllm_gdn_cpu.layers import common  # noqa: E402
 from vllm_gdn_cpu.layers.mamba1 import GDNCPUMambaMixer  # noqa: E402
-from vllm_gdn_cpu.tools.tiny_mamba1 import CONFIGS, VOCAB_SIZE, build_tiny_mamba1  # noqa: E402
+from vllm_gdn_cpu.testing.tiny_mamba1 import CONFIGS, VOCAB_SIZE, build_tiny_mamba1  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

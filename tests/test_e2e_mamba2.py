@@ -1,6 +1,6 @@
 """End to end: Mamba2-family models (vLLM's ``MambaMixer2``) with VLLM_ATTENTION_BACKEND=GDN_CPU.
 
-Four tiny random checkpoints (``vllm_gdn_cpu.tools.tiny_mamba2``): pure Mamba2, GraniteMoeHybrid
+Four tiny random checkpoints (``vllm_gdn_cpu.testing.tiny_mamba2``): pure Mamba2, GraniteMoeHybrid
 (+ an attention layer, MoE), NemotronH (2 groups of B/C) and FalconH1 (attention and mamba in every
 layer). Ground truth is Hugging Face transformers' own float32 greedy ``generate``.
 
@@ -38,7 +38,7 @@ from test_e2e_qwen3_next import agreement, gdn_cpu_llm, hf_argmax_along  # noqa:
 from vllm_gdn_cpu import ops, plugin  # noqa: E402
 from vllm_gdn_cpu.layers import common  # noqa: E402
 from vllm_gdn_cpu.layers.mamba2 import GDNCPUMambaMixer2  # noqa: E402
-from vllm_gdn_cpu.tools.tiny_mamba2 import CONFIGS, VOCAB_SIZE, build_tiny_mamba2  # noqa: E402
+from vllm_gdn_cpu.testing.tiny_mamba2 import CONFIGS, VOCAB_SIZE, build_tiny_mamba2  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

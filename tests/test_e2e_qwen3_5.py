@@ -6,7 +6,7 @@ beside a CPU torch (ci/setup.sh removes it): without the plugin vLLM cannot even
 architecture. The plugin registers vLLM's own text classes loaded without the vision module
 (vllm_gdn_cpu.layers.qwen3_5_text); their GDN layers are ours.
 
-Tiny checkpoint (vllm_gdn_cpu.tools.tiny_qwen3_5: GDN layers 1-3, gated attention in layer 4, dense
+Tiny checkpoint (vllm_gdn_cpu.testing.tiny_qwen3_5: GDN layers 1-3, gated attention in layer 4, dense
 MLPs, Qwen3.5's separate in_proj_qkv/z/b/a tensors), ground truth HF transformers'
 ``Qwen3_5ForCausalLM`` in float32, vLLM's defaults for hybrids: prefix caching in "align" mode,
 chunked prefill (160 batched tokens; prompts of 5, 17, 150 and 300 tokens, longer than a block),
@@ -56,7 +56,7 @@ SHARED_PREFIX = 290  # of the 300-token prompt
 @pytest.fixture(scope="module")
 def tiny_qwen3_5_dir(tmp_path_factory):
     pytest.importorskip("transformers", reason="building the tiny checkpoint needs transformers")
-    from vllm_gdn_cpu.tools.tiny_qwen3_5 import build_tiny_qwen3_5
+    from vllm_gdn_cpu.testing.tiny_qwen3_5 import build_tiny_qwen3_5
 
     return build_tiny_qwen3_5(tmp_path_factory.mktemp("tiny-qwen3.5"), dtype=torch.float32)
 

@@ -35,7 +35,7 @@ from test_e2e_qwen3_next import (  # noqa: E402
 )
 from vllm_gdn_cpu.layers.gdn import GDNCPUQwenGatedDeltaNetAttention  # noqa: E402
 from vllm_gdn_cpu.layers.mamba2 import GDNCPUMambaMixer2  # noqa: E402
-from vllm_gdn_cpu.tools.tiny_mamba2 import VOCAB_SIZE, build_tiny_mamba2  # noqa: E402
+from vllm_gdn_cpu.testing.tiny_mamba2 import VOCAB_SIZE, build_tiny_mamba2  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

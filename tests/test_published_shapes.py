@@ -1,5 +1,5 @@
 """The "published shapes" matrix: each model family's flagship checkpoint at its per-layer shapes
-(vllm_gdn_cpu.tools.tiny_published: hidden size, heads, head dims, state sizes, conv widths, MLP
+(vllm_gdn_cpu.testing.tiny_published: hidden size, heads, head dims, state sizes, conv widths, MLP
 and expert sizes exact; layers, routed experts and vocabulary reduced), served by vLLM with the
 plugin (VLLM_ATTENTION_BACKEND=GDN_CPU) on vLLM's defaults for hybrids (prefix caching in align
 mode, chunked prefill): engine start, a prefill of two prompts, decode steps; every returned logprob
@@ -39,7 +39,7 @@ from vllm.inputs import TokensPrompt  # noqa: E402
 from test_e2e_qwen3_next import gdn_cpu_llm, hf_argmax_along  # noqa: E402
 from test_scale_out import omp_bind_two_ranks  # noqa: E402
 
-from vllm_gdn_cpu.tools.tiny_published import SHAPES, VOCAB_SIZE, build_checkpoint, write_config  # noqa: E402
+from vllm_gdn_cpu.testing.tiny_published import SHAPES, VOCAB_SIZE, build_checkpoint, write_config  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.published_shapes]
 

@@ -105,7 +105,7 @@ def model_dir(tmp_path_factory):
     pytest.importorskip("transformers", reason="building the tiny checkpoint needs transformers")
     from transformers import AutoTokenizer, Qwen3NextForCausalLM
 
-    from vllm_gdn_cpu.tools import tiny_models
+    from vllm_gdn_cpu.testing import tiny_models
 
     directory = tiny_models.build_tokenizer(tmp_path_factory.mktemp("tiny-qwen3-next-8l"))
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -193,7 +193,7 @@ def test_pipeline_parallel_2_matches_1(model_dir, prompts, one_rank):
 @pytest.fixture(scope="module")
 def olmo_hybrid_dir(tmp_path_factory):
     pytest.importorskip("transformers", reason="building the tiny checkpoint needs transformers")
-    from vllm_gdn_cpu.tools.tiny_olmo_hybrid import build_tiny_olmo_hybrid
+    from vllm_gdn_cpu.testing.tiny_olmo_hybrid import build_tiny_olmo_hybrid
 
     return build_tiny_olmo_hybrid(tmp_path_factory.mktemp("tiny-olmo-hybrid"))
 

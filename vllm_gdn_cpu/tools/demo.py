@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         model_dir = args.model
     else:
-        from vllm_gdn_cpu.tools.tiny_models import build_tiny_qwen3_next
+        from vllm_gdn_cpu.testing.tiny_models import build_tiny_qwen3_next
 
         model_dir = str(build_tiny_qwen3_next(default_cache_dir() / "tiny-qwen3-next"))
         print(f"[demo] tiny Qwen3-Next checkpoint: {model_dir}")

@@ -87,7 +87,7 @@ def _run(model_dir: Path, prompts: list[list[int]], args) -> list[dict]:
 
 
 def bench_mtp(args) -> list[dict]:
-    from vllm_gdn_cpu.tools.tiny_mtp import MARKER, build_tiny_qwen3_next_mtp
+    from vllm_gdn_cpu.testing.tiny_mtp import MARKER, build_tiny_qwen3_next_mtp
 
     if args.dtype == "bfloat16" and not args.model_dir:
         print("# note: the tiny MTP checkpoint is float32; pass --dtype float32 for its fitted drafts", flush=True)

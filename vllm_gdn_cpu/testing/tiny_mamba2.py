@@ -19,7 +19,7 @@ chunk boundaries. The weights are drawn in float32 with a fixed seed and cast, s
 different dtypes hold the same model up to rounding. No tokenizer: tests run tokenizer-free
 (``skip_tokenizer_init=True`` and token ids).
 
-CLI: ``python -m vllm_gdn_cpu.tools.tiny_mamba2 KIND DIR [--dtype bfloat16]``.
+CLI: ``python -m vllm_gdn_cpu.testing.tiny_mamba2 KIND DIR [--dtype bfloat16]``.
 """
 
 from __future__ import annotations

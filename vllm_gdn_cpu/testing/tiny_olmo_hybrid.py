@@ -21,7 +21,7 @@ from typing import Union
 
 import torch
 
-from vllm_gdn_cpu.tools.tiny_models import INIT_GAIN, _is_saved, random_model
+from vllm_gdn_cpu.testing.tiny_models import INIT_GAIN, _is_saved, random_model
 
 
 def tiny_olmo_hybrid_config(vocab_size: int, eos_token_id: int, pad_token_id: int, dtype: torch.dtype):

@@ -34,7 +34,7 @@ from typing import Union
 
 import torch
 
-from vllm_gdn_cpu.tools.tiny_models import INIT_GAIN, SEED, _is_saved, random_model
+from vllm_gdn_cpu.testing.tiny_models import INIT_GAIN, SEED, _is_saved, random_model
 
 LAYER_TYPES = ["linear_attention", "linear_attention", "full_attention", "linear_attention"]
 KDA_HEADS, KDA_HEAD_DIM, CONV_WIDTH = 2, 64, 4

@@ -184,7 +184,7 @@ def kimi_linear_48b_a3b():
 
 
 def _kimi_vllm_fields(config) -> dict:
-    from vllm_gdn_cpu.tools.tiny_kimi import _vllm_config_fields
+    from vllm_gdn_cpu.testing.tiny_kimi import _vllm_config_fields
 
     return _vllm_config_fields(config)
 

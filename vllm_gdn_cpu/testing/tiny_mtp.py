@@ -27,7 +27,7 @@ and the later ones are mostly rejected, so the GDN rollback runs both ways. Seed
 deterministic; about 20 s on one core. The fit's summary goes to ``mtp_fit.json`` (prompts,
 memorised tokens, training accuracy).
 
-CLI: ``python -m vllm_gdn_cpu.tools.tiny_mtp DIR [--steps N]``.
+CLI: ``python -m vllm_gdn_cpu.testing.tiny_mtp DIR [--steps N]``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from vllm_gdn_cpu.tools.tiny_models import build_tiny_qwen3_next
+from vllm_gdn_cpu.testing.tiny_models import build_tiny_qwen3_next
 
 SEED = 4321
 NUM_MTP_LAYERS = 1

@@ -26,7 +26,7 @@ Which weights are quantized: ``rules``, a list of (regex over the module name, s
 wins; unmatched weights stay as they are (compressed-tensors then serves them unquantized; GPTQ
 finds its quantized modules by dtype; AWQ and FP8 list the rest in ``modules_to_not_convert``).
 
-CLI: ``python -m vllm_gdn_cpu.tools.tiny_quant SRC DST FORMAT [--rule REGEX=SCHEME ...]``.
+CLI: ``python -m vllm_gdn_cpu.testing.tiny_quant SRC DST FORMAT [--rule REGEX=SCHEME ...]``.
 """
 
 from __future__ import annotations
