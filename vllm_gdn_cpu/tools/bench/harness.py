@@ -397,3 +397,25 @@ def print_decay_ratios(rows: list[dict], case_keys: Iterable[str], args) -> None
             case = " ".join(f"{k}={row[k]}" for k in case_keys if k in row)
             print(f"# decays {row['decays']} vs {next(iter(ratios)).rsplit('_vs_', 1)[1]}, {case}: "
                   + ", ".join(f"{k.split('_time_vs_')[0]} {v:.2f}x" for k, v in ratios.items()), flush=True)
+
+
+def add_state_family_parsers(sub, common, family: str, *, models, default_models: str, prefill_run, decode_run,
+                             prefill_help: str, decode_help: str, workloads, batches: str = "1,16") -> None:
+    """The `<family>-prefill` and `<family>-decode` subcommands of a recurrent-state family's bench
+    (Mamba2, Mamba-1, KDA): the same options for each, the family's models, workloads and runs."""
+    p = sub.add_parser(f"{family}-prefill", parents=[common], help=prefill_help)
+    p.set_defaults(run=prefill_run)
+    p.add_argument("--models", default=default_models, help=f"of {', '.join(models)}")
+    p.add_argument("--workloads", default="T2048,8x256", help=f"of {', '.join(workloads)}")
+    p.add_argument("--ref-max-tokens", type=int, default=2048, help="skip the slow torch reference above this")
+    p.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
+    add_decays_argument(p)
+    d = sub.add_parser(f"{family}-decode", parents=[common], help=decode_help)
+    d.set_defaults(run=decode_run)
+    d.add_argument("--models", default=default_models, help=f"of {', '.join(models)}")
+    d.add_argument("--batches", default=batches)
+    d.add_argument("--layers", type=int, default=0,
+                   help="state pools stepped in turn (default: at least 8 and 512 MiB of state)")
+    d.add_argument("--state-dtypes", default="float32,bfloat16")
+    d.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
+    add_decays_argument(d)

@@ -26,9 +26,8 @@ import torch
 
 from vllm_gdn_cpu import ops, reference
 from vllm_gdn_cpu.tools.bench.harness import (
-    CPU_TIME_HELP,
     add_decay_ratios,
-    add_decays_argument,
+    add_state_family_parsers,
     add_roofline,
     best_cpu_time_1t,
     best_time,
@@ -191,19 +190,7 @@ def bench_kda_decode(args) -> list[dict]:
 
 
 def add_parsers(sub, common) -> None:
-    p = sub.add_parser("kda-prefill", parents=[common], help="KDA chunked prefill (chunk_kda), tokens/s per layer")
-    p.set_defaults(run=bench_kda_prefill)
-    p.add_argument("--models", default="kimi-linear", help=f"of {', '.join(MODELS)}")
-    p.add_argument("--workloads", default="T2048,8x256", help=f"of {', '.join(WORKLOADS)}")
-    p.add_argument("--ref-max-tokens", type=int, default=2048, help="skip the slow torch reference above this")
-    p.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
-    add_decays_argument(p)
-    d = sub.add_parser("kda-decode", parents=[common], help="KDA decode step (fused_recurrent_kda) over cold states")
-    d.set_defaults(run=bench_kda_decode)
-    d.add_argument("--models", default="kimi-linear", help=f"of {', '.join(MODELS)}")
-    d.add_argument("--batches", default="1,16")
-    d.add_argument("--layers", type=int, default=0,
-                   help="state pools stepped in turn (default: at least 8 and 512 MiB of state)")
-    d.add_argument("--state-dtypes", default="float32,bfloat16")
-    d.add_argument("--cpu-time", action="store_true", help=CPU_TIME_HELP)
-    add_decays_argument(d)
+    add_state_family_parsers(
+        sub, common, "kda", models=MODELS, default_models="kimi-linear", workloads=WORKLOADS, batches="1,16",
+        prefill_run=bench_kda_prefill, prefill_help="KDA chunked prefill (chunk_kda), tokens/s per layer",
+        decode_run=bench_kda_decode, decode_help="KDA decode step (fused_recurrent_kda) over cold states")
