@@ -24,12 +24,13 @@ CLI: ``python -m vllm_gdn_cpu.testing.tiny_mamba2 KIND DIR [--dtype bfloat16]``.
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Callable, Union
 
 import torch
+
+from vllm_gdn_cpu.testing.checkpoint import builder_main, save_once, seeded_model
 
 SEED = 1234
 VOCAB_SIZE = 512
@@ -92,12 +93,6 @@ def falcon_h1_config(dtype: torch.dtype):
     )
 
 
-def _model_class(architecture: str):
-    import transformers
-
-    return getattr(transformers, architecture)
-
-
 # kind -> config builder
 CONFIGS: dict[str, Callable] = {
     "mamba2": mamba2_config,
@@ -125,32 +120,16 @@ def _spread_decays(model) -> None:
 def random_model(kind: str, dtype: torch.dtype = torch.float32):
     """(config, model): a seeded random model of ``kind``, drawn in float32, cast to ``dtype``."""
     config = CONFIGS[kind](dtype)
-    torch.manual_seed(SEED)
-    model = _model_class(config.architectures[0])(config).to(torch.float32)
-    _spread_decays(model)
-    return config, model.to(dtype).eval()
+    return config, seeded_model(config, SEED, _spread_decays, dtype)
 
 
 def build_tiny_mamba2(kind: str, directory: Union[str, Path], dtype: torch.dtype = torch.float32) -> Path:
     """Builds a tiny random ``kind`` checkpoint (one of ``CONFIGS``) into ``directory`` (idempotent)."""
-    from transformers import GenerationConfig
-
-    directory = Path(directory)
-    if (directory / "config.json").is_file() and (directory / "model.safetensors").is_file():
-        return directory
-    config, model = random_model(kind, dtype)
-    model.save_pretrained(directory)
-    GenerationConfig(eos_token_id=EOS, pad_token_id=PAD, bos_token_id=BOS).save_pretrained(directory)
-    return directory
+    return save_once(directory, lambda: random_model(kind, dtype)[1], EOS, PAD, BOS)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=sorted(CONFIGS))
-    parser.add_argument("directory")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    args = parser.parse_args(argv)
-    print(build_tiny_mamba2(args.kind, args.directory, getattr(torch, args.dtype)))
+    builder_main(__doc__.splitlines()[0], CONFIGS, build_tiny_mamba2, argv)
 
 
 if __name__ == "__main__":
